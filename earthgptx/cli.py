@@ -1,0 +1,155 @@
+"""``egx``: the command line. Thin: it parses, checks argument combinations, calls the
+library and prints. Subcommands: ``predict``, ``info``, ``checkpoint``."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from .errors import EarthGPTXError
+
+
+def _pair(text: str) -> tuple[float, float]:
+    try:
+        x, y = (float(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected X,Y (two numbers), got {text!r}") from None
+    return x, y
+
+
+def _box(text: str) -> tuple[float, float, float, float]:
+    try:
+        x0, y0, x1, y1 = (float(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected X0,Y0,X1,Y1 (four numbers), got {text!r}") from None
+    return x0, y0, x1, y1
+
+
+def _add_model_source(p: argparse.ArgumentParser) -> None:
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--preset", choices=("tiny", "edge"), help="built-in model (default: edge)")
+    src.add_argument("--checkpoint", metavar="DIR", help="checkpoint folder (config.json + model.safetensors)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="egx", description="EarthGPT-X for optical, SAR and infrared imagery.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("predict", help="answer a text (+ visual) prompt about one image")
+    _add_model_source(p)
+    p.add_argument("--image", required=True, help="PNG, JPEG or (Geo)TIFF")
+    p.add_argument("--modality", required=True, choices=("optical", "sar", "infrared"))
+    p.add_argument("--text", required=True, help="the instruction or question")
+    p.add_argument("--point", type=_pair, action="append", default=[], metavar="X,Y",
+                   help="point prompt, pixel column,row (repeatable)")
+    p.add_argument("--box", type=_box, action="append", default=[], metavar="X0,Y0,X1,Y1",
+                   help="box prompt, pixel edges (repeatable)")
+    p.add_argument("--scribble", action="append", default=[], metavar="MASK.png",
+                   help="free-form prompt: a mask/scribble image of the image's size, non-zero = drawn")
+    p.add_argument("--task", default="auto",
+                   choices=("auto", "caption", "classify", "vqa", "region", "grounding", "segment", "click"))
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
+    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    p.add_argument("--sar-scaling", choices=("auto", "db", "linear"), default="auto")
+    p.add_argument("--sar-kind", choices=("amplitude", "intensity"), default="amplitude")
+    p.add_argument("--speckle-filter", action="store_true", help="Lee filter on SAR before scaling")
+    p.add_argument("--stream", action="store_true", help="print text as it is generated (stderr with --json)")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+
+    p = sub.add_parser("info", help="parameter counts of a preset or checkpoint")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--preset", choices=("tiny", "edge", "paper"))
+    src.add_argument("--checkpoint", metavar="DIR")
+    p.add_argument("--json", action="store_true")
+
+    p = sub.add_parser("checkpoint", help="write a preset's model as a checkpoint folder")
+    p.add_argument("--preset", choices=("tiny", "edge"), required=True)
+    p.add_argument("--out", required=True, metavar="DIR")
+    return parser
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    from .checkpoint import load_reference
+    from .generation import GenerationConfig
+    from .imageio import read_image, read_mask
+    from .predictor import Predictor
+    from .processing import VisualPrompts
+
+    generation = GenerationConfig(max_new_tokens=args.max_new_tokens, do_sample=args.sample,
+                                  temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                                  seed=args.seed, stop_strings=tuple(args.stop))
+    raster = read_image(args.image)
+    prompts = VisualPrompts(list(args.point), list(args.box), [read_mask(s) for s in args.scribble])
+    preset = args.preset or (None if args.checkpoint else "edge")
+    model, tokenizer = load_reference(preset, args.checkpoint)
+    predictor = Predictor.from_model(model, tokenizer)
+    stream_to = sys.stderr if args.json else sys.stdout
+    on_text = (lambda s: (stream_to.write(s), stream_to.flush())) if args.stream else None
+    result = predictor.predict(np.asarray(raster.data), args.modality, args.text, prompts, task=args.task,
+                               generation=generation, on_text=on_text, sar_scaling=args.sar_scaling,
+                               sar_kind=args.sar_kind, speckle_filter=args.speckle_filter)
+    if args.stream:
+        stream_to.write("\n")
+    out = result.to_json()
+    if raster.geo is not None:
+        out["boxes_geo"] = [[*raster.geo.pixel_to_geo(b[0], b[1]), *raster.geo.pixel_to_geo(b[2], b[3])]
+                            for b in result.boxes]
+    if args.json:
+        print(json.dumps(out))
+    else:
+        if not args.stream:
+            print(out["text"])
+        print(f"task: {out['task']}")
+        for box, src in zip(out["boxes"], out["box_sources"]):
+            print(f"box ({src}): {box}")
+        for i, (m, s) in enumerate(zip(result.masks, out["scores"])):
+            print(f"mask {i}: {int(m.sum())} pixels, score {s:.3f}")
+        print("timings (ms): " + ", ".join(f"{k} {v:.1f}" for k, v in out["timings_ms"].items()))
+    return 0
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    from .checkpoint import load_config
+    from .config import preset
+    from .model import build_skeleton, parameter_counts
+
+    config = load_config(args.checkpoint) if args.checkpoint else preset(args.preset)
+    counts = parameter_counts(build_skeleton(config, device="meta"))
+    total = counts.pop("total")
+    out = {"preset": config.preset, "parameters": {"total": total, **counts}}
+    if args.json:
+        print(json.dumps(out))
+    else:
+        print(f"preset {config.preset}: {total / 1e6:,.1f} M parameters")
+        for name, n in counts.items():
+            print(f"  {name:15s} {n / 1e6:12,.2f} M")
+    return 0
+
+
+def cmd_checkpoint(args: argparse.Namespace) -> int:
+    from .checkpoint import load_reference, save_checkpoint
+
+    model, tokenizer = load_reference(args.preset, None)
+    print(f"wrote {save_checkpoint(model, tokenizer, args.out)}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    handler = {"predict": cmd_predict, "info": cmd_info, "checkpoint": cmd_checkpoint}[args.command]
+    try:
+        return handler(args)
+    except EarthGPTXError as exc:
+        print(f"egx {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,121 @@
+"""Token generation over the ``llm`` part's feed-dict interface (any runner: the
+PyTorch reference, ONNX Runtime, TensorRT). Greedy or sampled, with stop tokens,
+stop strings and a streaming callback. Batch 1."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+
+from .errors import InputError
+from .llm import kv_names
+
+
+@dataclass(frozen=True)
+class GenerationConfig:
+    """``do_sample=False`` is greedy; sampling uses ``temperature``, ``top_k`` (0 = off),
+    ``top_p`` (1 = off) and ``seed``. Generation ends at a stop token, at one of
+    ``stop_strings`` (cut from the text) or after ``max_new_tokens``."""
+
+    max_new_tokens: int = 64
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    seed: int | None = None
+    stop_strings: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.max_new_tokens < 0:
+            raise InputError(f"max_new_tokens must be >= 0, got {self.max_new_tokens}")
+        if self.do_sample and self.temperature <= 0:
+            raise InputError(f"temperature must be > 0 when sampling, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise InputError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.top_k < 0:
+            raise InputError(f"top_k must be >= 0, got {self.top_k}")
+
+
+@dataclass
+class Generated:
+    token_ids: list[int]
+    text: str
+    finish_reason: str  # "stop", "stop_string" or "length"
+    prompt_hidden: list[np.ndarray] = field(default_factory=list)  # (hidden,) at requested prompt positions
+    seg_hidden: list[np.ndarray] = field(default_factory=list)  # (hidden,) of each generated [SEG]
+    prefill_ms: float = 0.0
+    decode_ms: list[float] = field(default_factory=list)
+
+
+def choose_token(logits: np.ndarray, cfg: GenerationConfig, rng: np.random.Generator) -> int:
+    """``(vocab,)`` float logits -> the next token id."""
+    if not cfg.do_sample:
+        return int(np.argmax(logits))
+    z = logits.astype(np.float64) / cfg.temperature
+    if cfg.top_k:
+        kth = np.partition(z, -cfg.top_k)[-cfg.top_k]
+        z = np.where(z < kth, -np.inf, z)
+    p = np.exp(z - z.max())
+    p /= p.sum()
+    if cfg.top_p < 1:
+        order = np.argsort(-p)
+        keep = np.cumsum(p[order]) - p[order] < cfg.top_p
+        mask = np.zeros_like(p, dtype=bool)
+        mask[order[keep]] = True
+        p = np.where(mask, p, 0.0)
+        p /= p.sum()
+    return int(rng.choice(p.size, p=p))
+
+
+def generate(llm, inputs_embeds: np.ndarray, embed_table: np.ndarray, num_layers: int, cfg: GenerationConfig,
+             stop_ids: set[int], seg_id: int, decode: Callable[[list[int]], str],
+             capture: tuple[int, ...] = (), on_text: Callable[[str], None] | None = None) -> Generated:
+    """Prefill ``inputs_embeds`` ``(1, T, hidden)`` then decode.
+
+    ``llm`` is a runner: ``llm(feed) -> outputs`` with the names of ``llm.py``.
+    ``capture``: prompt positions whose last hidden state to return (the forced ``[SEG]``).
+    ``on_text``: called with each new piece of text as it is generated.
+    """
+    import time
+
+    rng = np.random.default_rng(cfg.seed)
+    t = inputs_embeds.shape[1]
+    feed = {"inputs_embeds": inputs_embeds.astype(np.float32),
+            "attention_mask": np.ones((1, t), dtype=np.int64),
+            "position_ids": np.arange(t, dtype=np.int64)[None]}
+    start = time.perf_counter()
+    out = llm(feed)
+    result = Generated([], "", "length", prefill_ms=(time.perf_counter() - start) * 1e3)
+    result.prompt_hidden = [out["last_hidden_state"][0, p].copy() for p in capture]
+    past_names, present_names = kv_names(num_layers, "past_key_values"), kv_names(num_layers, "present")
+    emitted = ""
+    for step in range(cfg.max_new_tokens):
+        tok = choose_token(out["logits"][0], cfg, rng)
+        if tok in stop_ids:
+            result.finish_reason = "stop"
+            break
+        result.token_ids.append(tok)
+        text = decode(result.token_ids)
+        cut = min((text.find(s) for s in cfg.stop_strings if s in text), default=-1)
+        if cut >= 0:
+            text = text[:cut]
+        if on_text is not None and text.startswith(emitted) and len(text) > len(emitted):
+            on_text(text[len(emitted):])
+            emitted = text
+        result.text = text
+        if cut >= 0:
+            result.finish_reason = "stop_string"
+            break
+        if step == cfg.max_new_tokens - 1 and tok != seg_id:
+            break  # the last token's own state is needed only for a [SEG]
+        feed = {"inputs_embeds": embed_table[[tok]][None].astype(np.float32),
+                "attention_mask": np.ones((1, t + step + 1), dtype=np.int64),
+                "position_ids": np.array([[t + step]], dtype=np.int64)}
+        feed.update({p: out[n] for p, n in zip(past_names, present_names)})
+        start = time.perf_counter()
+        out = llm(feed)
+        result.decode_ms.append((time.perf_counter() - start) * 1e3)
+        if tok == seg_id:
+            result.seg_hidden.append(out["last_hidden_state"][0, 0].copy())
+    return result

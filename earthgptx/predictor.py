@@ -1,0 +1,243 @@
+"""Every task through one ``predict``: the chain of the four parts, run through runners
+so that the PyTorch reference and the deployed engines share this code.
+
+Tasks (``task="auto"`` picks one from the text and the prompts):
+* ``caption``, ``classify``, ``vqa`` (scene level): text;
+* ``region``: text about the visual prompts (``<regionK>`` tokens);
+* ``grounding``: ``[SEG]`` is forced; the pixel decoder's box (and boxes the model
+  writes in text) -> boxes;
+* ``segment``: ``[SEG]`` is forced; pixel decoder -> masks, scores and boxes;
+  point/box prompts are also given to the decoder;
+* ``click``: no LLM; the point/box prompts go straight to the pixel decoder
+  (interactive clicks on an already-encoded image).
+"""
+from __future__ import annotations
+
+import hashlib
+import re
+import time
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+
+from .config import ModelConfig
+from .errors import InputError
+from .generation import GenerationConfig, generate
+from .processing import (Letterbox, PreparedImage, VisualPrompts, decoder_points, parse_text_boxes, preprocess,
+                         prompt_encoder_feed)
+from .prompting import IMAGE_TOKEN, SEG_TOKEN, STOP_TOKENS, build_prompt, region_token, splice
+from .rle import mask_to_rle
+
+TASKS = ("auto", "caption", "classify", "vqa", "region", "grounding", "segment", "click")
+_SEGMENT_WORDS = re.compile(r"\b(segment\w*|mask\w*|outline\w*)\b", re.I)
+_GROUND_WORDS = re.compile(r"\b(where|locate\w*|find|ground\w*|detect\w*|bounding box\w*|box of)\b", re.I)
+_CLASSIFY_WORDS = re.compile(r"\b(classify|classification|categor\w*|which class|what (kind|type) of scene)\b", re.I)
+_CAPTION_WORDS = re.compile(r"\b(describe|caption\w*|summari[sz]e)\b", re.I)
+
+
+def resolve_task(task: str, text: str, has_prompts: bool) -> str:
+    if task not in TASKS:
+        raise InputError(f"unknown task {task!r}; use one of: {', '.join(TASKS)}")
+    if task != "auto":
+        return task
+    if _SEGMENT_WORDS.search(text):
+        return "segment"
+    if _GROUND_WORDS.search(text):
+        return "grounding"
+    if has_prompts:
+        return "region"
+    if _CLASSIFY_WORDS.search(text):
+        return "classify"
+    if _CAPTION_WORDS.search(text):
+        return "caption"
+    return "vqa"
+
+
+@dataclass
+class EncodedImage:
+    """A preprocessed image and its ``vision_encoder`` outputs (batch 1)."""
+
+    prepared: PreparedImage
+    image_tokens: np.ndarray  # (1, N, hidden)
+    image_embedding: np.ndarray  # (1, C, G, G)
+
+    @property
+    def letterbox(self) -> Letterbox:
+        return self.prepared.letterbox
+
+
+@dataclass
+class Prediction:
+    """``boxes``: ``(K, 4)`` XYXY pixels of the original image, first one per decoder
+    query (aligned with ``scores``, and with ``masks`` for ``segment``/``click``), then
+    those written in the text; ``box_sources`` says which. ``masks``: ``(H, W)`` bool."""
+
+    text: str
+    task: str
+    boxes: np.ndarray
+    boxes_normalized: np.ndarray
+    box_sources: list[str]
+    masks: list[np.ndarray]
+    scores: list[float]
+    timings_ms: dict[str, float]
+    token_ids: list[int] = field(default_factory=list)
+    finish_reason: str = ""
+
+    def to_json(self) -> dict:
+        return {
+            "text": self.text,
+            "task": self.task,
+            "boxes": [[round(float(v), 2) for v in b] for b in self.boxes],
+            "boxes_normalized": [[round(float(v), 4) for v in b] for b in self.boxes_normalized],
+            "box_sources": self.box_sources,
+            "masks": [mask_to_rle(m) for m in self.masks],
+            "scores": [float(s) for s in self.scores],
+            "timings_ms": {k: round(v, 2) for k, v in self.timings_ms.items()},
+            "finish_reason": self.finish_reason,
+        }
+
+
+class Predictor:
+    """Chains the four parts. ``runners`` maps each part name to a runner (feed dict
+    in, feed dict out); ``embed_table`` ``(vocab, hidden)`` float32 embeds text ids."""
+
+    def __init__(self, runners: dict, tokenizer, config: ModelConfig, embed_table: np.ndarray,
+                 cache_size: int = 4) -> None:
+        self.runners = runners
+        self.tokenizer = tokenizer
+        self.config = config
+        self.embed_table = embed_table
+        self.cache_size = cache_size
+        self._cache: OrderedDict[str, EncodedImage] = OrderedDict()
+        ids = tokenizer.convert_tokens_to_ids
+        self.image_id = ids(IMAGE_TOKEN)
+        self.seg_id = ids(SEG_TOKEN)
+        self.region_ids = [ids(region_token(k + 1)) for k in range(config.prompt.max_regions)]
+        self.stop_ids = {i for i in (ids(t) for t in STOP_TOKENS) if i is not None and i != tokenizer.unk_token_id}
+
+    @classmethod
+    def from_model(cls, model, tokenizer) -> "Predictor":
+        """The PyTorch reference as runners."""
+        from .runner import TorchRunner
+        from . import llm, pixel_decoder, prompt_encoder, vision_encoder
+        from .llm import kv_names
+
+        n = model.llm.num_layers
+        runners = {
+            "vision_encoder": TorchRunner("vision_encoder", model.vision_encoder, vision_encoder.INPUT_NAMES,
+                                          vision_encoder.OUTPUT_NAMES),
+            "prompt_encoder": TorchRunner("prompt_encoder", model.prompt_encoder, prompt_encoder.INPUT_NAMES,
+                                          prompt_encoder.OUTPUT_NAMES),
+            "llm": TorchRunner("llm", model.llm, llm.INPUT_NAMES, llm.OUTPUT_NAMES,
+                               kv_names(n, "past_key_values"), kv_names(n, "present")),
+            "pixel_decoder": TorchRunner("pixel_decoder", model.pixel_decoder, pixel_decoder.INPUT_NAMES,
+                                         pixel_decoder.OUTPUT_NAMES),
+        }
+        table = model.llm.embed_table.detach().numpy()
+        return cls(runners, tokenizer, model.config, table)
+
+    # -- image --------------------------------------------------------------------
+    def encode_image(self, image: np.ndarray, modality: str, **options) -> tuple[EncodedImage, float]:
+        """Preprocess + ``vision_encoder``, cached by content. Returns the encoding and the
+        vision encoder's time in ms (0 on a cache hit)."""
+        image = np.asarray(image)
+        h = hashlib.sha256(np.ascontiguousarray(image).view(np.uint8).data)
+        h.update(repr((image.shape, str(image.dtype), modality, sorted(options.items()))).encode())
+        key = h.hexdigest()
+        if key in self._cache:
+            self._cache.move_to_end(key)
+            return self._cache[key], 0.0
+        prepared = preprocess(image, modality, self.config.vision.image_size, **options)
+        start = time.perf_counter()
+        out = self.runners["vision_encoder"]({"pixel_values": prepared.pixel_values})
+        ms = (time.perf_counter() - start) * 1e3
+        enc = EncodedImage(prepared, out["image_tokens"], out["image_embedding"])
+        self._cache[key] = enc
+        while len(self._cache) > self.cache_size:
+            self._cache.popitem(last=False)
+        return enc, ms
+
+    # -- the one entry point --------------------------------------------------------
+    def predict(self, image: np.ndarray, modality: str, text: str, prompts: VisualPrompts | None = None,
+                task: str = "auto", generation: GenerationConfig | None = None,
+                on_text: Callable[[str], None] | None = None, **preprocess_options) -> Prediction:
+        """Answer ``text`` about ``image`` (see the module docstring for the tasks)."""
+        prompts = prompts or VisualPrompts([], [], [])
+        generation = generation or GenerationConfig()
+        task = resolve_task(task, text, len(prompts) > 0)
+        if IMAGE_TOKEN in text or SEG_TOKEN in text:
+            raise InputError(f"--text must not contain {IMAGE_TOKEN} or {SEG_TOKEN}: they are placed by the model")
+        if len(prompts) > self.config.prompt.max_regions:
+            raise InputError(f"{len(prompts)} visual prompts given; this model takes at most "
+                             f"{self.config.prompt.max_regions}")
+        if task == "click" and not len(prompts):
+            raise InputError("task 'click' needs at least one --point or --box")
+        timings: dict[str, float] = {}
+        start = time.perf_counter()
+        enc, vision_ms = self.encode_image(image, modality, **preprocess_options)
+        lb = enc.letterbox
+        prompts.check(lb)
+        timings["preprocess"] = (time.perf_counter() - start) * 1e3 - vision_ms
+        timings["vision_encoder"] = vision_ms
+
+        region_tokens = None
+        if len(prompts) and task != "click":
+            feed = {"image_tokens": enc.image_tokens, **prompt_encoder_feed(prompts, lb, self.config.prompt.mask_size)}
+            start = time.perf_counter()
+            region_tokens = self.runners["prompt_encoder"](feed)["region_tokens"][0]
+            timings["prompt_encoder"] = (time.perf_counter() - start) * 1e3
+
+        seg_states: list[np.ndarray] = []
+        gen_text, token_ids, finish = "", [], ""
+        if task != "click":
+            force_seg = task in ("segment", "grounding")
+            ids = self.tokenizer(build_prompt(text, modality, len(prompts), force_seg),
+                                 add_special_tokens=False, return_tensors="np")["input_ids"][0]
+            embeds = splice(ids, self.embed_table, enc.image_tokens[0], region_tokens, self.image_id, self.region_ids)
+            capture = (embeds.shape[0] - 1,) if force_seg else ()
+            gen = generate(self.runners["llm"], embeds[None], self.embed_table, self.config.llm.layers, generation,
+                           self.stop_ids, self.seg_id, self._decode, capture, on_text)
+            timings["llm"] = gen.prefill_ms + sum(gen.decode_ms)
+            seg_states = gen.prompt_hidden + gen.seg_hidden
+            gen_text, token_ids, finish = gen.text, gen.token_ids, gen.finish_reason
+
+        masks, scores, dec_boxes = [], [], np.zeros((0, 4))
+        if seg_states or task == "click":
+            start = time.perf_counter()
+            logits, scores, dec_boxes = self._decode_masks(enc, prompts, seg_states)
+            timings["pixel_decoder"] = (time.perf_counter() - start) * 1e3
+            if task in ("segment", "click"):
+                start = time.perf_counter()
+                masks = [lb.mask_from_model(m) for m in logits]
+                timings["postprocess"] = (time.perf_counter() - start) * 1e3
+
+        text_boxes = parse_text_boxes(gen_text)
+        boxes = np.concatenate([lb.boxes_from_model(dec_boxes), lb.boxes_from_normalized(text_boxes)]).reshape(-1, 4)
+        return Prediction(
+            text=gen_text, task=task, boxes=boxes, boxes_normalized=lb.boxes_to_normalized(boxes),
+            box_sources=["pixel_decoder"] * len(dec_boxes) + ["text"] * len(text_boxes),
+            masks=masks, scores=[float(s) for s in scores], timings_ms=timings,
+            token_ids=token_ids, finish_reason=finish,
+        )
+
+    def _decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=False)
+
+    def _decode_masks(self, enc: EncodedImage, prompts: VisualPrompts, seg_states: list[np.ndarray]):
+        """One decoder query per ``[SEG]`` state (or one query without, for clicks); every
+        query also carries the point/box prompts."""
+        hidden = self.config.llm.hidden
+        q = max(1, len(seg_states))
+        seg = np.zeros((1, q, hidden), dtype=np.float32)
+        valid = np.zeros((1, q), dtype=np.float32)
+        for i, s in enumerate(seg_states):
+            seg[0, i], valid[0, i] = s, 1.0
+        coords, labels = decoder_points(prompts, enc.letterbox)
+        out = self.runners["pixel_decoder"]({
+            "image_embedding": enc.image_embedding, "seg_hidden": seg, "seg_valid": valid,
+            "point_coords": np.broadcast_to(coords, (1, q, *coords.shape)).copy(),
+            "point_labels": np.broadcast_to(labels, (1, q, *labels.shape)).copy(),
+        })
+        return out["masks"][0], out["scores"][0], out["boxes"][0]
