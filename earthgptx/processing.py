@@ -188,12 +188,19 @@ def _bands_for(image: np.ndarray, modality: str) -> np.ndarray:
             "For single-band imagery use --modality sar or --modality infrared.")
     if channels == 1:
         return image if image.ndim == 2 else image[:, :, 0]
-    if channels in (3, 4):
+    if channels in (3, 4):  # grey stored as RGB/RGBA/palette PNG or JPEG
         rgb = image[:, :, :3]
         if np.array_equal(rgb[:, :, 0], rgb[:, :, 1]) and np.array_equal(rgb[:, :, 0], rgb[:, :, 2]):
             return rgb[:, :, 0]
+        if np.iscomplexobj(rgb):
+            raise InputError(f"{modality} imagery must be single-band; got {channels} complex bands")
+        # near-grey with compression noise or a tint: ITU-R BT.601 luminance, in the file's dtype
+        luma = rgb.astype(np.float32) @ np.array([0.299, 0.587, 0.114], dtype=np.float32)
+        if np.issubdtype(image.dtype, np.integer):
+            luma = np.round(luma).astype(image.dtype)
+        return luma
     raise InputError(
-        f"{modality} imagery must be single-band; got {channels} bands that differ. "
+        f"{modality} imagery must be single-band (or grey stored as RGB/RGBA); got {channels} bands. "
         "Pass one band (e.g. one polarisation), or use --modality optical for colour imagery.")
 
 

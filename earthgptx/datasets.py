@@ -1,0 +1,118 @@
+"""Readers for the annotation formats of the shared imagery (``../shared/data``):
+SIRST (infrared: ``masks/<name>_pixels0.png`` + Pascal-VOC xml), HRSID (SAR: instance
+colour PNGs), DOTA (optical: oriented boxes as 8 corners). Each sample gives the image
+path, its modality, and objects as XYXY edge boxes and ``(H, W)`` bool masks in the
+original frame. Problems in the data are reported (``warnings``) and skipped, never raised."""
+from __future__ import annotations
+
+import logging
+import xml.etree.ElementTree as ET
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+
+from .imageio import read_image, read_mask
+from .processing import mask_box
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Sample:
+    image: Path
+    modality: str
+    boxes: np.ndarray  # (K, 4) float64 XYXY edges, original frame
+    masks: list[np.ndarray] = field(default_factory=list)  # (H, W) bool, one per object, may be empty
+
+
+def read_voc_boxes(path: Path) -> np.ndarray:
+    """Pascal-VOC xml -> ``(K, 4)`` XYXY edges (VOC's inclusive max -> exclusive)."""
+    root = ET.parse(path).getroot()
+    out = []
+    for box in root.iter("bndbox"):
+        x0, y0, x1, y1 = (float(box.findtext(k)) for k in ("xmin", "ymin", "xmax", "ymax"))
+        out.append([x0, y0, x1 + 1, y1 + 1])
+    return np.asarray(out, dtype=np.float64).reshape(-1, 4)
+
+
+def read_dota_polygons(path: Path) -> list[tuple[np.ndarray, str]]:
+    """DOTA v1 label file -> ``[(corners (4, 2), class_name), ...]`` (header lines skipped)."""
+    out = []
+    for line in path.read_text().splitlines():
+        parts = line.split()
+        if len(parts) < 9:
+            continue
+        try:
+            corners = np.asarray([float(v) for v in parts[:8]]).reshape(4, 2)
+        except ValueError:
+            continue
+        out.append((corners, parts[8]))
+    return out
+
+
+def instance_masks(path: Path) -> list[np.ndarray]:
+    """Instance-colour PNG (one colour per instance, black background) -> masks."""
+    rgb = read_image(path).data
+    if rgb.ndim == 2:
+        rgb = rgb[:, :, None]
+    flat = rgb.reshape(-1, rgb.shape[2])
+    colours = np.unique(flat, axis=0)
+    masks = []
+    for c in colours:
+        if not c.any():
+            continue
+        masks.append(np.all(rgb == c, axis=-1))
+    return masks
+
+
+def sirst_samples(root: Path) -> Iterator[Sample]:
+    for img in sorted((root / "images").glob("*.png")):
+        mask_path = root / "masks" / f"{img.stem}_pixels0.png"
+        if not mask_path.is_file():
+            log.warning("SIRST %s: no mask, skipped", img.name)
+            continue
+        mask = read_mask(mask_path)
+        shape = read_image(img).data.shape[:2]
+        if mask.shape != shape:
+            log.warning("SIRST %s: mask is %s but image is %s, skipped", img.name, mask.shape, shape)
+            continue
+        import cv2
+
+        n, labels = cv2.connectedComponents(mask.astype(np.uint8))
+        masks = [labels == i for i in range(1, n)]
+        yield Sample(img, "infrared", np.asarray([mask_box(m) for m in masks]).reshape(-1, 4), masks)
+
+
+def hrsid_samples(root: Path) -> Iterator[Sample]:
+    for img in sorted(root.glob("*.png")):
+        if img.stem.endswith(("_instance_id_RGB", "_instance_color_RGB")):
+            continue
+        ann = root / f"{img.stem}_instance_id_RGB.png"
+        masks = instance_masks(ann) if ann.is_file() else []
+        yield Sample(img, "sar", np.asarray([mask_box(m) for m in masks]).reshape(-1, 4), masks)
+
+
+def dota_samples(root: Path) -> Iterator[Sample]:
+    import cv2
+
+    for img in sorted((root / "images").glob("*.png")):
+        label = root / "labelTxt" / f"{img.stem}.txt"
+        polys = read_dota_polygons(label) if label.is_file() else []
+        h, w = read_image(img).data.shape[:2]
+        masks, boxes = [], []
+        for corners, _ in polys:
+            m = np.zeros((h, w), dtype=np.uint8)
+            cv2.fillPoly(m, [np.round(corners).astype(np.int32)], 1)
+            if m.any():
+                masks.append(m.astype(bool))
+                boxes.append(mask_box(masks[-1]))
+        yield Sample(img, "optical", np.asarray(boxes).reshape(-1, 4), masks)
+
+
+def shared_samples(data_root: Path) -> Iterator[Sample]:
+    """All samples of ``../shared/data`` (infrared, SAR, optical)."""
+    yield from sirst_samples(data_root / "infrared" / "sirst")
+    yield from hrsid_samples(data_root / "sar" / "hrsid")
+    yield from dota_samples(data_root / "optical" / "dota")
