@@ -59,5 +59,7 @@ class TorchRunner(Runner):
             args += [torch.from_numpy(np.ascontiguousarray(feed[n])) for n in self.extra_names]
         with torch.inference_mode():
             outs = self.module(*args)
+        if isinstance(outs, torch.Tensor):
+            outs = (outs,)
         names = self.output_names + self.extra_output_names
         return {n: o.numpy() for n, o in zip(names, outs)}

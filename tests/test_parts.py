@@ -124,3 +124,16 @@ def test_paper_preset_is_13_to_15_billion_on_meta():
     assert 12.9e9 <= counts["llm"] <= 13.2e9  # LLaMA-2-13B class
     assert all(p.device.type == "meta" for p in model.parameters())
     assert counts["total"] == sum(v for k, v in counts.items() if k != "total")
+
+
+def test_runners_keep_every_output_whole(tiny_predictor, model):
+    cfg = model.config
+    feed = {"image_tokens": np.zeros((1, cfg.vision.num_tokens, cfg.llm.hidden), np.float32),
+            "prompt_boxes": np.array([[[0.1, 0.1, 0.5, 0.5], [0.2, 0.3, -1, -1]]], np.float32),
+            "prompt_types": np.array([[PROMPT_BOX, PROMPT_POINT]]),
+            "prompt_masks": np.zeros((1, 2, cfg.prompt.mask_size, cfg.prompt.mask_size), np.float32)}
+    out = tiny_predictor.runners["prompt_encoder"](feed)
+    assert list(out) == ["region_tokens"] and out["region_tokens"].shape == (1, 2, cfg.llm.hidden)
+    with torch.no_grad():
+        ref = model.prompt_encoder(*(torch.from_numpy(feed[n]) for n in prompt_encoder.INPUT_NAMES))
+    np.testing.assert_array_equal(out["region_tokens"], ref.numpy())

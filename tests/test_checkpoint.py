@@ -1,0 +1,92 @@
+"""Checkpoints round-trip bit-exactly; real weights load from local folders."""
+import dataclasses
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from earthgptx.checkpoint import load_checkpoint, save_checkpoint
+from earthgptx.config import preset
+from earthgptx.errors import CheckpointError
+from earthgptx.model import build_model
+from earthgptx.predictor import Predictor
+
+
+def test_save_load_is_bit_exact(tiny, tmp_path, data_root):
+    from earthgptx.imageio import read_image
+
+    model, tok = tiny
+    save_checkpoint(model, tok, tmp_path / "ckpt")
+    assert {"config.json", "model.safetensors", "tokenizer.json"} <= {p.name for p in (tmp_path / "ckpt").iterdir()}
+    loaded, tok2 = load_checkpoint(tmp_path / "ckpt")
+    a, b = model.state_dict(), loaded.state_dict()
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    assert loaded.config == dataclasses.replace(model.config, llm=dataclasses.replace(model.config.llm, tokenizer="."))
+    text = "<sar><image> Segment <region1>. [SEG]"
+    assert tok(text)["input_ids"] == tok2(text)["input_ids"]
+    img = read_image(data_root / "sar/hrsid/P0094_0_800_3000_3800.png").data
+    r1 = Predictor.from_model(model, tok).predict(img, "sar", "Segment the ship.")
+    r2 = Predictor.from_model(loaded, tok2).predict(img, "sar", "Segment the ship.")
+    assert r1.token_ids == r2.token_ids and all(np.array_equal(x, y) for x, y in zip(r1.masks, r2.masks))
+
+
+def test_vision_towers_and_llm_load_from_local_folders(tmp_path):
+    """A user with real weights points the config at local folders; they are used as they are."""
+    from transformers import AutoModelForCausalLM
+
+    base, _ = build_model(preset("tiny"))
+    base.vision_encoder.vit.save_pretrained(tmp_path / "vit")
+    base.vision_encoder.cnn.save_pretrained(tmp_path / "cnn")
+    llm_folder = tmp_path / "llm"
+    with torch.no_grad():  # a "real" Llama: the tiny LLM with the special-token rows cut off
+        lm = base.llm.model
+        lm.save_pretrained(llm_folder)
+    cfg = json.loads((llm_folder / "config.json").read_text())
+    n_base = preset("tiny").llm.vocab_size
+    state = AutoModelForCausalLM.from_pretrained(llm_folder).state_dict()
+    state["model.embed_tokens.weight"] = state["model.embed_tokens.weight"][:n_base].clone()
+    cfg["vocab_size"] = n_base
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    real = LlamaForCausalLM(LlamaConfig(**{k: v for k, v in cfg.items() if k not in ("architectures",)}))
+    real.load_state_dict({k: v for k, v in state.items() if k != "lm_head.weight"}, strict=False)
+    real.save_pretrained(llm_folder)
+
+    c = preset("tiny")
+    c = dataclasses.replace(c, seed=123,
+                            vision=dataclasses.replace(c.vision, vit_pretrained=str(tmp_path / "vit"),
+                                                       cnn_pretrained=str(tmp_path / "cnn")),
+                            llm=dataclasses.replace(c.llm, weights=str(llm_folder)))
+    model, _ = build_model(c)
+    for name in ("vit", "cnn"):
+        for (k, v), (_, w) in zip(getattr(model.vision_encoder, name).state_dict().items(),
+                                  getattr(base.vision_encoder, name).state_dict().items()):
+            assert torch.equal(v, w), (name, k)
+    assert torch.equal(model.llm.embed_table[:n_base], base.llm.embed_table[:n_base])
+    assert torch.equal(model.llm.model.model.layers[0].mlp.up_proj.weight, base.llm.model.model.layers[0].mlp.up_proj.weight)
+    # the seed differs, so the parts without real weights do differ
+    assert not torch.equal(model.pixel_decoder.no_seg_embed.weight, base.pixel_decoder.no_seg_embed.weight)
+
+
+def test_broken_checkpoints_are_refused(tiny, tmp_path):
+    model, tok = tiny
+    with pytest.raises(CheckpointError, match="config.json is missing"):
+        load_checkpoint(tmp_path)
+    folder = save_checkpoint(model, tok, tmp_path / "c")
+    cfg = json.loads((folder / "config.json").read_text())
+    cfg["llm"]["layers"] = 3
+    (folder / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(CheckpointError, match="does not fit"):
+        load_checkpoint(folder)
+    cfg["llm"]["wings"] = 2
+    (folder / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(CheckpointError, match="unknown keys"):
+        load_checkpoint(folder)
+    (folder / "model.safetensors").unlink()
+    del cfg["llm"]["wings"]
+    (folder / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(CheckpointError, match="missing"):
+        load_checkpoint(folder)

@@ -1,0 +1,126 @@
+"""The command line, the README's commands as written, and the C++ RLE decoder."""
+import json
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from pycocotools import mask as coco
+
+from conftest import REPO
+
+SAR = "../shared/data/sar/hrsid/P0094_0_800_3000_3800.png"
+
+
+def egx(*args, check=True):
+    proc = subprocess.run([sys.executable, "-m", "earthgptx.cli", *args], cwd=REPO, capture_output=True, text=True,
+                          timeout=600)
+    if check:
+        assert proc.returncode == 0, proc.stderr
+    return proc
+
+
+def test_info_paper_counts_without_weights():
+    out = json.loads(egx("info", "--preset", "paper", "--json").stdout)
+    assert out["preset"] == "paper"
+    p = out["parameters"]
+    assert set(p) == {"total", "vision_encoder", "prompt_encoder", "llm", "pixel_decoder"}
+    assert 13e9 <= p["total"] <= 15e9
+
+
+def test_predict_json_contract(data_root):
+    out = json.loads(egx("predict", "--preset", "tiny", "--image", SAR, "--modality", "sar", "--text",
+                         "Segment the ship.", "--point", "400,400", "--box", "100,100,300,260",
+                         "--max-new-tokens", "3", "--json").stdout)
+    assert {"text", "boxes", "masks", "scores", "timings_ms"} <= set(out)
+    assert out["masks"] and all(m["size"] == [800, 800] for m in out["masks"])
+    decoded = coco.decode(out["masks"][0])
+    assert decoded.shape == (800, 800)
+    assert len(out["scores"]) == len(out["masks"]) and all(len(b) == 4 for b in out["boxes"])
+    assert {"vision_encoder", "prompt_encoder", "llm", "pixel_decoder"} <= set(out["timings_ms"])
+
+
+def test_scribble_prompt(tmp_path, data_root):
+    import cv2
+
+    scribble = np.zeros((800, 800), np.uint8)
+    cv2.line(scribble, (100, 100), (300, 220), 255, 3)
+    cv2.imwrite(str(tmp_path / "s.png"), scribble)
+    out = json.loads(egx("predict", "--preset", "tiny", "--image", SAR, "--modality", "sar", "--text",
+                         "Segment <region1>.", "--scribble", str(tmp_path / "s.png"), "--max-new-tokens", "2",
+                         "--json").stdout)
+    assert out["task"] == "segment" and out["masks"][0]["size"] == [800, 800]
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--image", "nope.png", "--modality", "sar", "--text", "x"], "not found"),
+    (["--image", SAR, "--modality", "sar", "--text", "x", "--point", "900,10"], "outside"),
+    (["--image", "../shared/data/infrared/sirst/images/Misc_1.png", "--modality", "optical", "--text", "x"],
+     "needs 3 bands"),
+])
+def test_bad_input_exits_2_with_a_message(args, message, data_root):
+    proc = egx("predict", "--preset", "tiny", *args, check=False)
+    assert proc.returncode == 2 and message in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_malformed_point_is_an_argument_error():
+    proc = egx("predict", "--preset", "tiny", "--image", SAR, "--modality", "sar", "--text", "x", "--point", "4",
+               check=False)
+    assert proc.returncode == 2 and "X,Y" in proc.stderr
+
+
+def _readme_commands():
+    text = (REPO / "README.md").read_text()
+    blocks = re.findall(r"```bash\n(.*?)```", text, re.S)
+    return [line for b in blocks for line in b.splitlines() if line.strip()]
+
+
+@pytest.mark.slow
+def test_readme_commands_run_as_written(data_root, tmp_path):
+    """Every ``egx`` command in the README's bash blocks, as written. The install and
+    the test command themselves are run by ``.ci/run`` (running pytest here would recurse)."""
+    commands = _readme_commands()
+    assert any("egx predict --preset edge" in c for c in commands)
+    ran = 0
+    for line in commands:
+        for part in line.split(" && "):
+            argv = shlex.split(part)
+            if argv[0] != "egx":
+                assert argv[:2] in (["pip", "install"], ["python", "-m"]), part
+                continue
+            egx_path = shutil.which("egx")
+            assert egx_path, "the egx console script is not installed (pip install -e .)"
+            proc = subprocess.run([egx_path, *argv[1:]], cwd=REPO, capture_output=True, text=True, timeout=900)
+            assert proc.returncode == 0, (part, proc.stderr[-2000:])
+            if "--json" in argv:
+                out = json.loads(proc.stdout)
+                if "predict" in argv and "edge" in argv:
+                    assert out["masks"][0]["size"] == [800, 800] and out["boxes"] and "text" in out
+            ran += 1
+    assert ran >= 5
+
+
+def test_cpp_rle_decoder_matches_python(tmp_path, tiny_predictor, data_root):
+    if not (shutil.which("cmake") and (shutil.which("c++") or shutil.which("g++"))):
+        pytest.skip("cmake or a C++ compiler is not installed")
+    from earthgptx.imageio import read_image
+    from earthgptx.processing import VisualPrompts
+    from earthgptx.rle import mask_to_rle
+
+    build = tmp_path / "build"
+    subprocess.run(["cmake", "-S", str(REPO), "-B", str(build)], check=True, capture_output=True)
+    subprocess.run(["cmake", "--build", str(build), "-j2"], check=True, capture_output=True)
+    subprocess.run(["ctest", "--output-on-failure"], cwd=build, check=True, capture_output=True)
+    img = read_image(data_root / "sar/hrsid/P0094_0_800_3000_3800.png").data
+    r = tiny_predictor.predict(img, "sar", "", VisualPrompts([(400, 400)], [], []), task="click")
+    masks = r.masks + [np.random.default_rng(0).random((33, 21)) < 0.4]
+    for m in masks:
+        rle = mask_to_rle(m)
+        pgm = subprocess.run([str(build / "egx_rle_decode"), str(rle["size"][0]), str(rle["size"][1]), rle["counts"]],
+                             check=True, capture_output=True).stdout
+        header_end = pgm.index(b"255\n") + 4
+        decoded = np.frombuffer(pgm[header_end:], np.uint8).reshape(m.shape)
+        assert np.array_equal(decoded == 255, m)

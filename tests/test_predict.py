@@ -1,0 +1,157 @@
+"""Every task and prompt type through ``Predictor.predict`` on the tiny preset, checked
+against the parts run by hand and against ``transformers``' own generation."""
+import numpy as np
+import pytest
+import torch
+
+from earthgptx.errors import InputError
+from earthgptx.generation import GenerationConfig
+from earthgptx.imageio import read_image
+from earthgptx.processing import VisualPrompts, polygon_mask, Letterbox
+from earthgptx.prompting import build_prompt, splice
+
+SAR = "sar/hrsid/P0094_0_800_3000_3800.png"
+IR = "infrared/sirst/images/Misc_10.png"
+OPT = "optical/dota/images/P1888.png"
+GEN = GenerationConfig(max_new_tokens=6)
+
+
+@pytest.fixture(scope="module")
+def sar(data_root):
+    return read_image(data_root / SAR).data
+
+
+def test_segment_with_point_gives_full_size_mask(tiny_predictor, sar):
+    r = tiny_predictor.predict(sar, "sar", "Segment the ship.", VisualPrompts([(400, 400)], [], []), generation=GEN)
+    assert r.task == "segment" and len(r.masks) >= 1
+    assert all(m.shape == (800, 800) and m.dtype == bool for m in r.masks)
+    assert len(r.scores) == len(r.masks) and r.box_sources[: len(r.masks)] == ["pixel_decoder"] * len(r.masks)
+    for m, box in zip(r.masks, r.boxes):  # the decoder's box is the mask's box (within a model pixel)
+        if m.any():
+            rows, cols = np.flatnonzero(m.any(1)), np.flatnonzero(m.any(0))
+            np.testing.assert_allclose(box, [cols[0], rows[0], cols[-1] + 1, rows[-1] + 1], atol=800 / 128 + 1)
+    for k in ("preprocess", "vision_encoder", "prompt_encoder", "llm", "pixel_decoder", "postprocess"):
+        assert k in r.timings_ms
+
+
+def test_forced_seg_mask_equals_parts_run_by_hand(tiny, tiny_predictor, sar):
+    """The first mask is the pixel decoder on the LLM's last hidden state of the prompt
+    ending in [SEG], computed here without the predictor's generation loop."""
+    model, tok = tiny
+    p = tiny_predictor
+    r = p.predict(sar, "sar", "Segment the ship.", generation=GenerationConfig(max_new_tokens=0))
+    enc, _ = p.encode_image(sar, "sar")
+    ids = tok(build_prompt("Segment the ship.", "sar", 0, True), add_special_tokens=False)["input_ids"]
+    emb = splice(np.array(ids), p.embed_table, enc.image_tokens[0], None, p.image_id, p.region_ids)
+    with torch.no_grad():
+        hidden = model.llm.model.model(inputs_embeds=torch.from_numpy(emb)[None]).last_hidden_state[0, -1]
+        g = model.config.vision
+        masks, scores, _ = model.pixel_decoder(torch.from_numpy(enc.image_embedding), hidden[None, None],
+                                               torch.ones(1, 1), torch.zeros(1, 1, 1, 2),
+                                               torch.full((1, 1, 1), -1))
+    assert len(r.masks) == 1 and r.token_ids == []
+    expected = enc.letterbox.mask_from_model(masks[0, 0].numpy())
+    assert np.array_equal(r.masks[0], expected)
+    assert r.scores[0] == pytest.approx(float(scores[0, 0]), abs=1e-5)
+
+
+def test_grounding_gives_boxes_not_masks(tiny_predictor, data_root):
+    img = read_image(data_root / OPT).data
+    r = tiny_predictor.predict(img, "optical", "Where is the large vehicle?", generation=GEN)
+    assert r.task == "grounding" and r.masks == [] and len(r.boxes) >= 1
+    assert r.boxes.shape[1] == 4 and np.all(r.boxes[:, 2] <= img.shape[1]) and np.all(r.boxes[:, 3] <= img.shape[0])
+
+
+@pytest.mark.parametrize("kind", ["point", "box", "freeform"])
+def test_region_prompts_reach_the_llm(tiny_predictor, data_root, kind):
+    img = read_image(data_root / IR).data
+    h, w = img.shape[:2]
+    lb = Letterbox(h, w, 448)
+    prompts = {
+        "point": VisualPrompts([(100, 120)], [], []),
+        "box": VisualPrompts([], [(50, 60, 150, 140)], []),
+        "freeform": VisualPrompts([], [], [polygon_mask(np.array([[10, 10], [120, 30], [60, 150]]), lb)]),
+    }[kind]
+    r = tiny_predictor.predict(img, "infrared", "What is in <region1>?", prompts, generation=GEN)
+    assert r.task == "region" and r.masks == [] and "prompt_encoder" in r.timings_ms
+    assert 0 < len(r.token_ids) <= GEN.max_new_tokens or r.finish_reason == "stop"
+
+
+def test_region_tokens_are_spliced_where_named(tiny_predictor):
+    p = tiny_predictor
+    table = p.embed_table
+    ids = np.array([5, p.region_ids[1], p.image_id, p.region_ids[0], 7])
+    image = np.full((3, table.shape[1]), 9.0, np.float32)
+    regions = np.stack([np.full(table.shape[1], 1.0), np.full(table.shape[1], 2.0)]).astype(np.float32)
+    out = splice(ids, table, image, regions, p.image_id, p.region_ids)
+    assert out.shape == (7, table.shape[1])
+    assert np.all(out[1] == 2.0) and np.all(out[2:5] == 9.0) and np.all(out[5] == 1.0)
+    np.testing.assert_array_equal(out[0], table[5])
+    with pytest.raises(InputError, match="region2"):
+        splice(ids, table, image, regions[:1], p.image_id, p.region_ids)
+
+
+def test_click_skips_the_llm(tiny_predictor, sar):
+    r = tiny_predictor.predict(sar, "sar", "", VisualPrompts([(100, 200)], [(300, 300, 500, 450)], []), task="click")
+    assert r.task == "click" and len(r.masks) == 1 and r.masks[0].shape == (800, 800)
+    assert "llm" not in r.timings_ms and r.text == ""
+    assert r.timings_ms["vision_encoder"] == 0.0  # the image was encoded by an earlier test: cache hit
+
+
+@pytest.mark.parametrize("text, task", [("Describe this image.", "caption"),
+                                        ("Classify the scene.", "classify"),
+                                        ("How many ships are there?", "vqa")])
+def test_scene_tasks_give_text_only(tiny_predictor, sar, text, task):
+    r = tiny_predictor.predict(sar, "sar", text, generation=GEN)
+    assert r.task == task and r.masks == [] and isinstance(r.text, str)
+    assert len(r.token_ids) <= GEN.max_new_tokens
+
+
+def test_greedy_matches_transformers_generate(tiny, tiny_predictor, sar):
+    model, tok = tiny
+    p = tiny_predictor
+    gen = GenerationConfig(max_new_tokens=12)
+    r = p.predict(sar, "sar", "Describe this image.", generation=gen)
+    enc, _ = p.encode_image(sar, "sar")
+    ids = tok(build_prompt("Describe this image.", "sar", 0, False), add_special_tokens=False)["input_ids"]
+    emb = torch.from_numpy(splice(np.array(ids), p.embed_table, enc.image_tokens[0], None, p.image_id, p.region_ids))
+    with torch.no_grad():
+        ref = model.llm.model.generate(inputs_embeds=emb[None], attention_mask=torch.ones(1, emb.shape[0], dtype=torch.long),
+                                       max_new_tokens=12, do_sample=False, eos_token_id=sorted(p.stop_ids),
+                                       pad_token_id=0)
+    ref_ids = [t for t in ref[0].tolist() if t not in p.stop_ids]
+    assert r.token_ids == ref_ids
+
+
+def test_sampling_streaming_and_stops(tiny_predictor, sar):
+    p = tiny_predictor
+    sampled = [p.predict(sar, "sar", "Describe.", generation=GenerationConfig(
+        max_new_tokens=10, do_sample=True, temperature=1.5, top_k=50, top_p=0.95, seed=s)).token_ids for s in (1, 1, 2)]
+    assert sampled[0] == sampled[1] and sampled[0] != sampled[2]
+    pieces = []
+    r = p.predict(sar, "sar", "Describe.", generation=GenerationConfig(max_new_tokens=10, do_sample=True, seed=3),
+                  on_text=pieces.append)
+    assert "".join(pieces) == r.text and len(r.token_ids) <= 10
+    if len(r.text) > 2:
+        stop = r.text[1:3]
+        cut = p.predict(sar, "sar", "Describe.", generation=GenerationConfig(
+            max_new_tokens=10, do_sample=True, seed=3, stop_strings=(stop,)))
+        assert cut.finish_reason == "stop_string" and stop not in cut.text and r.text.startswith(cut.text)
+
+
+def test_bad_requests(tiny_predictor, sar):
+    p = tiny_predictor
+    with pytest.raises(InputError, match="outside"):
+        p.predict(sar, "sar", "Segment it.", VisualPrompts([(900, 10)], [], []))
+    with pytest.raises(InputError, match="at most"):
+        p.predict(sar, "sar", "What?", VisualPrompts([(1, 1)] * 9, [], []))
+    with pytest.raises(InputError, match="must not contain"):
+        p.predict(sar, "sar", "<image> what?")
+    with pytest.raises(InputError, match="needs at least one"):
+        p.predict(sar, "sar", "", task="click")
+    with pytest.raises(InputError, match="unknown task"):
+        p.predict(sar, "sar", "x", task="dance")
+    with pytest.raises(InputError, match="unknown modality"):
+        p.predict(sar, "radar", "x")
+    with pytest.raises(InputError, match="region3"):
+        p.predict(sar, "sar", "Compare <region1> and <region3>.", VisualPrompts([(1, 1), (5, 5)], [], []))
