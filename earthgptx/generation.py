@@ -9,6 +9,7 @@ from typing import Callable
 import numpy as np
 
 from .errors import InputError
+from .config import LLMConfig
 from .llm import kv_names
 
 
@@ -68,12 +69,13 @@ def choose_token(logits: np.ndarray, cfg: GenerationConfig, rng: np.random.Gener
     return int(rng.choice(p.size, p=p))
 
 
-def generate(llm, inputs_embeds: np.ndarray, embed_table: np.ndarray, num_layers: int, cfg: GenerationConfig,
+def generate(llm, inputs_embeds: np.ndarray, embed_table: np.ndarray, llm_cfg: LLMConfig, cfg: GenerationConfig,
              stop_ids: set[int], seg_id: int, decode: Callable[[list[int]], str],
              capture: tuple[int, ...] = (), on_text: Callable[[str], None] | None = None) -> Generated:
     """Prefill ``inputs_embeds`` ``(1, T, hidden)`` then decode.
 
-    ``llm`` is a runner: ``llm(feed) -> outputs`` with the names of ``llm.py``.
+    ``llm`` is a runner: ``llm(feed) -> outputs`` with the names of ``llm.py``; the past
+    KV is always fed (zero-length at prefill), so one graph serves both phases.
     ``capture``: prompt positions whose last hidden state to return (the forced ``[SEG]``).
     ``on_text``: called with each new piece of text as it is generated.
     """
@@ -81,14 +83,16 @@ def generate(llm, inputs_embeds: np.ndarray, embed_table: np.ndarray, num_layers
 
     rng = np.random.default_rng(cfg.seed)
     t = inputs_embeds.shape[1]
+    past_names, present_names = kv_names(llm_cfg.layers, "past_key_values"), kv_names(llm_cfg.layers, "present")
+    empty = np.zeros((1, llm_cfg.kv_heads, 0, llm_cfg.head_dim), dtype=np.float32)
     feed = {"inputs_embeds": inputs_embeds.astype(np.float32),
             "attention_mask": np.ones((1, t), dtype=np.int64),
-            "position_ids": np.arange(t, dtype=np.int64)[None]}
+            "position_ids": np.arange(t, dtype=np.int64)[None],
+            **{name: empty for name in past_names}}
     start = time.perf_counter()
     out = llm(feed)
     result = Generated([], "", "length", prefill_ms=(time.perf_counter() - start) * 1e3)
     result.prompt_hidden = [out["last_hidden_state"][0, p].copy() for p in capture]
-    past_names, present_names = kv_names(num_layers, "past_key_values"), kv_names(num_layers, "present")
     emitted = ""
     for step in range(cfg.max_new_tokens):
         tok = choose_token(out["logits"][0], cfg, rng)

@@ -197,7 +197,7 @@ class Predictor:
                                  add_special_tokens=False, return_tensors="np")["input_ids"][0]
             embeds = splice(ids, self.embed_table, enc.image_tokens[0], region_tokens, self.image_id, self.region_ids)
             capture = (embeds.shape[0] - 1,) if force_seg else ()
-            gen = generate(self.runners["llm"], embeds[None], self.embed_table, self.config.llm.layers, generation,
+            gen = generate(self.runners["llm"], embeds[None], self.embed_table, self.config.llm, generation,
                            self.stop_ids, self.seg_id, self._decode, capture, on_text)
             timings["llm"] = gen.prefill_ms + sum(gen.decode_ms)
             seg_states = gen.prompt_hidden + gen.seg_hidden

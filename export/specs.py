@@ -1,0 +1,191 @@
+"""Declarative export specs, one per part, in one registry (``SPECS``).
+
+A spec says what the exported graph looks like: input/output names, dtypes and named
+axes, which axes are dynamic, the opset, the adapter that makes the part traceable, how
+to make example inputs, and the parity tolerance per precision. Shape profiles
+(min/opt/max, for TensorRT and for the manifest) derive from the spec and the
+``ShapeLimits`` of a build. Part-specific tricks live in the part's spec, nowhere else.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+from torch import nn
+
+from earthgptx.config import ModelConfig
+from earthgptx.llm import kv_names
+from earthgptx.prompting import special_tokens
+
+OPSET = 18
+
+
+@dataclass(frozen=True)
+class ShapeLimits:
+    """Largest shapes an engine must take (the ``max`` of every profile)."""
+
+    max_batch: int = 4
+    max_prompts: int = 8  # visual prompts per image (<= the model's max_regions)
+    max_queries: int = 8  # mask queries per image ([SEG] tokens)
+    max_points: int = 16  # decoder points per query (a box is two)
+    max_seq: int = 1024  # tokens per LLM call (prefill: image + text tokens)
+    max_kv: int = 2048  # past + new tokens
+
+    def check(self, config: ModelConfig) -> list[str]:
+        """Problems with these limits for ``config`` (empty if none)."""
+        problems = []
+        for name in ("max_batch", "max_prompts", "max_queries", "max_points", "max_seq", "max_kv"):
+            if getattr(self, name) < 1:
+                problems.append(f"--{name.replace('_', '-')} must be >= 1")
+        if self.max_prompts > config.prompt.max_regions:
+            problems.append(f"--max-prompts {self.max_prompts} exceeds the model's {config.prompt.max_regions} "
+                            "region tokens")
+        if self.max_kv > config.llm.max_positions:
+            problems.append(f"--max-kv {self.max_kv} exceeds the LLM's {config.llm.max_positions} positions")
+        if self.max_seq > self.max_kv:
+            problems.append(f"--max-seq {self.max_seq} exceeds --max-kv {self.max_kv}")
+        need = config.vision.num_tokens + 64
+        if self.max_seq < need:
+            problems.append(f"--max-seq {self.max_seq} cannot hold a prompt: {config.vision.num_tokens} image "
+                            f"tokens + text need at least {need}")
+        return problems
+
+    def axis_range(self, axis: str, config: ModelConfig) -> tuple[int, int, int]:
+        """``(min, opt, max)`` of a named dynamic axis."""
+        table = {
+            "batch": (1, 1, self.max_batch),
+            "regions": (1, 1, self.max_prompts),
+            "queries": (1, 1, self.max_queries),
+            "points": (1, 2, self.max_points),
+            "seq": (1, config.vision.num_tokens + 64, self.max_seq),
+            "past": (0, config.vision.num_tokens + 64, self.max_kv - 1),
+            "total": (1, config.vision.num_tokens + 65, self.max_kv),
+        }
+        return table[axis]
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """``dims``: ints are fixed sizes, strings name dynamic axes."""
+
+    name: str
+    dtype: str
+    dims: tuple[int | str, ...]
+
+
+@dataclass(frozen=True)
+class ExportSpec:
+    part: str
+    inputs: tuple[TensorSpec, ...]
+    outputs: tuple[TensorSpec, ...]
+    adapter: Callable[[nn.Module], nn.Module]
+    example_sizes: dict[str, int] = field(default_factory=dict)  # every dynamic axis >= 2 when exporting
+    tolerance: dict[str, float] = field(default_factory=dict)  # precision -> parity tolerance
+    external_data: bool = False
+    opset: int = OPSET
+
+    @property
+    def input_names(self) -> list[str]:
+        return [t.name for t in self.inputs]
+
+    @property
+    def output_names(self) -> list[str]:
+        return [t.name for t in self.outputs]
+
+    def example_inputs(self, sizes: dict[str, int] | None = None, seed: int = 0) -> dict[str, torch.Tensor]:
+        """Random inputs with the spec's shapes (axis sizes from ``sizes`` or ``example_sizes``)."""
+        sizes = {**self.example_sizes, **(sizes or {})}
+        gen = torch.Generator().manual_seed(seed)
+        out = {}
+        for t in self.inputs:
+            shape = [d if isinstance(d, int) else sizes[d] for d in t.dims]
+            if t.dtype == "float32":
+                out[t.name] = torch.randn(*shape, generator=gen)
+            else:
+                out[t.name] = torch.zeros(*shape, dtype=torch.int64)
+        return out
+
+    def profile(self, limits: ShapeLimits, config: ModelConfig) -> dict[str, dict[str, list[int]]]:
+        """Per input: ``{"min": shape, "opt": shape, "max": shape}``."""
+        prof = {}
+        for t in self.inputs:
+            ranges = [(d, d, d) if isinstance(d, int) else limits.axis_range(d, config) for d in t.dims]
+            prof[t.name] = {k: [r[i] for r in ranges] for i, k in enumerate(("min", "opt", "max"))}
+        return prof
+
+
+def _f(name: str, *dims: int | str) -> TensorSpec:
+    return TensorSpec(name, "float32", dims)
+
+
+def _i(name: str, *dims: int | str) -> TensorSpec:
+    return TensorSpec(name, "int64", dims)
+
+
+def vision_encoder_spec(config: ModelConfig) -> ExportSpec:
+    from .adapters import identity
+
+    v, h = config.vision, config.llm.hidden
+    return ExportSpec(
+        "vision_encoder",
+        inputs=(_f("pixel_values", "batch", 3, v.image_size, v.image_size),),
+        outputs=(_f("image_tokens", "batch", v.num_tokens, h), _f("image_embedding", "batch", v.embed_dim, v.grid, v.grid)),
+        adapter=identity, example_sizes={"batch": 2},
+        tolerance={"fp32": 1e-3, "fp16": 2e-3, "int8": 2e-2},
+    )
+
+
+def prompt_encoder_spec(config: ModelConfig) -> ExportSpec:
+    from .adapters import identity
+
+    v, p, h = config.vision, config.prompt, config.llm.hidden
+    return ExportSpec(
+        "prompt_encoder",
+        inputs=(_f("image_tokens", "batch", v.num_tokens, h), _f("prompt_boxes", "batch", "regions", 4),
+                _i("prompt_types", "batch", "regions"), _f("prompt_masks", "batch", "regions", p.mask_size, p.mask_size)),
+        outputs=(_f("region_tokens", "batch", "regions", h),),
+        adapter=identity, example_sizes={"batch": 2, "regions": 3},
+        tolerance={"fp32": 1e-3, "fp16": 2e-3, "int8": 2e-2},
+    )
+
+
+def llm_spec(config: ModelConfig) -> ExportSpec:
+    from .adapters import identity
+
+    c = config.llm
+    vocab = c.vocab_size + len(special_tokens(config.prompt.max_regions))
+    kv = lambda name, axis: _f(name, "batch", c.kv_heads, axis, c.head_dim)  # noqa: E731
+    return ExportSpec(
+        "llm",
+        inputs=(_f("inputs_embeds", "batch", "seq", c.hidden), _i("attention_mask", "batch", "total"),
+                _i("position_ids", "batch", "seq"), *(kv(n, "past") for n in kv_names(c.layers, "past_key_values"))),
+        outputs=(_f("logits", "batch", vocab), _f("last_hidden_state", "batch", "seq", c.hidden),
+                 *(kv(n, "total") for n in kv_names(c.layers, "present"))),
+        adapter=identity, example_sizes={"batch": 2, "seq": 3, "past": 4, "total": 7},
+        tolerance={"fp32": 2e-3, "fp16": 5e-3, "int8": 5e-2}, external_data=True,
+    )
+
+
+def pixel_decoder_spec(config: ModelConfig) -> ExportSpec:
+    from .adapters import pixel_decoder_adapter
+
+    v, h = config.vision, config.llm.hidden
+    return ExportSpec(
+        "pixel_decoder",
+        inputs=(_f("image_embedding", "batch", v.embed_dim, v.grid, v.grid), _f("seg_hidden", "batch", "queries", h),
+                _f("seg_valid", "batch", "queries"), _f("point_coords", "batch", "queries", "points", 2),
+                _i("point_labels", "batch", "queries", "points")),
+        outputs=(_f("masks", "batch", "queries", v.image_size, v.image_size), _f("scores", "batch", "queries"),
+                 _f("boxes", "batch", "queries", 4)),
+        adapter=pixel_decoder_adapter, example_sizes={"batch": 2, "queries": 3, "points": 2},
+        tolerance={"fp32": 1e-3, "fp16": 5e-3, "int8": 5e-2},
+    )
+
+
+SPECS: dict[str, Callable[[ModelConfig], ExportSpec]] = {
+    "vision_encoder": vision_encoder_spec,
+    "prompt_encoder": prompt_encoder_spec,
+    "llm": llm_spec,
+    "pixel_decoder": pixel_decoder_spec,
+}
