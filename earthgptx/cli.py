@@ -1,5 +1,5 @@
 """``egx``: the command line. Thin: it parses, checks argument combinations, calls the
-library and prints. Subcommands: ``predict``, ``info``, ``checkpoint``."""
+library and prints. Subcommands: ``predict``, ``info``, ``build``, ``checkpoint``."""
 from __future__ import annotations
 
 import argparse
@@ -27,8 +27,10 @@ def _box(text: str) -> tuple[float, float, float, float]:
 
 def _add_model_source(p: argparse.ArgumentParser) -> None:
     src = p.add_mutually_exclusive_group()
-    src.add_argument("--preset", choices=("tiny", "edge"), help="built-in model (default: edge)")
+    src.add_argument("--preset", choices=("tiny", "edge"), help="built-in model, PyTorch (default: edge)")
     src.add_argument("--checkpoint", metavar="DIR", help="checkpoint folder (config.json + model.safetensors)")
+    src.add_argument("--engines", metavar="DIR", help="a build folder (manifest.json) from export/build_engines.py")
+    p.add_argument("--device", default="auto", help="for --engines: cpu, cuda or auto")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -67,6 +69,11 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("--checkpoint", metavar="DIR")
     p.add_argument("--json", action="store_true")
 
+    p = sub.add_parser("build", help="build engines (same as python export/build_engines.py)")
+    from export.cli import add_build_arguments
+
+    add_build_arguments(p)
+
     p = sub.add_parser("checkpoint", help="write a preset's model as a checkpoint folder")
     p.add_argument("--preset", choices=("tiny", "edge"), required=True)
     p.add_argument("--out", required=True, metavar="DIR")
@@ -87,9 +94,14 @@ def cmd_predict(args: argparse.Namespace) -> int:
                                   seed=args.seed, stop_strings=tuple(args.stop))
     raster = read_image(args.image)
     prompts = VisualPrompts(list(args.point), list(args.box), [read_mask(s) for s in args.scribble])
-    preset = args.preset or (None if args.checkpoint else "edge")
-    model, tokenizer = load_reference(preset, args.checkpoint)
-    predictor = Predictor.from_model(model, tokenizer)
+    if args.engines:
+        from runtime.engines import open_predictor
+
+        predictor = open_predictor(args.engines, args.device)
+    else:
+        preset = args.preset or (None if args.checkpoint else "edge")
+        model, tokenizer = load_reference(preset, args.checkpoint)
+        predictor = Predictor.from_model(model, tokenizer)
     stream_to = sys.stderr if args.json else sys.stdout
     on_text = (lambda s: (stream_to.write(s), stream_to.flush())) if args.stream else None
     result = predictor.predict(np.asarray(raster.data), args.modality, args.text, prompts, task=args.task,
@@ -143,6 +155,10 @@ def cmd_checkpoint(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command == "build":
+        from export.cli import run
+
+        return run(args)
     handler = {"predict": cmd_predict, "info": cmd_info, "checkpoint": cmd_checkpoint}[args.command]
     try:
         return handler(args)

@@ -3,6 +3,7 @@ with ``onnx.checker`` and shape inference. Dynamic axes carry the spec's names."
 from __future__ import annotations
 
 import logging
+import warnings
 from pathlib import Path
 
 import torch
@@ -31,7 +32,8 @@ def export_onnx(spec: ExportSpec, module: nn.Module, path: str | Path) -> Path:
                 axes[i] = torch.export.Dim.AUTO if d == "total" else dims.setdefault(d, torch.export.Dim(d))
         dynamic.append(axes)
     shapes = _group_varargs(adapter, tuple(dynamic))
-    with torch.no_grad():
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the exporter's notes on axis names and deprecations
         program = torch.onnx.export(
             adapter, args, dynamo=True, input_names=spec.input_names, output_names=spec.output_names,
             dynamic_shapes=shapes, opset_version=spec.opset, optimize=True, verbose=False,

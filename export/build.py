@@ -1,0 +1,256 @@
+"""The main job: build the four engines of a model into ``engines/<name>/``.
+
+``run_build(options)`` is the typed entry point; ``export/build_engines.py`` and
+``egx build`` are thin command lines over it. Every argument combination is checked
+before any work (``check_options``); every engine is compared with its PyTorch part on
+real imagery, and a failed comparison fails the build after the manifest records it."""
+from __future__ import annotations
+
+import datetime
+import hashlib
+import os
+import platform
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from earthgptx.config import PART_NAMES
+from earthgptx.errors import EarthGPTXError
+from runtime.manifest import FORMAT, sha256_file, write_manifest
+
+from .specs import SPECS, ShapeLimits
+
+PRECISIONS = ("fp32", "fp16", "int8")
+BACKENDS = ("onnxruntime", "tensorrt", "tensorrt-llm")
+REPO = Path(__file__).resolve().parents[1]
+
+
+class BuildError(EarthGPTXError):
+    """Options that cannot build; the message lists every problem and what to do."""
+
+
+@dataclass
+class BuildOptions:
+    preset: str | None = "edge"
+    checkpoint: str | None = None
+    backends: dict[str, str] = field(default_factory=lambda: dict.fromkeys(PART_NAMES, "onnxruntime"))
+    precisions: dict[str, str] = field(default_factory=lambda: dict.fromkeys(PART_NAMES, "fp32"))
+    calibration: Path | None = None
+    out: Path | None = None
+    limits: ShapeLimits = field(default_factory=ShapeLimits)
+    device: str = "cpu"
+    data_root: Path = field(default_factory=lambda: Path(os.environ.get("EGX_DATA", REPO.parent / "shared" / "data")))
+
+    @property
+    def name(self) -> str:
+        return self.preset if self.preset else Path(self.checkpoint).name
+
+    @property
+    def out_dir(self) -> Path:
+        return Path(self.out) if self.out else REPO / "engines" / self.name
+
+
+def per_part(values: list[str], choices: tuple[str, ...], default: str, what: str) -> dict[str, str]:
+    """``["tensorrt"]`` (all parts) and/or ``["llm=tensorrt-llm"]`` (one part) -> part -> value."""
+    result = dict.fromkeys(PART_NAMES, default)
+    for v in values:
+        part, _, value = v.rpartition("=")
+        if value not in choices:
+            raise BuildError(f"--{what} {v!r}: {value!r} is not one of {', '.join(choices)}")
+        if part and part not in PART_NAMES:
+            raise BuildError(f"--{what} {v!r}: {part!r} is not a part; parts are {', '.join(PART_NAMES)}")
+        for p in ([part] if part else PART_NAMES):
+            result[p] = value
+    return result
+
+
+def check_options(opts: BuildOptions) -> None:
+    """Refuse combinations that cannot build, before any work."""
+    from earthgptx.checkpoint import load_config
+    from earthgptx.config import preset
+
+    problems = []
+    if (opts.preset is None) == (opts.checkpoint is None):
+        problems.append("give exactly one of --preset or --checkpoint")
+    config = None
+    try:
+        config = load_config(opts.checkpoint) if opts.checkpoint else preset(opts.preset or "edge")
+    except EarthGPTXError as exc:
+        problems.append(str(exc))
+    if config is not None and config.llm.tokenizer is None:
+        problems.append(f"preset {config.preset!r} has no weights or tokenizer (sizes only); build tiny or edge")
+    for part, backend in opts.backends.items():
+        precision = opts.precisions[part]
+        if backend == "tensorrt-llm" and part != "llm":
+            problems.append(f"{part}: tensorrt-llm builds only the llm (use --backend llm=tensorrt-llm)")
+        if precision == "int8" and opts.calibration is None:
+            problems.append(f"{part}: INT8 needs calibration data: add --calibration DIR (e.g. ../shared/data)")
+        elif precision == "int8":
+            problems.append(f"{part}: INT8 calibration is not implemented yet (issue #4); use fp32"
+                            + (" or fp16 with --backend tensorrt" if backend == "onnxruntime" else ""))
+        if backend == "onnxruntime" and precision == "fp16":
+            problems.append(f"{part}: FP16 is built for TensorRT; ONNX Runtime on a CPU runs fp32 (or int8)")
+    if any(b in ("tensorrt", "tensorrt-llm") for b in opts.backends.values()):
+        from .tensorrt_build import tensorrt_problem
+
+        if (reason := tensorrt_problem()) is not None:
+            problems.append(reason)
+    if opts.device not in ("cpu", "cuda") and not opts.device.startswith("cuda:"):
+        problems.append(f"--device {opts.device!r}: use cpu, cuda or cuda:N")
+    if config is not None:
+        problems += opts.limits.check(config)
+    if not (opts.data_root / "SOURCES.md").is_file():
+        problems.append(f"parity checks need the shared imagery; not found at {opts.data_root} (set EGX_DATA)")
+    if problems:
+        raise BuildError("cannot build:\n  - " + "\n  - ".join(problems))
+
+
+def checkpoint_sha256(model) -> str:
+    h = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        h.update(name.encode())
+        h.update(tensor.detach().contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+def builder_info(device: str) -> dict:
+    import onnx
+    import onnxruntime
+    import torch
+    import transformers
+
+    info = {"torch": torch.__version__, "transformers": transformers.__version__, "onnx": onnx.__version__,
+            "onnxruntime": onnxruntime.__version__, "tensorrt": None, "device": device,
+            "host": platform.machine(), "cpu_count": os.cpu_count()}
+    try:
+        import tensorrt
+
+        info["tensorrt"] = tensorrt.__version__
+    except ImportError:
+        pass
+    if device.startswith("cuda") and torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name(0)
+    return info
+
+
+@dataclass
+class PartReport:
+    part: str
+    backend: str
+    precision: str
+    size_bytes: int
+    parity: dict
+    seconds: float
+
+
+def run_build(opts: BuildOptions, console=None) -> list[PartReport]:
+    """Build, check and record the engines. Raises ``BuildError`` on bad options and
+    ``ParityError`` (after writing the manifest) when an engine disagrees with PyTorch."""
+    from rich.console import Console
+
+    from earthgptx.checkpoint import load_reference
+    from earthgptx.predictor import Predictor
+
+    from .onnx_export import export_onnx
+    from .parity import ParityError, compare, record_chain
+
+    console = console or Console(stderr=True)
+    check_options(opts)
+    out = opts.out_dir
+    out.mkdir(parents=True, exist_ok=True)
+    with console.status(f"loading the {opts.name} model"):
+        model, tokenizer = load_reference(opts.preset, opts.checkpoint)
+    config = model.config
+    with console.status("running the PyTorch reference on real imagery (parity inputs)"):
+        predictor = Predictor.from_model(model, tokenizer)
+        recordings = record_chain(predictor, opts.data_root)
+
+    reports, engines = [], {}
+    for part in PART_NAMES:
+        spec = SPECS[part](config)
+        backend, precision = opts.backends[part], opts.precisions[part]
+        start = time.perf_counter()
+        onnx_path = out / f"{part}.onnx"
+        with console.status(f"{part}: exporting ONNX"):
+            export_onnx(spec, getattr(model, part), onnx_path)
+        entry = {"file": onnx_path.name, "backend": backend, "precision": precision}
+        if backend == "onnxruntime":
+            from runtime.onnxruntime_runner import OnnxRuntimeRunner
+
+            runner = OnnxRuntimeRunner(part, onnx_path, device=opts.device)
+            if spec.external_data:
+                entry["extra_files"] = [onnx_path.name + ".data"]
+        else:
+            from .tensorrt_build import build_part
+
+            runner, entry = build_part(part, spec, onnx_path, entry, opts, config, console)
+        metric = "max_abs" if precision == "fp32" else "cosine"
+        with console.status(f"{part}: comparing with PyTorch on {len(recordings[part].feeds)} recorded inputs"):
+            with runner:
+                parity = compare(part, runner, recordings[part], spec.tolerance[precision], metric)
+        entry.update({
+            "inputs": _tensors(spec.inputs, spec.profile(opts.limits, config)),
+            "outputs": _tensors(spec.outputs, None),
+            "sha256": sha256_file(out / entry["file"]),
+            "parity": parity.to_json(),
+        })
+        if "extra_files" in entry:
+            entry["extra_sha256"] = [sha256_file(out / f) for f in entry["extra_files"]]
+        if part == "llm":
+            np.save(out / "llm.embed_tokens.npy", model.llm.embed_table.detach().numpy())
+            entry["embed_table"] = "llm.embed_tokens.npy"
+            entry["kv_layout"] = {"layers": config.llm.layers, "kv_heads": config.llm.kv_heads,
+                                  "head_dim": config.llm.head_dim, "layout": "batch, kv_heads, seq, head_dim",
+                                  "past": "past_key_values.{i}.key|value", "present": "present.{i}.key|value"}
+        engines[part] = entry
+        size = sum((out / f).stat().st_size for f in [entry["file"], *entry.get("extra_files", [])])
+        seconds = time.perf_counter() - start
+        reports.append(PartReport(part, backend, precision, size, parity.to_json(), seconds))
+        mark = "[green]ok[/]" if parity.passed else "[red]FAILED[/]"
+        console.print(f"{part}: {backend} {precision}, parity {parity.metric} {parity.value:.2e} "
+                      f"(tolerance {parity.tolerance:.0e}) {mark}, {seconds:.1f} s")
+
+    tok_dir = out / "tokenizer"
+    shutil.rmtree(tok_dir, ignore_errors=True)
+    tokenizer.save_pretrained(tok_dir)
+    manifest = {
+        "format": FORMAT, "preset": config.preset, "checkpoint_sha256": checkpoint_sha256(model),
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "builder": builder_info(opts.device), "config": config.to_dict(), "tokenizer": "tokenizer",
+        "limits": vars(opts.limits), "engines": engines,
+    }
+    write_manifest(out, manifest)
+    failed = [r for r in reports if not r.parity["passed"]]
+    if failed:
+        error = ParityError("; ".join(f"{r.part}: output {r.parity['worst_tensor']!r} differs from PyTorch by "
+                                    f"{r.parity['value']:.3e} ({r.parity['metric']}, tolerance {r.parity['tolerance']:.0e})"
+                                    for r in failed))
+        error.reports = reports
+        raise error
+    return reports
+
+
+def _tensors(specs, profile) -> list[dict]:
+    out = []
+    for t in specs:
+        d = {"name": t.name, "dtype": t.dtype, "shape": list(t.dims)}
+        if profile is not None:
+            d.update(profile[t.name])
+        out.append(d)
+    return out
+
+
+def print_table(reports: list[PartReport], console) -> None:
+    from rich.table import Table
+
+    table = Table(title="engines")
+    for col in ("part", "backend", "precision", "size", "parity vs PyTorch", "build s"):
+        table.add_column(col)
+    for r in reports:
+        p = r.parity
+        table.add_row(r.part, r.backend, r.precision, f"{r.size_bytes / 1e6:.1f} MB",
+                      f"{p['metric']} {p['value']:.1e} {'ok' if p['passed'] else 'FAILED'}", f"{r.seconds:.1f}")
+    console.print(table)

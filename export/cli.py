@@ -1,0 +1,71 @@
+"""Command line of the build (``python export/build_engines.py`` / ``egx build``)."""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from earthgptx.errors import EarthGPTXError
+
+from .specs import ShapeLimits
+
+
+def add_build_arguments(p: argparse.ArgumentParser) -> None:
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--preset", choices=("tiny", "edge"), help="built-in model (default: edge)")
+    src.add_argument("--checkpoint", metavar="DIR", help="checkpoint folder")
+    p.add_argument("--backend", action="append", default=[], metavar="[PART=]BACKEND",
+                   help="onnxruntime (default), tensorrt or tensorrt-llm; for all parts or one (llm=tensorrt-llm)")
+    p.add_argument("--precision", action="append", default=[], metavar="[PART=]PRECISION",
+                   help="fp32 (default), fp16 or int8; for all parts or one (vision_encoder=int8)")
+    p.add_argument("--calibration", type=Path, metavar="DIR", help="calibration imagery for INT8")
+    p.add_argument("--out", type=Path, metavar="DIR", help="output folder (default engines/<preset>)")
+    p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (where engines run and are checked)")
+    p.add_argument("--data", type=Path, metavar="DIR", help="imagery for parity checks (default ../shared/data)")
+    d = ShapeLimits()
+    p.add_argument("--max-batch", type=int, default=d.max_batch)
+    p.add_argument("--max-prompts", type=int, default=d.max_prompts, help="visual prompts per image")
+    p.add_argument("--max-queries", type=int, default=d.max_queries, help="mask queries per image")
+    p.add_argument("--max-points", type=int, default=d.max_points, help="decoder points per query")
+    p.add_argument("--max-seq", type=int, default=d.max_seq, help="tokens per LLM call")
+    p.add_argument("--max-kv", type=int, default=d.max_kv, help="past + new tokens")
+
+
+def options_from_args(args: argparse.Namespace):
+    from .build import BACKENDS, PRECISIONS, BuildOptions, per_part
+
+    opts = BuildOptions(
+        preset=args.preset or (None if args.checkpoint else "edge"), checkpoint=args.checkpoint,
+        backends=per_part(args.backend, BACKENDS, "onnxruntime", "backend"),
+        precisions=per_part(args.precision, PRECISIONS, "fp32", "precision"),
+        calibration=args.calibration, out=args.out, device=args.device,
+        limits=ShapeLimits(args.max_batch, args.max_prompts, args.max_queries, args.max_points, args.max_seq,
+                           args.max_kv),
+    )
+    if args.data is not None:
+        opts.data_root = args.data
+    return opts
+
+
+def run(args: argparse.Namespace) -> int:
+    from rich.console import Console
+
+    from .build import print_table, run_build
+
+    console = Console(stderr=True)
+    reports = None
+    try:
+        reports = run_build(options_from_args(args), console)
+    except EarthGPTXError as exc:
+        reports = getattr(exc, "reports", None)
+        console.print(f"[red]build failed:[/] {exc}", markup=True, highlight=False)
+        return 1
+    finally:
+        if reports:
+            print_table(reports, Console())
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="build_engines.py", description="Build EarthGPT-X engines.")
+    add_build_arguments(parser)
+    return run(parser.parse_args(argv))

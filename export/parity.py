@@ -1,0 +1,134 @@
+"""Parity: every exported part against its PyTorch part, on the inputs the chain really
+produces for real images (``../shared/data``) and prompts drawn from their annotations.
+
+``record_chain`` runs the PyTorch reference over the samples with recording runners and
+returns, per part, the feeds it received and the outputs it gave. ``compare`` runs another
+runner on the same feeds and reports the worst tensor."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from earthgptx.datasets import Sample, dota_samples, hrsid_samples, sirst_samples
+from earthgptx.errors import EarthGPTXError
+from earthgptx.generation import GenerationConfig
+from earthgptx.imageio import read_image
+from earthgptx.processing import VisualPrompts
+from earthgptx.runner import Runner
+
+
+class ParityError(EarthGPTXError):
+    """An exported part disagrees with its PyTorch part."""
+
+
+@dataclass
+class Recording:
+    feeds: list[dict[str, np.ndarray]]
+    outputs: list[dict[str, np.ndarray]]
+
+
+class RecordingRunner(Runner):
+    def __init__(self, inner: Runner, limit: int) -> None:
+        self.inner, self.name, self.limit = inner, inner.name, limit
+        self.recording = Recording([], [])
+
+    def infer(self, feed):
+        out = self.inner.infer(feed)
+        if len(self.recording.feeds) < self.limit:
+            self.recording.feeds.append({k: np.array(v) for k, v in feed.items()})
+            self.recording.outputs.append({k: np.array(v) for k, v in out.items()})
+        return out
+
+
+def parity_samples(data_root: Path) -> list[Sample]:
+    """One annotated image per modality: infrared (SIRST), SAR (HRSID), optical (DOTA)."""
+    picks = []
+    for source in (sirst_samples(data_root / "infrared" / "sirst"), hrsid_samples(data_root / "sar" / "hrsid"),
+                   dota_samples(data_root / "optical" / "dota")):
+        sample = next((s for s in source if s.masks), None)
+        if sample is None:
+            raise EarthGPTXError(f"no annotated image found under {data_root} for parity checks")
+        picks.append(sample)
+    return picks
+
+
+def inside_point(mask: np.ndarray) -> tuple[float, float]:
+    """A pixel of ``mask`` nearest to its centroid: a point prompt that is on the object."""
+    ys, xs = np.nonzero(mask)
+    i = np.argmin((xs - xs.mean()) ** 2 + (ys - ys.mean()) ** 2)
+    return float(xs[i]), float(ys[i])
+
+
+def requests(sample: Sample) -> list[tuple[str, VisualPrompts, str]]:
+    """(text, prompts, task) drawn from the sample's first object."""
+    mask, box = sample.masks[0], tuple(float(v) for v in sample.boxes[0])
+    return [
+        ("Segment <region1>.", VisualPrompts([inside_point(mask)], [], []), "segment"),
+        ("What is in <region1> and <region2>?", VisualPrompts([], [box], [mask]), "region"),
+        ("Where is the object nearest the top-left corner?", VisualPrompts([], [], []), "grounding"),
+    ]
+
+
+def record_chain(predictor, data_root: Path, max_new_tokens: int = 3, llm_calls: int = 12) -> dict[str, Recording]:
+    """Run the reference ``predictor`` on the parity samples, recording every part."""
+    limits = {"vision_encoder": 8, "prompt_encoder": 8, "llm": llm_calls, "pixel_decoder": 8}
+    original = predictor.runners
+    recorders = {name: RecordingRunner(r, limits[name]) for name, r in original.items()}
+    predictor.runners = recorders
+    try:
+        for sample in parity_samples(data_root):
+            image = read_image(sample.image).data
+            for text, prompts, task in requests(sample):
+                predictor.predict(image, sample.modality, text, prompts, task=task,
+                                  generation=GenerationConfig(max_new_tokens=max_new_tokens))
+    finally:
+        predictor.runners = original
+        predictor._cache.clear()
+    return {name: r.recording for name, r in recorders.items()}
+
+
+@dataclass
+class ParityResult:
+    metric: str
+    value: float
+    tolerance: float
+    passed: bool
+    worst_tensor: str
+    cases: int
+
+    def to_json(self) -> dict:
+        return {"metric": self.metric, "value": self.value, "tolerance": self.tolerance, "passed": self.passed,
+                "worst_tensor": self.worst_tensor, "cases": self.cases}
+
+
+def compare(part: str, runner: Runner, recording: Recording, tolerance: float, metric: str = "max_abs") -> ParityResult:
+    """Worst disagreement of ``runner`` with the recorded reference outputs.
+
+    ``max_abs``: max |a - b| over all elements (FP32). ``cosine``: 1 - cosine similarity
+    of the flattened tensors (FP16/INT8)."""
+    if not recording.feeds:
+        raise ParityError(f"{part}: no recorded inputs to compare on")
+    worst, worst_name = 0.0, ""
+    for feed, ref in zip(recording.feeds, recording.outputs):
+        out = runner.infer(feed)
+        for name, expected in ref.items():
+            if name not in out:
+                raise ParityError(f"{part}: output {name!r} is missing from the engine")
+            got = np.asarray(out[name], dtype=np.float64)
+            want = np.asarray(expected, dtype=np.float64)
+            if got.shape != want.shape:
+                raise ParityError(f"{part}: output {name!r} has shape {got.shape}, the reference {want.shape}")
+            if want.size == 0:
+                continue
+            if metric == "max_abs":
+                err = float(np.max(np.abs(got - want)))
+            else:
+                denom = np.linalg.norm(got) * np.linalg.norm(want)
+                err = float(1.0 - (got.ravel() @ want.ravel()) / denom) if denom > 0 else float(np.any(got != want))
+            if not np.isfinite(err):
+                err = float("inf")
+            if err > worst or not worst_name:
+                worst, worst_name = err, name
+    return ParityResult(metric, worst, tolerance, worst <= tolerance, worst_name, len(recording.feeds))

@@ -1,0 +1,48 @@
+"""Open a build folder: read its manifest, create one runner per engine, and chain them
+with the same ``Predictor`` the PyTorch reference uses."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from earthgptx.config import PART_NAMES
+from earthgptx.predictor import Predictor
+
+from .manifest import ManifestError, load_manifest, manifest_config
+
+
+def make_runner(name: str, entry: dict, folder: Path, device: str):
+    backend = entry["backend"]
+    if backend == "onnxruntime":
+        from .onnxruntime_runner import OnnxRuntimeRunner
+
+        return OnnxRuntimeRunner(name, folder / entry["file"], device=device)
+    if backend == "tensorrt":
+        from .tensorrt_runner import TensorRTRunner
+
+        return TensorRTRunner(name, folder / entry["file"], entry)
+    raise ManifestError(f"engine {name}: backend {backend!r} cannot run in the chain yet; "
+                        "rebuild it with --backend onnxruntime or tensorrt")
+
+
+def open_predictor(folder: str | Path, device: str = "auto") -> Predictor:
+    """A ``Predictor`` over the engines in ``folder`` (read from its manifest alone)."""
+    from transformers import AutoTokenizer
+
+    folder = Path(folder)
+    manifest = load_manifest(folder)
+    config = manifest_config(manifest)
+    engines = manifest["engines"]
+    runners = {name: make_runner(name, engines[name], folder, device) for name in PART_NAMES}
+    table_path = folder / engines["llm"]["embed_table"]
+    if not table_path.is_file():
+        raise ManifestError(f"{table_path} is missing; rebuild with python export/build_engines.py")
+    table = np.load(table_path, mmap_mode="r")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(folder / manifest["tokenizer"], local_files_only=True)
+    except (OSError, ValueError) as exc:
+        raise ManifestError(f"cannot load the tokenizer in {folder / manifest['tokenizer']}: {exc}") from exc
+    for runner in runners.values():
+        runner.activate()
+    return Predictor(runners, tokenizer, config, table)

@@ -1,0 +1,73 @@
+"""ONNX Runtime runner: CPU everywhere (the embedded default); the CUDA and TensorRT
+execution providers are used when this onnxruntime build has them."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from earthgptx.errors import EarthGPTXError
+from earthgptx.runner import Runner
+
+GPU_PROVIDERS = ("TensorrtExecutionProvider", "CUDAExecutionProvider")
+
+
+def choose_providers(device: str = "auto") -> list[str]:
+    """Execution providers for ``device``: ``"cpu"``, ``"cuda"`` or ``"auto"`` (CUDA when present).
+    The TensorRT EP is used only when asked for (``device="tensorrt"``): it builds engines
+    at session start, which takes minutes."""
+    import onnxruntime as ort
+
+    available = ort.get_available_providers()
+    if device == "cpu":
+        return ["CPUExecutionProvider"]
+    if device == "tensorrt":
+        wanted = ["TensorrtExecutionProvider", "CUDAExecutionProvider"]
+    else:
+        wanted = ["CUDAExecutionProvider"]
+    chosen = [p for p in wanted if p in available]
+    if device in ("cuda", "tensorrt") and not chosen:
+        raise EarthGPTXError(f"this onnxruntime has no GPU provider (has {available}); "
+                             "install onnxruntime-gpu (pip install -e '.[gpu]') or use --device cpu")
+    return chosen + ["CPUExecutionProvider"]
+
+
+class OnnxRuntimeRunner(Runner):
+    """Feed dict in, feed dict out, through an ``InferenceSession`` on ``path``."""
+
+    def __init__(self, name: str, path: str | Path, device: str = "auto", threads: int | None = None) -> None:
+        self.name = name
+        self.path = Path(path)
+        self.device = device
+        self.threads = threads
+        self.session = None
+        self.input_names: list[str] = []
+        self.output_names: list[str] = []
+
+    def activate(self) -> None:
+        import onnxruntime as ort
+
+        if self.session is not None:
+            return
+        if not self.path.is_file():
+            raise EarthGPTXError(f"{self.name}: engine file {self.path} is missing; rebuild with python export/build_engines.py")
+        opts = ort.SessionOptions()
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        opts.log_severity_level = 3
+        if self.threads:
+            opts.intra_op_num_threads = self.threads
+        self.session = ort.InferenceSession(str(self.path), opts, providers=choose_providers(self.device))
+        self.input_names = [i.name for i in self.session.get_inputs()]
+        self.output_names = [o.name for o in self.session.get_outputs()]
+
+    def deactivate(self) -> None:
+        self.session = None
+
+    def infer(self, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        if self.session is None:
+            self.activate()
+        missing = [n for n in self.input_names if n not in feed]
+        if missing:
+            raise EarthGPTXError(f"{self.name}: feed lacks inputs {missing}")
+        outs = self.session.run(None, {n: feed[n] for n in self.input_names})
+        return dict(zip(self.output_names, outs))
