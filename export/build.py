@@ -93,10 +93,15 @@ def check_options(opts: BuildOptions) -> None:
                             + (" or fp16 with --backend tensorrt" if backend == "onnxruntime" else ""))
         if backend == "onnxruntime" and precision == "fp16":
             problems.append(f"{part}: FP16 is built for TensorRT; ONNX Runtime on a CPU runs fp32 (or int8)")
-    if any(b in ("tensorrt", "tensorrt-llm") for b in opts.backends.values()):
+    if any(b == "tensorrt" for b in opts.backends.values()):
         from .tensorrt_build import tensorrt_problem
 
         if (reason := tensorrt_problem()) is not None:
+            problems.append(reason)
+    if opts.backends["llm"] == "tensorrt-llm":
+        from .tensorrt_llm import tensorrt_llm_problem
+
+        if (reason := tensorrt_llm_problem()) is not None:
             problems.append(reason)
     if opts.device not in ("cpu", "cuda") and not opts.device.startswith("cuda:"):
         problems.append(f"--device {opts.device!r}: use cpu, cuda or cuda:N")
@@ -248,7 +253,7 @@ def print_table(reports: list[PartReport], console) -> None:
 
     table = Table(title="engines")
     for col in ("part", "backend", "precision", "size", "parity vs PyTorch", "build s"):
-        table.add_column(col)
+        table.add_column(col, no_wrap=True)
     for r in reports:
         p = r.parity
         table.add_row(r.part, r.backend, r.precision, f"{r.size_bytes / 1e6:.1f} MB",

@@ -28,3 +28,25 @@ def tiny_predictor(tiny):
 
     model, tokenizer = tiny
     return Predictor.from_model(model, tokenizer)
+
+
+def _tensorrt_missing() -> str | None:
+    try:
+        import tensorrt  # noqa: F401
+    except ImportError:
+        return "TensorRT is not installed on this machine"
+    return None
+
+
+def _gpu_missing() -> str | None:
+    import torch
+
+    return None if torch.cuda.is_available() else "no CUDA GPU on this machine"
+
+
+def pytest_collection_modifyitems(config, items):
+    reasons = {"tensorrt": _tensorrt_missing(), "gpu": _gpu_missing()}
+    for item in items:
+        for marker, reason in reasons.items():
+            if reason and marker in item.keywords:
+                item.add_marker(pytest.mark.skip(reason=reason))

@@ -1,0 +1,220 @@
+"""Exporters on the tiny preset: specs, adapters, ONNX graphs vs PyTorch, the build,
+its manifest, and the chain run from the manifest alone."""
+import json
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import REPO
+from earthgptx.config import PART_NAMES, preset
+from export.specs import SPECS, ShapeLimits
+
+SAR = "../shared/data/sar/hrsid/P0094_0_800_3000_3800.png"
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory, data_root):
+    """One tiny build shared by the tests below."""
+    from export.build import BuildOptions, run_build
+
+    out = tmp_path_factory.mktemp("engines") / "tiny"
+    opts = BuildOptions(preset="tiny", out=out, data_root=data_root)
+    reports = run_build(opts)
+    return out, reports
+
+
+def test_registry_and_profiles():
+    cfg = preset("tiny")
+    assert list(SPECS) == list(PART_NAMES)
+    limits = ShapeLimits(max_batch=3, max_prompts=5, max_seq=300, max_kv=600)
+    prof = SPECS["llm"](cfg).profile(limits, cfg)
+    assert prof["inputs_embeds"]["min"] == [1, 1, 64] and prof["inputs_embeds"]["max"] == [3, 300, 64]
+    assert prof["past_key_values.0.key"]["min"][2] == 0 and prof["past_key_values.0.key"]["max"][2] == 599
+    assert prof["attention_mask"]["max"] == [3, 600]
+    pe = SPECS["prompt_encoder"](cfg).profile(limits, cfg)
+    assert pe["prompt_masks"]["max"] == [3, 5, 32, 32]
+    for name, make in SPECS.items():
+        spec = make(cfg)
+        assert all(v >= 2 for v in spec.example_sizes.values()), name  # dims of size 1 would be frozen
+        assert set(spec.tolerance) == {"fp32", "fp16", "int8"}
+
+
+def test_shape_limits_are_checked():
+    cfg = preset("tiny")
+    assert ShapeLimits().check(cfg) == []
+    problems = ShapeLimits(max_prompts=20, max_kv=10_000, max_seq=20).check(cfg)
+    assert any("region tokens" in p for p in problems) and any("positions" in p for p in problems)
+    assert any("cannot hold a prompt" in p for p in problems)
+
+
+def test_traceable_mask_decoder_matches_sam_decoder(tiny):
+    from export.adapters import pixel_decoder_adapter
+
+    model = tiny[0]
+    spec = SPECS["pixel_decoder"](model.config)
+    ex = spec.example_inputs({"batch": 2, "queries": 3, "points": 2}, seed=3)
+    ex["point_labels"] = torch.tensor([1, 2]).repeat(2, 3, 1)
+    args = [ex[n] for n in spec.input_names]
+    with torch.no_grad():
+        ref = model.pixel_decoder(*args)
+        out = pixel_decoder_adapter(model.pixel_decoder)(*args)
+    for a, b in zip(ref, out):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    assert model.pixel_decoder.mask_decoder.__class__.__name__ == "SamMaskDecoder"  # the original is untouched
+
+
+@pytest.mark.parametrize("sizes", [
+    {"batch": 1, "regions": 1, "queries": 1, "points": 1, "seq": 5, "past": 0, "total": 5},
+    {"batch": 3, "regions": 4, "queries": 4, "points": 3, "seq": 1, "past": 6, "total": 7},
+])
+def test_onnx_graphs_match_pytorch_at_other_shapes(built, tiny, sizes):
+    from runtime.onnxruntime_runner import OnnxRuntimeRunner
+
+    folder, _ = built
+    model = tiny[0]
+    for part in PART_NAMES:
+        spec = SPECS[part](model.config)
+        ex = spec.example_inputs(sizes, seed=5)
+        if part == "prompt_encoder":
+            ex["prompt_types"] = torch.randint(-1, 3, ex["prompt_types"].shape, generator=torch.Generator().manual_seed(0))
+        if part == "pixel_decoder":
+            ex["point_labels"] = torch.randint(-1, 4, ex["point_labels"].shape, generator=torch.Generator().manual_seed(0))
+        if part == "llm":
+            ex["attention_mask"][:] = 1
+            ex["position_ids"] = torch.arange(sizes["past"], sizes["total"])[None].repeat(sizes["batch"], 1)
+        with torch.no_grad():
+            ref = getattr(model, part)(*[ex[n] for n in spec.input_names])
+        ref = (ref,) if isinstance(ref, torch.Tensor) else ref
+        with OnnxRuntimeRunner(part, folder / f"{part}.onnx", device="cpu") as r:
+            out = r({k: v.numpy() for k, v in ex.items()})
+        for name, expected in zip(spec.output_names, ref):
+            np.testing.assert_allclose(out[name], expected.numpy(), atol=1e-4, rtol=1e-4, err_msg=f"{part}.{name}")
+
+
+def test_llm_graph_left_padding_matches_batch_one(built, tiny):
+    from earthgptx.llm import kv_names
+    from runtime.onnxruntime_runner import OnnxRuntimeRunner
+
+    folder, _ = built
+    cfg = tiny[0].config.llm
+    rng = np.random.default_rng(0)
+    a, b = rng.normal(size=(6, cfg.hidden)).astype(np.float32), rng.normal(size=(4, cfg.hidden)).astype(np.float32)
+    empty = lambda n: {k: np.zeros((n, cfg.kv_heads, 0, cfg.head_dim), np.float32)  # noqa: E731
+                       for k in kv_names(cfg.layers, "past_key_values")}
+    with OnnxRuntimeRunner("llm", folder / "llm.onnx", device="cpu") as llm:
+        mask = np.array([[1] * 6, [0, 0, 1, 1, 1, 1]])
+        batch = llm({"inputs_embeds": np.stack([a, np.concatenate([np.zeros((2, cfg.hidden), np.float32), b])]),
+                     "attention_mask": mask, "position_ids": np.clip(mask.cumsum(-1) - 1, 0, None), **empty(2)})
+        single = llm({"inputs_embeds": b[None], "attention_mask": np.ones((1, 4), np.int64),
+                      "position_ids": np.arange(4)[None], **empty(1)})
+        np.testing.assert_allclose(batch["logits"][1], single["logits"][0], atol=1e-4)
+        # one decode step on top of each cache
+        step = rng.normal(size=(1, 1, cfg.hidden)).astype(np.float32)
+        past_b = {p: batch[n] for p, n in zip(kv_names(cfg.layers, "past_key_values"), kv_names(cfg.layers, "present"))}
+        past_s = {p: single[n] for p, n in zip(kv_names(cfg.layers, "past_key_values"), kv_names(cfg.layers, "present"))}
+        nb = llm({"inputs_embeds": np.concatenate([step, step]), "attention_mask": np.concatenate([mask, [[1], [1]]], 1),
+                  "position_ids": np.array([[6], [4]]), **past_b})
+        ns = llm({"inputs_embeds": step, "attention_mask": np.ones((1, 5), np.int64), "position_ids": np.array([[4]]),
+                  **past_s})
+    np.testing.assert_allclose(nb["logits"][1], ns["logits"][0], atol=1e-4)
+    assert int(np.argmax(nb["logits"][1])) == int(np.argmax(ns["logits"][0]))
+
+
+def test_manifest_contract(built):
+    from runtime.manifest import load_manifest
+
+    folder, reports = built
+    m = json.loads((folder / "manifest.json").read_text())
+    assert {"preset", "checkpoint_sha256", "created", "builder", "engines"} <= set(m)
+    assert sorted(m["engines"]) == sorted(PART_NAMES) and m["preset"] == "tiny"
+    assert {"torch", "onnx", "onnxruntime", "tensorrt", "device"} <= set(m["builder"])
+    for name, e in m["engines"].items():
+        assert {"file", "backend", "precision", "inputs", "outputs", "sha256", "parity"} <= set(e), name
+        assert {"metric", "value", "tolerance", "passed"} <= set(e["parity"]) and e["parity"]["passed"]
+        for t in e["inputs"]:
+            assert {"name", "dtype", "shape", "min", "opt", "max"} <= set(t)
+    assert m["engines"]["llm"]["embed_table"] == "llm.embed_tokens.npy" and "kv_layout" in m["engines"]["llm"]
+    load_manifest(folder)
+    assert [r.part for r in reports] == list(PART_NAMES)
+
+
+def test_tampered_or_incomplete_builds_are_refused(built, tmp_path):
+    from runtime.manifest import ManifestError, load_manifest
+
+    folder, _ = built
+    copy = tmp_path / "copy"
+    shutil.copytree(folder, copy)
+    with open(copy / "pixel_decoder.onnx", "ab") as f:
+        f.write(b"\0")
+    with pytest.raises(ManifestError, match="sha256"):
+        load_manifest(copy)
+    (copy / "pixel_decoder.onnx").unlink()
+    with pytest.raises(ManifestError, match="missing"):
+        load_manifest(copy)
+    m = json.loads((folder / "manifest.json").read_text())
+    m["engines"]["llm"]["parity"]["passed"] = False
+    (copy / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(ManifestError, match="parity"):
+        load_manifest(copy, verify_files=False)
+    with pytest.raises(ManifestError, match="build engines first"):
+        load_manifest(tmp_path / "nothing")
+
+
+def test_parity_failure_names_part_and_tensor(built, tiny_predictor, data_root):
+    from export.parity import compare, record_chain
+    from runtime.onnxruntime_runner import OnnxRuntimeRunner
+
+    folder, _ = built
+    recordings = record_chain(tiny_predictor, data_root, max_new_tokens=1, llm_calls=2)
+
+    class Noisy(OnnxRuntimeRunner):
+        def infer(self, feed):
+            out = super().infer(feed)
+            out["scores"] = out["scores"] + 0.01
+            return out
+
+    with Noisy("pixel_decoder", folder / "pixel_decoder.onnx", device="cpu") as r:
+        result = compare("pixel_decoder", r, recordings["pixel_decoder"], 1e-3)
+    assert not result.passed and result.worst_tensor == "scores" and result.value == pytest.approx(0.01, abs=1e-4)
+
+
+def test_engines_chain_equals_pytorch(built, data_root):
+    """``egx predict --engines`` gives the PyTorch answer: same tokens, mask IoU >= 0.99."""
+    from pycocotools import mask as coco
+
+    folder, _ = built
+    args = ["--image", SAR, "--modality", "sar", "--text", "Segment the ship.", "--point", "400,400",
+            "--box", "300,300,500,450", "--max-new-tokens", "6", "--json"]
+    outs = []
+    for src in (["--preset", "tiny"], ["--engines", str(folder), "--device", "cpu"]):
+        proc = subprocess.run([sys.executable, "-m", "earthgptx.cli", "predict", *src, *args], cwd=REPO,
+                              capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr
+        outs.append(json.loads(proc.stdout))
+    ref, eng = outs
+    assert eng["text"] == ref["text"] and len(eng["masks"]) == len(ref["masks"]) >= 1
+    for a, b in zip(ref["masks"], eng["masks"]):
+        ma, mb = coco.decode(a).astype(bool), coco.decode(b).astype(bool)
+        union = (ma | mb).sum()
+        assert union == 0 or (ma & mb).sum() / union >= 0.99
+    np.testing.assert_allclose(eng["scores"], ref["scores"], atol=1e-4)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--precision", "int8"], "INT8 needs calibration data"),
+    (["--backend", "tensorrt"], "TensorRT"),
+    (["--backend", "vision_encoder=tensorrt-llm"], "tensorrt-llm builds only the llm"),
+    (["--precision", "fp16"], "FP16 is built for TensorRT"),
+    (["--max-prompts", "50"], "region tokens"),
+    (["--backend", "warp"], "not one of"),
+    (["--precision", "head=fp16"], "not a part"),
+])
+def test_invalid_build_options_are_refused_before_work(argv, message, tmp_path):
+    proc = subprocess.run([sys.executable, "export/build_engines.py", "--preset", "tiny", "--out", str(tmp_path / "x"),
+                           *argv], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1 and message in proc.stderr, proc.stderr
+    assert not (tmp_path / "x").exists()  # nothing was built
