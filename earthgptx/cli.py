@@ -1,10 +1,11 @@
 """``egx``: the command line. Thin: it parses, checks argument combinations, calls the
-library and prints. Subcommands: ``predict``, ``info``, ``build``, ``checkpoint``."""
+library and prints. Subcommands: ``predict``, ``info``, ``build``, ``bench``, ``checkpoint``."""
 from __future__ import annotations
 
 import argparse
 import json
 import sys
+from pathlib import Path
 
 from .errors import EarthGPTXError
 
@@ -73,6 +74,13 @@ def build_parser() -> argparse.ArgumentParser:
     from export.cli import add_build_arguments
 
     add_build_arguments(p)
+
+    p = sub.add_parser("bench", help="benchmark PyTorch and the built engines side by side")
+    p.add_argument("--preset", choices=("tiny", "edge"), default="edge")
+    p.add_argument("--engines", type=Path, metavar="DIR", help="build folder (default engines/<preset> if built)")
+    p.add_argument("--no-engines", action="store_true", help="benchmark PyTorch only")
+    p.add_argument("--repeats", type=int, default=10)
+    p.add_argument("--json", metavar="PATH", help="write the report as JSON")
 
     p = sub.add_parser("checkpoint", help="write a preset's model as a checkpoint folder")
     p.add_argument("--preset", choices=("tiny", "edge"), required=True)
@@ -159,6 +167,10 @@ def main(argv: list[str] | None = None) -> int:
         from export.cli import run
 
         return run(args)
+    if args.command == "bench":
+        from runtime.bench import main as bench_main
+
+        return bench_main(args)
     handler = {"predict": cmd_predict, "info": cmd_info, "checkpoint": cmd_checkpoint}[args.command]
     try:
         return handler(args)

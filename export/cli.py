@@ -61,7 +61,7 @@ def run(args: argparse.Namespace) -> int:
         return 1
     finally:
         if reports:
-            print_table(reports, Console())
+            print_table(reports, Console(width=120))
     return 0
 
 

@@ -1,0 +1,196 @@
+"""Benchmark: every part, the end-to-end tasks, clicks on an encoded image and LLM decode,
+for each backend side by side in one run on the same machine (PyTorch eager FP32 is the
+reference). Prints a table of medians and ratios, and writes JSON with ``--json``.
+
+Stages: the part names, ``end_to_end_grounding``, ``end_to_end_segmentation``,
+``end_to_end_region``, ``click_to_mask`` (a new point on an already-encoded image) and
+``decode_per_token``. Decode is also reported against this machine's memory bandwidth:
+the bytes a token must read (weights + KV cache) / the measured copy bandwidth."""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from earthgptx.generation import GenerationConfig, generate
+from earthgptx.processing import VisualPrompts
+
+SAR_IMAGE = "sar/hrsid/P0094_0_800_3000_3800.png"
+
+
+def copy_bandwidth(mb: int = 256, repeats: int = 5) -> float:
+    """Memory-copy bandwidth in GB/s (bytes read + written per second), median of ``repeats``."""
+    src = np.ones(mb * (1 << 20) // 8, dtype=np.float64)
+    dst = np.empty_like(src)
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        np.copyto(dst, src)
+        times.append(time.perf_counter() - t)
+    return 2 * src.nbytes / float(np.median(times)) / 1e9
+
+
+def timed(fn, repeats: int, warmup: int = 1) -> list[float]:
+    for _ in range(warmup):
+        fn()
+    out = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        out.append((time.perf_counter() - t) * 1e3)
+    return out
+
+
+@dataclass
+class Row:
+    stage: str
+    backend: str
+    precision: str
+    samples: list[float]
+
+    def to_json(self) -> dict:
+        return {"stage": self.stage, "backend": self.backend, "precision": self.precision,
+                "median_ms": round(float(np.median(self.samples)), 3),
+                "p95_ms": round(float(np.percentile(self.samples, 95)), 3), "n": len(self.samples)}
+
+
+def bench_backend(predictor, backend: str, precision: str, image: np.ndarray, repeats: int) -> list[Row]:
+    from export.parity import RecordingRunner
+
+    rows = []
+    point = VisualPrompts([(400, 400)], [], [])
+    gen = GenerationConfig(max_new_tokens=8)
+    # one real request, recorded, gives each part a realistic feed
+    original = predictor.runners
+    predictor.runners = {n: RecordingRunner(r, 1) for n, r in original.items()}
+    predictor._cache.clear()
+    predictor.predict(image, "sar", "What is in <region1>?", VisualPrompts([], [(300, 300, 500, 450)], []),
+                      generation=GenerationConfig(max_new_tokens=1))
+    predictor.predict(image, "sar", "Segment the ship.", point, generation=GenerationConfig(max_new_tokens=0))
+    feeds = {n: r.recording.feeds[0] for n, r in predictor.runners.items()}
+    predictor.runners = original
+    for part, feed in feeds.items():
+        runner = predictor.runners[part]
+        rows.append(Row(part, backend, precision, timed(lambda: runner(feed), repeats)))
+
+    def end_to_end(text, prompts, task):
+        def run():
+            predictor._cache.clear()
+            predictor.predict(image, "sar", text, prompts, task=task, generation=gen)
+        return run
+
+    e2e_repeats = max(3, repeats // 2)
+    rows.append(Row("end_to_end_grounding", backend, precision,
+                    timed(end_to_end("Where is the ship?", None, "grounding"), e2e_repeats)))
+    rows.append(Row("end_to_end_segmentation", backend, precision,
+                    timed(end_to_end("Segment the ship.", point, "segment"), e2e_repeats)))
+    rows.append(Row("end_to_end_region", backend, precision,
+                    timed(end_to_end("What is in <region1>?", VisualPrompts([], [(300, 300, 500, 450)], []), "region"),
+                          e2e_repeats)))
+    predictor.encode_image(image, "sar")
+    rng = np.random.default_rng(0)
+    clicks = [VisualPrompts([(float(x), float(y))], [], []) for x, y in rng.integers(0, 800, (repeats + 1, 2))]
+    it = iter(clicks)
+    rows.append(Row("click_to_mask", backend, precision,
+                    timed(lambda: predictor.predict(image, "sar", "", next(it), task="click"), repeats)))
+    llm_feed = feeds["llm"]
+    g = generate(predictor.runners["llm"], llm_feed["inputs_embeds"], predictor.embed_table, predictor.config.llm,
+                 GenerationConfig(max_new_tokens=max(16, repeats)), set(), -1, lambda ids: "")
+    rows.append(Row("decode_per_token", backend, precision, g.decode_ms))
+    return rows
+
+
+def decode_ceiling(predictor, bandwidth_gbs: float, decode_ms: float, context: int) -> dict:
+    """Bytes a decode step must read (FP32 weights of the LLM + its KV cache) vs bandwidth."""
+    c = predictor.config.llm
+    vocab = predictor.embed_table.shape[0]
+    per_layer = 4 * (c.hidden * (c.hidden + 2 * c.kv_heads * c.head_dim) + c.hidden * c.hidden
+                     + 3 * c.hidden * c.intermediate + 2 * c.hidden)
+    weights = c.layers * per_layer + 4 * vocab * c.hidden  # lm_head (tied: the embedding table)
+    kv = 4 * 2 * c.layers * c.kv_heads * c.head_dim * context
+    ceiling_ms = (weights + kv) / (bandwidth_gbs * 1e9) * 1e3
+    return {"bytes_per_token": int(weights + kv), "bandwidth_gbs": round(bandwidth_gbs, 2),
+            "ceiling_ms": round(ceiling_ms, 3), "measured_ms": round(decode_ms, 3),
+            "fraction_of_ceiling": round(ceiling_ms / decode_ms, 3)}
+
+
+def run_bench(preset: str, engines: Path | None, data_root: Path, repeats: int = 10) -> dict:
+    import onnxruntime
+    import torch
+
+    from earthgptx.checkpoint import load_reference
+    from earthgptx.imageio import read_image
+    from earthgptx.predictor import Predictor
+    from runtime.engines import open_predictor
+    from runtime.manifest import load_manifest
+
+    image = read_image(data_root / SAR_IMAGE).data
+    model, tokenizer = load_reference(preset, None)
+    backends = [("pytorch", "fp32", Predictor.from_model(model, tokenizer))]
+    if engines is not None:
+        manifest = load_manifest(engines)
+        precisions = sorted({e["precision"] for e in manifest["engines"].values()})
+        backends.append(("onnxruntime", "+".join(precisions), open_predictor(engines, device="cpu")))
+    rows = []
+    for backend, precision, predictor in backends:
+        rows += bench_backend(predictor, backend, precision, image, repeats)
+    bandwidth = copy_bandwidth()
+    ceilings = {}
+    context = model.config.vision.num_tokens + 80
+    for backend, precision, predictor in backends:
+        dec = next(r for r in rows if r.stage == "decode_per_token" and r.backend == backend)
+        ceilings[backend] = decode_ceiling(predictor, bandwidth, float(np.median(dec.samples)), context)
+    machine = {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
+               "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
+               "onnxruntime": onnxruntime.__version__, "copy_bandwidth_gbs": round(bandwidth, 2)}
+    return {"machine": machine, "preset": preset, "engines": str(engines) if engines else None,
+            "rows": [r.to_json() for r in rows], "decode_vs_bandwidth": ceilings}
+
+
+def print_report(report: dict, console) -> None:
+    from rich.table import Table
+
+    ref = {r["stage"]: r["median_ms"] for r in report["rows"] if r["backend"] == "pytorch"}
+    table = Table(title=f"egx bench: {report['preset']} ({report['machine']['cores']} cores)")
+    for col in ("stage", "backend", "precision", "median ms", "p95 ms", "speed-up vs PyTorch"):
+        table.add_column(col, no_wrap=True)
+    for r in report["rows"]:
+        ratio = ref.get(r["stage"], 0) / r["median_ms"] if r["median_ms"] else float("nan")
+        table.add_row(r["stage"], r["backend"], r["precision"], f"{r['median_ms']:.1f}", f"{r['p95_ms']:.1f}",
+                      f"{ratio:.2f}x")
+    console.print(table)
+    for backend, d in report["decode_vs_bandwidth"].items():
+        console.print(f"decode {backend}: {d['measured_ms']:.1f} ms/token; reading {d['bytes_per_token'] / 1e6:.0f} MB "
+                      f"at {d['bandwidth_gbs']:.1f} GB/s takes {d['ceiling_ms']:.1f} ms: "
+                      f"{100 * d['fraction_of_ceiling']:.0f}% of the bandwidth ceiling")
+
+
+def main(args) -> int:
+    from rich.console import Console
+
+    from earthgptx.errors import EarthGPTXError
+    from export.build import REPO
+
+    data = Path(os.environ.get("EGX_DATA", REPO.parent / "shared" / "data"))
+    engines = args.engines
+    if engines is None and not args.no_engines:
+        candidate = REPO / "engines" / args.preset
+        engines = candidate if (candidate / "manifest.json").is_file() else None
+    console = Console(stderr=True)
+    if engines is None and not args.no_engines:
+        console.print(f"no engines for {args.preset} found: build them with python export/build_engines.py "
+                      f"--preset {args.preset} (benchmarking PyTorch only)")
+    try:
+        report = run_bench(args.preset, engines, data, args.repeats)
+    except EarthGPTXError as exc:
+        console.print(f"bench failed: {exc}")
+        return 1
+    print_report(report, Console(width=120))
+    if args.json:
+        Path(args.json).write_text(json.dumps(report, indent=2))
+    return 0
