@@ -80,24 +80,29 @@ def _readme_commands():
 
 @pytest.mark.slow
 def test_readme_commands_run_as_written(data_root, tmp_path):
-    """Every ``egx`` command in the README's bash blocks, as written. The install and
+    """Every ``egx`` and build command in the README's bash blocks, as written. The install and
     the test command themselves are run by ``.ci/run`` (running pytest here would recurse)."""
     commands = _readme_commands()
-    assert any("egx predict --preset edge" in c for c in commands)
+    assert any("python export/build_engines.py" in c for c in commands)
+    assert any("egx predict --engines engines/edge" in c for c in commands)
     ran = 0
     for line in commands:
         for part in line.split(" && "):
             argv = shlex.split(part)
-            if argv[0] != "egx":
+            if argv[:2] == ["python", "export/build_engines.py"]:
+                cmd = [sys.executable, *argv[1:]]
+            elif argv[0] == "egx":
+                egx_path = shutil.which("egx")
+                assert egx_path, "the egx console script is not installed (pip install -e .)"
+                cmd = [egx_path, *argv[1:]]
+            else:
                 assert argv[:2] in (["pip", "install"], ["python", "-m"]), part
                 continue
-            egx_path = shutil.which("egx")
-            assert egx_path, "the egx console script is not installed (pip install -e .)"
-            proc = subprocess.run([egx_path, *argv[1:]], cwd=REPO, capture_output=True, text=True, timeout=900)
+            proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=1200)
             assert proc.returncode == 0, (part, proc.stderr[-2000:])
             if "--json" in argv:
                 out = json.loads(proc.stdout)
-                if "predict" in argv and "edge" in argv:
+                if "predict" in argv and "engines/edge" in argv:
                     assert out["masks"][0]["size"] == [800, 800] and out["boxes"] and "text" in out
             ran += 1
     assert ran >= 5

@@ -218,3 +218,21 @@ def test_invalid_build_options_are_refused_before_work(argv, message, tmp_path):
                            *argv], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 1 and message in proc.stderr, proc.stderr
     assert not (tmp_path / "x").exists()  # nothing was built
+
+
+def test_bench_writes_the_table_and_json(built, tmp_path):
+    folder, _ = built
+    out = tmp_path / "bench.json"
+    proc = subprocess.run([sys.executable, "benchmarks/bench.py", "--preset", "tiny", "--engines", str(folder),
+                           "--repeats", "2", "--json", str(out)], cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads(out.read_text())
+    stages = {"vision_encoder", "prompt_encoder", "llm", "pixel_decoder", "end_to_end_grounding",
+              "end_to_end_segmentation", "end_to_end_region", "click_to_mask", "decode_per_token"}
+    for backend in ("pytorch", "onnxruntime"):
+        rows = [r for r in report["rows"] if r["backend"] == backend]
+        assert {r["stage"] for r in rows} == stages
+        assert all(0 < r["median_ms"] <= r["p95_ms"] for r in rows)
+    assert report["machine"]["copy_bandwidth_gbs"] > 0
+    assert 0 < report["decode_vs_bandwidth"]["onnxruntime"]["fraction_of_ceiling"]
+    assert "click_to_mask" in proc.stdout and "speed-up" in proc.stdout
