@@ -123,3 +123,17 @@ def generate(llm, inputs_embeds: np.ndarray, embed_table: np.ndarray, llm_cfg: L
         if tok == seg_id:
             result.seg_hidden.append(out["last_hidden_state"][0, 0].copy())
     return result
+
+
+def hidden_states_at(llm, embeds: np.ndarray, positions: list[int], llm_cfg: LLMConfig) -> list[np.ndarray]:
+    """Last hidden states at ``positions`` of ``embeds`` ``(T, hidden)``, from one pass of
+    the ``llm`` runner with an empty cache. Used when text comes from an engine that does
+    not return hidden states (TensorRT-LLM): the ``[SEG]`` states are read here."""
+    if not positions:
+        return []
+    t = embeds.shape[0]
+    empty = np.zeros((1, llm_cfg.kv_heads, 0, llm_cfg.head_dim), dtype=np.float32)
+    out = llm({"inputs_embeds": embeds[None].astype(np.float32), "attention_mask": np.ones((1, t), dtype=np.int64),
+               "position_ids": np.arange(t, dtype=np.int64)[None],
+               **{name: empty for name in kv_names(llm_cfg.layers, "past_key_values")}})
+    return [out["last_hidden_state"][0, p].copy() for p in positions]

@@ -104,8 +104,10 @@ class Predictor:
     in, feed dict out); ``embed_table`` ``(vocab, hidden)`` float32 embeds text ids."""
 
     def __init__(self, runners: dict, tokenizer, config: ModelConfig, embed_table: np.ndarray,
-                 cache_size: int = 4) -> None:
+                 cache_size: int = 4, text_generator=None) -> None:
         self.runners = runners
+        # optional: an engine that generates text itself (TensorRT-LLM); see runtime/tensorrt_llm_runner.py
+        self.text_generator = text_generator
         self.tokenizer = tokenizer
         self.config = config
         self.embed_table = embed_table
@@ -139,6 +141,10 @@ class Predictor:
         return cls(runners, tokenizer, model.config, table)
 
     # -- image --------------------------------------------------------------------
+    def clear_cache(self) -> None:
+        """Forget encoded images (the next request runs the vision encoder again)."""
+        self._cache.clear()
+
     def encode_image(self, image: np.ndarray, modality: str, **options) -> tuple[EncodedImage, float]:
         """Preprocess + ``vision_encoder``, cached by content. Returns the encoding and the
         vision encoder's time in ms (0 on a cache hit)."""
@@ -197,8 +203,12 @@ class Predictor:
                                  add_special_tokens=False, return_tensors="np")["input_ids"][0]
             embeds = splice(ids, self.embed_table, enc.image_tokens[0], region_tokens, self.image_id, self.region_ids)
             capture = (embeds.shape[0] - 1,) if force_seg else ()
-            gen = generate(self.runners["llm"], embeds[None], self.embed_table, self.config.llm, generation,
-                           self.stop_ids, self.seg_id, self._decode, capture, on_text)
+            if self.text_generator is None:
+                gen = generate(self.runners["llm"], embeds[None], self.embed_table, self.config.llm, generation,
+                               self.stop_ids, self.seg_id, self.decode_tokens, capture, on_text)
+            else:
+                gen = self.text_generator.generate(self, ids, embeds, enc.image_tokens[0], region_tokens, generation,
+                                                   capture, on_text)
             timings["llm"] = gen.prefill_ms + sum(gen.decode_ms)
             seg_states = gen.prompt_hidden + gen.seg_hidden
             gen_text, token_ids, finish = gen.text, gen.token_ids, gen.finish_reason
@@ -222,7 +232,7 @@ class Predictor:
             token_ids=token_ids, finish_reason=finish,
         )
 
-    def _decode(self, ids: list[int]) -> str:
+    def decode_tokens(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=False)
 
     def _decode_masks(self, enc: EncodedImage, prompts: VisualPrompts, seg_states: list[np.ndarray]):

@@ -191,7 +191,7 @@ def run_build(opts: BuildOptions, console=None) -> list[PartReport]:
         else:
             from .tensorrt_build import build_part
 
-            runner, entry = build_part(part, spec, onnx_path, entry, opts, config, console)
+            runner, entry = build_part(part, spec, onnx_path, entry, opts, model, console)
         metric = "max_abs" if precision == "fp32" else "cosine"
         with console.status(f"{part}: comparing with PyTorch on {len(recordings[part].feeds)} recorded inputs"):
             with runner:

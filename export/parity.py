@@ -85,7 +85,7 @@ def record_chain(predictor, data_root: Path, max_new_tokens: int = 3, llm_calls:
                                   generation=GenerationConfig(max_new_tokens=max_new_tokens))
     finally:
         predictor.runners = original
-        predictor._cache.clear()
+        predictor.clear_cache()
     return {name: r.recording for name, r in recorders.items()}
 
 

@@ -96,7 +96,7 @@ def build_engine(onnx_path: Path, engine_path: Path, profile: dict[str, dict[str
     return current_device_tag()
 
 
-def build_part(part: str, spec, onnx_path: Path, entry: dict, opts, config, console):
+def build_part(part: str, spec, onnx_path: Path, entry: dict, opts, model, console):
     """Build ``part`` for TensorRT (FP16: from an FP16-cast copy of the ONNX). Returns the
     runner for the parity check and the manifest entry."""
     from runtime.tensorrt_runner import TensorRTRunner
@@ -106,7 +106,7 @@ def build_part(part: str, spec, onnx_path: Path, entry: dict, opts, config, cons
     if opts.backends[part] == "tensorrt-llm":
         from .tensorrt_llm import build_llm
 
-        return build_llm(spec, onnx_path, entry, opts, config, console)
+        return build_llm(spec, onnx_path, entry, opts, model, console)
     source = onnx_path
     if opts.precisions[part] == "fp16":
         source = onnx_path.with_name(f"{part}.fp16.onnx")
@@ -114,7 +114,7 @@ def build_part(part: str, spec, onnx_path: Path, entry: dict, opts, config, cons
             entry["fp16_cast"] = cast_fp16(onnx_path, source, external_data=spec.external_data)
     engine_path = onnx_path.with_suffix(".engine")
     with console.status(f"{part}: building the TensorRT engine"):
-        tag = build_engine(source, engine_path, spec.profile(opts.limits, config),
+        tag = build_engine(source, engine_path, spec.profile(opts.limits, model.config),
                            timing_cache=onnx_path.parent / "timing.cache")
     entry.update({"file": engine_path.name, "onnx": source.name, "device": tag})
     return TensorRTRunner(part, engine_path, entry), entry

@@ -87,13 +87,12 @@ def build_command(checkpoint: Path, engine_dir: Path, config: ModelConfig, limit
             "--gemm_plugin", "auto"]
 
 
-def build_llm(spec, onnx_path: Path, entry: dict, opts, config, console):
+def build_llm(spec, onnx_path: Path, entry: dict, opts, model, console):
     """Convert and build the LLM with TensorRT-LLM. The ONNX graph stays beside it: it
     gives the ``[SEG]`` hidden states, which TensorRT-LLM's generation does not return."""
-    from earthgptx.checkpoint import load_reference
     from runtime.onnxruntime_runner import OnnxRuntimeRunner
 
-    model, _ = load_reference(opts.preset, opts.checkpoint)
+    config = model.config
     ckpt = onnx_path.parent / "llm.trtllm-checkpoint"
     engine_dir = onnx_path.parent / "llm.trtllm-engine"
     with console.status("llm: writing the TensorRT-LLM checkpoint"):
@@ -103,6 +102,8 @@ def build_llm(spec, onnx_path: Path, entry: dict, opts, config, console):
         proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:
         raise EarthGPTXError(f"trtllm-build failed ({' '.join(cmd)}):\n{proc.stderr[-4000:]}")
+    if spec.external_data:
+        entry["extra_files"] = [onnx_path.name + ".data"]
     entry.update({"trtllm_engine_dir": engine_dir.name, "trtllm_build": cmd,
                   "prompt_table": {"first_id": int(model.llm.model.config.vocab_size),
                                    "max_rows": opts.limits.max_batch * (config.vision.num_tokens + opts.limits.max_prompts)}})
@@ -132,21 +133,3 @@ def prompt_table(image_tokens: np.ndarray, region_tokens: np.ndarray | None, max
     if region_tokens is not None:
         regions[: len(region_tokens)] = region_tokens
     return np.concatenate([image_tokens.astype(np.float32), regions])
-
-
-class TensorRTLLMGenerator:
-    """Text generation with a TensorRT-LLM engine (``tensorrt_llm.runtime.ModelRunner``),
-    image and region tokens passed as the prompt table."""
-
-    def __init__(self, engine_dir: Path) -> None:
-        from tensorrt_llm.runtime import ModelRunner
-
-        self.runner = ModelRunner.from_dir(engine_dir=str(engine_dir))
-
-    def generate(self, ids: np.ndarray, table: np.ndarray, max_new_tokens: int, end_id: int, pad_id: int) -> list[int]:
-        batch = [torch.from_numpy(ids.astype(np.int32))]
-        table_t = torch.from_numpy(table).to(torch.float16)[None].cuda()
-        out = self.runner.generate(batch, max_new_tokens=max_new_tokens, end_id=end_id, pad_id=pad_id,
-                                   prompt_table=table_t, prompt_tasks="0")
-        seq = out[0, 0].tolist()
-        return seq[len(ids):]

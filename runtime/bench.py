@@ -68,7 +68,7 @@ def bench_backend(predictor, backend: str, precision: str, image: np.ndarray, re
     # one real request, recorded, gives each part a realistic feed
     original = predictor.runners
     predictor.runners = {n: RecordingRunner(r, 1) for n, r in original.items()}
-    predictor._cache.clear()
+    predictor.clear_cache()
     predictor.predict(image, "sar", "What is in <region1>?", VisualPrompts([], [(300, 300, 500, 450)], []),
                       generation=GenerationConfig(max_new_tokens=1))
     predictor.predict(image, "sar", "Segment the ship.", point, generation=GenerationConfig(max_new_tokens=0))
@@ -80,7 +80,7 @@ def bench_backend(predictor, backend: str, precision: str, image: np.ndarray, re
 
     def end_to_end(text, prompts, task):
         def run():
-            predictor._cache.clear()
+            predictor.clear_cache()
             predictor.predict(image, "sar", text, prompts, task=task, generation=gen)
         return run
 

@@ -22,8 +22,11 @@ def make_runner(name: str, entry: dict, folder: Path, device: str):
         from .tensorrt_runner import TensorRTRunner
 
         return TensorRTRunner(name, folder / entry["file"], entry)
-    raise ManifestError(f"engine {name}: backend {backend!r} cannot run in the chain yet; "
-                        "rebuild it with --backend onnxruntime or tensorrt")
+    if backend == "tensorrt-llm":  # text from TensorRT-LLM; this graph gives the [SEG] states
+        from .onnxruntime_runner import OnnxRuntimeRunner
+
+        return OnnxRuntimeRunner(name, folder / entry["file"], device=device)
+    raise ManifestError(f"engine {name}: unknown backend {backend!r}; rebuild the engines")
 
 
 def open_predictor(folder: str | Path, device: str = "auto") -> Predictor:
@@ -45,4 +48,9 @@ def open_predictor(folder: str | Path, device: str = "auto") -> Predictor:
         raise ManifestError(f"cannot load the tokenizer in {folder / manifest['tokenizer']}: {exc}") from exc
     for runner in runners.values():
         runner.activate()
-    return Predictor(runners, tokenizer, config, table)
+    generator = None
+    if engines["llm"]["backend"] == "tensorrt-llm":
+        from .tensorrt_llm_runner import PromptTableTextGenerator, TensorRTLLMEngine
+
+        generator = PromptTableTextGenerator(TensorRTLLMEngine(folder / engines["llm"]["trtllm_engine_dir"]))
+    return Predictor(runners, tokenizer, config, table, text_generator=generator)

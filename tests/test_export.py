@@ -236,3 +236,30 @@ def test_bench_writes_the_table_and_json(built, tmp_path):
     assert report["machine"]["copy_bandwidth_gbs"] > 0
     assert 0 < report["decode_vs_bandwidth"]["onnxruntime"]["fraction_of_ceiling"]
     assert "click_to_mask" in proc.stdout and "speed-up" in proc.stdout
+
+
+def test_failed_parity_fails_the_build_and_is_recorded(tmp_path, data_root, monkeypatch, capsys):
+    """A part that disagrees with PyTorch: the build names part and tensor, exits 1, and the
+    manifest records the failure (so the runtime refuses it)."""
+    import dataclasses
+
+    import export.build
+    from export.cli import add_build_arguments, run
+    from runtime.manifest import ManifestError, load_manifest
+
+    make = SPECS["pixel_decoder"]
+    strict = lambda cfg: dataclasses.replace(make(cfg), tolerance={"fp32": -1.0, "fp16": -1.0, "int8": -1.0})  # noqa: E731
+    monkeypatch.setitem(export.build.SPECS, "pixel_decoder", strict)
+    import argparse
+
+    parser = argparse.ArgumentParser()
+    add_build_arguments(parser)
+    out = tmp_path / "failing"
+    code = run(parser.parse_args(["--preset", "tiny", "--out", str(out), "--data", str(data_root)]))
+    captured = capsys.readouterr()
+    assert code == 1 and "pixel_decoder" in captured.err and "differs from PyTorch" in captured.err
+    m = json.loads((out / "manifest.json").read_text())
+    assert m["engines"]["pixel_decoder"]["parity"]["passed"] is False
+    assert m["engines"]["vision_encoder"]["parity"]["passed"] is True
+    with pytest.raises(ManifestError, match="pixel_decoder failed its parity"):
+        load_manifest(out)

@@ -128,3 +128,38 @@ def test_tensorrt_engines_match_pytorch(tmp_path, data_root):
                             precisions=per_part([precision], PRECISIONS, "fp32", "precision"))
         reports = run_build(opts)
         assert all(r.parity["passed"] for r in reports)
+
+
+def test_prompt_table_generator_gives_the_chain_answer(tiny, data_root):
+    """The TensorRT-LLM path of the chain (text from an engine fed a prompt table, [SEG]
+    states from one pass of the llm graph) against the chain's own KV-cache loop, with a
+    stand-in engine that decodes greedily from the same table on the PyTorch LLM."""
+    from earthgptx.generation import GenerationConfig, generate
+    from earthgptx.imageio import read_image
+    from earthgptx.predictor import Predictor
+    from earthgptx.processing import VisualPrompts
+    from runtime.tensorrt_llm_runner import PromptTableTextGenerator
+
+    model, tok = tiny
+    reference = Predictor.from_model(model, tok)
+
+    class StandIn:  # what TensorRT-LLM does with a prompt table, done on the PyTorch LLM
+        def generate(self, table_ids, table, cfg, end_ids):
+            embeds = np.concatenate([reference.embed_table, table])[table_ids]
+            g = generate(reference.runners["llm"], embeds[None], reference.embed_table, model.config.llm, cfg,
+                         set(end_ids), -1, lambda ids: "")
+            return g.token_ids
+
+    chained = Predictor(reference.runners, tok, model.config, reference.embed_table,
+                        text_generator=PromptTableTextGenerator(StandIn()))
+    img = read_image(data_root / "sar/hrsid/P0094_0_800_3000_3800.png").data
+    gen = GenerationConfig(max_new_tokens=5)
+    for text, prompts in [("Segment <region1>.", VisualPrompts([(400, 400)], [], [])),
+                          ("What is in <region1>?", VisualPrompts([], [(100, 100, 300, 300)], []))]:
+        a = reference.predict(img, "sar", text, prompts, generation=gen)
+        b = chained.predict(img, "sar", text, prompts, generation=gen)
+        assert a.token_ids == b.token_ids and a.text == b.text and len(a.masks) == len(b.masks)
+        np.testing.assert_allclose(a.scores, b.scores, atol=1e-4)
+        for ma, mb in zip(a.masks, b.masks):
+            union = (ma | mb).sum()
+            assert union == 0 or (ma & mb).sum() / union >= 0.99
