@@ -13,6 +13,7 @@ from typing import Iterator
 
 import numpy as np
 
+from .errors import InputError
 from .imageio import read_image, read_mask
 from .processing import mask_box
 
@@ -67,16 +68,28 @@ def instance_masks(path: Path) -> list[np.ndarray]:
     return masks
 
 
-def sirst_samples(root: Path) -> Iterator[Sample]:
+def _skip(skipped: list | None, path: Path, why: str) -> None:
+    log.warning("%s: %s, skipped", path, why)
+    if skipped is not None:
+        skipped.append((str(path), why))
+
+
+def sirst_samples(root: Path, skipped: list | None = None) -> Iterator[Sample]:
+    """SIRST layout: ``images/<name>.png`` + ``masks/<name>_pixels0.png``. Problems go to
+    ``skipped`` as ``(path, reason)``."""
     for img in sorted((root / "images").glob("*.png")):
         mask_path = root / "masks" / f"{img.stem}_pixels0.png"
         if not mask_path.is_file():
-            log.warning("SIRST %s: no mask, skipped", img.name)
+            _skip(skipped, img, "no mask")
             continue
-        mask = read_mask(mask_path)
-        shape = read_image(img).data.shape[:2]
+        try:
+            mask = read_mask(mask_path)
+            shape = read_image(img).data.shape[:2]
+        except InputError as exc:
+            _skip(skipped, img, str(exc))
+            continue
         if mask.shape != shape:
-            log.warning("SIRST %s: mask is %s but image is %s, skipped", img.name, mask.shape, shape)
+            _skip(skipped, img, f"mask is {mask.shape[1]}x{mask.shape[0]} but image is {shape[1]}x{shape[0]}")
             continue
         import cv2
 
@@ -85,22 +98,36 @@ def sirst_samples(root: Path) -> Iterator[Sample]:
         yield Sample(img, "infrared", np.asarray([mask_box(m) for m in masks]).reshape(-1, 4), masks)
 
 
-def hrsid_samples(root: Path) -> Iterator[Sample]:
+def hrsid_samples(root: Path, skipped: list | None = None) -> Iterator[Sample]:
+    """HRSID layout: ``<name>.png`` + ``<name>_instance_id_RGB.png``."""
     for img in sorted(root.glob("*.png")):
         if img.stem.endswith(("_instance_id_RGB", "_instance_color_RGB")):
             continue
         ann = root / f"{img.stem}_instance_id_RGB.png"
-        masks = instance_masks(ann) if ann.is_file() else []
+        try:
+            masks = instance_masks(ann) if ann.is_file() else []
+            shape = read_image(img).data.shape[:2]
+        except InputError as exc:
+            _skip(skipped, img, str(exc))
+            continue
+        if masks and masks[0].shape != shape:
+            _skip(skipped, img, "instance mask size differs from the image")
+            continue
         yield Sample(img, "sar", np.asarray([mask_box(m) for m in masks]).reshape(-1, 4), masks)
 
 
-def dota_samples(root: Path) -> Iterator[Sample]:
+def dota_samples(root: Path, skipped: list | None = None) -> Iterator[Sample]:
+    """DOTA layout: ``images/<name>.png`` + ``labelTxt/<name>.txt``."""
     import cv2
 
     for img in sorted((root / "images").glob("*.png")):
         label = root / "labelTxt" / f"{img.stem}.txt"
         polys = read_dota_polygons(label) if label.is_file() else []
-        h, w = read_image(img).data.shape[:2]
+        try:
+            h, w = read_image(img).data.shape[:2]
+        except InputError as exc:
+            _skip(skipped, img, str(exc))
+            continue
         masks, boxes = [], []
         for corners, _ in polys:
             m = np.zeros((h, w), dtype=np.uint8)
@@ -111,8 +138,8 @@ def dota_samples(root: Path) -> Iterator[Sample]:
         yield Sample(img, "optical", np.asarray(boxes).reshape(-1, 4), masks)
 
 
-def shared_samples(data_root: Path) -> Iterator[Sample]:
+def shared_samples(data_root: Path, skipped: list | None = None) -> Iterator[Sample]:
     """All samples of ``../shared/data`` (infrared, SAR, optical)."""
-    yield from sirst_samples(data_root / "infrared" / "sirst")
-    yield from hrsid_samples(data_root / "sar" / "hrsid")
-    yield from dota_samples(data_root / "optical" / "dota")
+    yield from sirst_samples(data_root / "infrared" / "sirst", skipped)
+    yield from hrsid_samples(data_root / "sar" / "hrsid", skipped)
+    yield from dota_samples(data_root / "optical" / "dota", skipped)

@@ -39,6 +39,9 @@ class BuildOptions:
     backends: dict[str, str] = field(default_factory=lambda: dict.fromkeys(PART_NAMES, "onnxruntime"))
     precisions: dict[str, str] = field(default_factory=lambda: dict.fromkeys(PART_NAMES, "fp32"))
     calibration: Path | None = None
+    calibration_method: str = "max"
+    calibration_modality: str | None = None
+    gate: object = None  # accuracy.Gate; None means the defaults
     out: Path | None = None
     limits: ShapeLimits = field(default_factory=ShapeLimits)
     device: str = "cpu"
@@ -88,9 +91,8 @@ def check_options(opts: BuildOptions) -> None:
             problems.append(f"{part}: tensorrt-llm builds only the llm (use --backend llm=tensorrt-llm)")
         if precision == "int8" and opts.calibration is None:
             problems.append(f"{part}: INT8 needs calibration data: add --calibration DIR (e.g. ../shared/data)")
-        elif precision == "int8":
-            problems.append(f"{part}: INT8 calibration is not implemented yet (issue #4); use fp32"
-                            + (" or fp16 with --backend tensorrt" if backend == "onnxruntime" else ""))
+        if precision == "int8" and backend == "tensorrt-llm":
+            problems.append("llm: TensorRT-LLM quantizes itself; build the llm in fp16 for tensorrt-llm")
         if backend == "onnxruntime" and precision == "fp16":
             problems.append(f"{part}: FP16 is built for TensorRT; ONNX Runtime on a CPU runs fp32 (or int8)")
     if any(b == "tensorrt" for b in opts.backends.values()):
@@ -107,6 +109,8 @@ def check_options(opts: BuildOptions) -> None:
         problems.append(f"--device {opts.device!r}: use cpu, cuda or cuda:N")
     if config is not None:
         problems += opts.limits.check(config)
+    if opts.calibration is not None and not Path(opts.calibration).is_dir():
+        problems.append(f"--calibration {opts.calibration}: no such folder")
     if not (opts.data_root / "SOURCES.md").is_file():
         problems.append(f"parity checks need the shared imagery; not found at {opts.data_root} (set EGX_DATA)")
     if problems:
@@ -173,25 +177,38 @@ def run_build(opts: BuildOptions, console=None) -> list[PartReport]:
         predictor = Predictor.from_model(model, tokenizer)
         recordings = record_chain(predictor, opts.data_root)
 
+    # 1. the FP32 ONNX of every part: what every backend and precision starts from
+    onnx_paths, export_s = {}, {}
+    for part in PART_NAMES:
+        start = time.perf_counter()
+        with console.status(f"{part}: exporting ONNX"):
+            onnx_paths[part] = export_onnx(SPECS[part](config), getattr(model, part), out / f"{part}.onnx")
+        export_s[part] = time.perf_counter() - start
+    # 2. explicit INT8 (Q/DQ or weight-only) where asked, kept only where the accuracy gate holds
+    sources, precisions, quant, accuracy = dict(onnx_paths), dict(opts.precisions), {}, None
+    int8_parts = [p for p in PART_NAMES if precisions[p] == "int8"]
+    if int8_parts:
+        from .int8 import build_int8
+
+        sources, precisions, quant, accuracy = build_int8(opts, predictor, onnx_paths, int8_parts, console)
+    # 3. per part: the backend's engine, parity with PyTorch, the manifest entry
     reports, engines = [], {}
     for part in PART_NAMES:
         spec = SPECS[part](config)
-        backend, precision = opts.backends[part], opts.precisions[part]
+        backend, precision = opts.backends[part], precisions[part]
         start = time.perf_counter()
-        onnx_path = out / f"{part}.onnx"
-        with console.status(f"{part}: exporting ONNX"):
-            export_onnx(spec, getattr(model, part), onnx_path)
-        entry = {"file": onnx_path.name, "backend": backend, "precision": precision}
+        source = sources[part]
+        entry = {"file": source.name, "backend": backend, "precision": precision, **quant.get(part, {})}
         if backend == "onnxruntime":
             from runtime.onnxruntime_runner import OnnxRuntimeRunner
 
-            runner = OnnxRuntimeRunner(part, onnx_path, device=opts.device)
-            if spec.external_data:
-                entry["extra_files"] = [onnx_path.name + ".data"]
+            runner = OnnxRuntimeRunner(part, source, device=opts.device)
+            if source.with_name(source.name + ".data").is_file():
+                entry["extra_files"] = [source.name + ".data"]
         else:
             from .tensorrt_build import build_part
 
-            runner, entry = build_part(part, spec, onnx_path, entry, opts, model, console)
+            runner, entry = build_part(part, spec, source, entry, opts, model, console)
         metric = "max_abs" if precision == "fp32" else "cosine"
         with console.status(f"{part}: comparing with PyTorch on {len(recordings[part].feeds)} recorded inputs"):
             with runner:
@@ -212,7 +229,7 @@ def run_build(opts: BuildOptions, console=None) -> list[PartReport]:
                                   "past": "past_key_values.{i}.key|value", "present": "present.{i}.key|value"}
         engines[part] = entry
         size = sum((out / f).stat().st_size for f in [entry["file"], *entry.get("extra_files", [])])
-        seconds = time.perf_counter() - start
+        seconds = export_s[part] + time.perf_counter() - start
         reports.append(PartReport(part, backend, precision, size, parity.to_json(), seconds))
         mark = "[green]ok[/]" if parity.passed else "[red]FAILED[/]"
         console.print(f"{part}: {backend} {precision}, parity {parity.metric} {parity.value:.2e} "
@@ -227,6 +244,8 @@ def run_build(opts: BuildOptions, console=None) -> list[PartReport]:
         "builder": builder_info(opts.device), "config": config.to_dict(), "tokenizer": "tokenizer",
         "limits": vars(opts.limits), "engines": engines,
     }
+    if accuracy is not None:
+        manifest["accuracy"] = accuracy
     write_manifest(out, manifest)
     failed = [r for r in reports if not r.parity["passed"]]
     if failed:

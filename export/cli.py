@@ -17,7 +17,13 @@ def add_build_arguments(p: argparse.ArgumentParser) -> None:
                    help="onnxruntime (default), tensorrt or tensorrt-llm; for all parts or one (llm=tensorrt-llm)")
     p.add_argument("--precision", action="append", default=[], metavar="[PART=]PRECISION",
                    help="fp32 (default), fp16 or int8; for all parts or one (vision_encoder=int8)")
-    p.add_argument("--calibration", type=Path, metavar="DIR", help="calibration imagery for INT8")
+    p.add_argument("--calibration", type=Path, metavar="DIR", help="calibration imagery for INT8 (e.g. ../shared/data)")
+    p.add_argument("--calibration-method", choices=("max", "entropy", "percentile"), default="max")
+    p.add_argument("--calibration-modality", choices=("optical", "sar", "infrared"),
+                   help="modality of calibration images whose folders do not say it")
+    p.add_argument("--gate-mask-iou", type=float, default=0.98, help="INT8 gate: mean mask IoU per modality")
+    p.add_argument("--gate-box-iou", type=float, default=0.98, help="INT8 gate: mean box IoU per modality")
+    p.add_argument("--gate-token-agreement", type=float, default=0.99, help="INT8 gate: greedy-token agreement")
     p.add_argument("--out", type=Path, metavar="DIR", help="output folder (default engines/<preset>)")
     p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (where engines run and are checked)")
     p.add_argument("--data", type=Path, metavar="DIR", help="imagery for parity checks (default ../shared/data)")
@@ -31,6 +37,7 @@ def add_build_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def options_from_args(args: argparse.Namespace):
+    from .accuracy import Gate
     from .build import BACKENDS, PRECISIONS, BuildOptions, per_part
 
     opts = BuildOptions(
@@ -38,6 +45,8 @@ def options_from_args(args: argparse.Namespace):
         backends=per_part(args.backend, BACKENDS, "onnxruntime", "backend"),
         precisions=per_part(args.precision, PRECISIONS, "fp32", "precision"),
         calibration=args.calibration, out=args.out, device=args.device,
+        calibration_method=args.calibration_method, calibration_modality=args.calibration_modality,
+        gate=Gate(args.gate_mask_iou, args.gate_box_iou, args.gate_token_agreement),
         limits=ShapeLimits(args.max_batch, args.max_prompts, args.max_queries, args.max_points, args.max_seq,
                            args.max_kv),
     )
