@@ -77,7 +77,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("bench", help="benchmark PyTorch and the built engines side by side")
     p.add_argument("--preset", choices=("tiny", "edge"), default="edge")
-    p.add_argument("--engines", type=Path, metavar="DIR", help="build folder (default engines/<preset> if built)")
+    p.add_argument("--engines", type=Path, action="append", metavar="DIR",
+                   help="build folder, repeatable (default: engines/<preset> and engines/<preset>-int8 if built)")
     p.add_argument("--no-engines", action="store_true", help="benchmark PyTorch only")
     p.add_argument("--repeats", type=int, default=10)
     p.add_argument("--json", metavar="PATH", help="write the report as JSON")

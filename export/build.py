@@ -184,6 +184,7 @@ def run_build(opts: BuildOptions, console=None) -> list[PartReport]:
         with console.status(f"{part}: exporting ONNX"):
             onnx_paths[part] = export_onnx(SPECS[part](config), getattr(model, part), out / f"{part}.onnx")
         export_s[part] = time.perf_counter() - start
+        console.print(f"{part}: exported {onnx_paths[part].name} in {export_s[part]:.1f} s")
     # 2. explicit INT8 (Q/DQ or weight-only) where asked, kept only where the accuracy gate holds
     sources, precisions, quant, accuracy = dict(onnx_paths), dict(opts.precisions), {}, None
     int8_parts = [p for p in PART_NAMES if precisions[p] == "int8"]

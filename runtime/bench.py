@@ -105,12 +105,13 @@ def bench_backend(predictor, backend: str, precision: str, image: np.ndarray, re
     return rows
 
 
-def decode_ceiling(predictor, bandwidth_gbs: float, decode_ms: float, context: int) -> dict:
-    """Bytes a decode step must read (FP32 weights of the LLM + its KV cache) vs bandwidth."""
+def decode_ceiling(predictor, bandwidth_gbs: float, decode_ms: float, context: int, weight_bytes: int = 4) -> dict:
+    """Bytes a decode step must read (the LLM's weights, ``weight_bytes`` per linear weight,
+    FP32 norms and lm_head, + its FP32 KV cache) vs the copy bandwidth."""
     c = predictor.config.llm
     vocab = predictor.embed_table.shape[0]
-    per_layer = 4 * (c.hidden * (c.hidden + 2 * c.kv_heads * c.head_dim) + c.hidden * c.hidden
-                     + 3 * c.hidden * c.intermediate + 2 * c.hidden)
+    per_layer = weight_bytes * (c.hidden * (c.hidden + 2 * c.kv_heads * c.head_dim) + c.hidden * c.hidden
+                                + 3 * c.hidden * c.intermediate) + 4 * 2 * c.hidden
     weights = c.layers * per_layer + 4 * vocab * c.hidden  # lm_head (tied: the embedding table)
     kv = 4 * 2 * c.layers * c.kv_heads * c.head_dim * context
     ceiling_ms = (weights + kv) / (bandwidth_gbs * 1e9) * 1e3
@@ -119,7 +120,13 @@ def decode_ceiling(predictor, bandwidth_gbs: float, decode_ms: float, context: i
             "fraction_of_ceiling": round(ceiling_ms / decode_ms, 3)}
 
 
-def run_bench(preset: str, engines: Path | None, data_root: Path, repeats: int = 10) -> dict:
+def precision_of(manifest: dict) -> tuple[str, dict[str, str]]:
+    """The build's precision (``int8`` if any part is) and each part's."""
+    parts = {p: e["precision"] for p, e in manifest["engines"].items()}
+    return ("int8" if "int8" in parts.values() else sorted(set(parts.values()))[0]), parts
+
+
+def run_bench(preset: str, engines: list[Path], data_root: Path, repeats: int = 10) -> dict:
     import onnxruntime
     import torch
 
@@ -132,10 +139,11 @@ def run_bench(preset: str, engines: Path | None, data_root: Path, repeats: int =
     image = read_image(data_root / SAR_IMAGE).data
     model, tokenizer = load_reference(preset, None)
     backends = [("pytorch", "fp32", Predictor.from_model(model, tokenizer))]
-    if engines is not None:
-        manifest = load_manifest(engines)
-        precisions = sorted({e["precision"] for e in manifest["engines"].values()})
-        backends.append(("onnxruntime", "+".join(precisions), open_predictor(engines, device="cpu")))
+    part_precisions = {}
+    for folder in engines:
+        precision, parts = precision_of(load_manifest(folder))
+        part_precisions[precision] = parts
+        backends.append(("onnxruntime", precision, open_predictor(folder, device="cpu")))
     rows = []
     for backend, precision, predictor in backends:
         rows += bench_backend(predictor, backend, precision, image, repeats)
@@ -143,13 +151,16 @@ def run_bench(preset: str, engines: Path | None, data_root: Path, repeats: int =
     ceilings = {}
     context = model.config.vision.num_tokens + 80
     for backend, precision, predictor in backends:
-        dec = next(r for r in rows if r.stage == "decode_per_token" and r.backend == backend)
-        ceilings[backend] = decode_ceiling(predictor, bandwidth, float(np.median(dec.samples)), context)
+        dec = next(r for r in rows if r.stage == "decode_per_token" and r.backend == backend
+                   and r.precision == precision)
+        weight_bytes = 1 if part_precisions.get(precision, {}).get("llm") == "int8" else 4
+        ceilings[f"{backend} {precision}"] = decode_ceiling(predictor, bandwidth, float(np.median(dec.samples)),
+                                                            context, weight_bytes)
     machine = {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
                "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
                "onnxruntime": onnxruntime.__version__, "copy_bandwidth_gbs": round(bandwidth, 2)}
-    return {"machine": machine, "preset": preset, "engines": str(engines) if engines else None,
-            "rows": [r.to_json() for r in rows], "decode_vs_bandwidth": ceilings}
+    return {"machine": machine, "preset": preset, "engines": [str(e) for e in engines],
+            "part_precisions": part_precisions, "rows": [r.to_json() for r in rows], "decode_vs_bandwidth": ceilings}
 
 
 def print_report(report: dict, console) -> None:
@@ -164,7 +175,9 @@ def print_report(report: dict, console) -> None:
         table.add_row(r["stage"], r["backend"], r["precision"], f"{r['median_ms']:.1f}", f"{r['p95_ms']:.1f}",
                       f"{ratio:.2f}x")
     console.print(table)
-    for backend, d in report["decode_vs_bandwidth"].items():
+    for precision, parts in report["part_precisions"].items():
+        console.print(f"onnxruntime {precision}: " + ", ".join(f"{p} {v}" for p, v in parts.items()))
+    for backend, d in report["decode_vs_bandwidth"].items():  # backend and precision
         console.print(f"decode {backend}: {d['measured_ms']:.1f} ms/token; reading {d['bytes_per_token'] / 1e6:.0f} MB "
                       f"at {d['bandwidth_gbs']:.1f} GB/s takes {d['ceiling_ms']:.1f} ms: "
                       f"{100 * d['fraction_of_ceiling']:.0f}% of the bandwidth ceiling")
@@ -177,12 +190,12 @@ def main(args) -> int:
     from export.build import REPO
 
     data = Path(os.environ.get("EGX_DATA", REPO.parent / "shared" / "data"))
-    engines = args.engines
-    if engines is None and not args.no_engines:
-        candidate = REPO / "engines" / args.preset
-        engines = candidate if (candidate / "manifest.json").is_file() else None
+    engines = list(args.engines or [])
+    if not engines and not args.no_engines:
+        engines = [REPO / "engines" / name for name in (args.preset, f"{args.preset}-int8")
+                   if (REPO / "engines" / name / "manifest.json").is_file()]
     console = Console(stderr=True)
-    if engines is None and not args.no_engines:
+    if not engines and not args.no_engines:
         console.print(f"no engines for {args.preset} found: build them with python export/build_engines.py "
                       f"--preset {args.preset} (benchmarking PyTorch only)")
     try:
