@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from earthgptx.datasets import Sample, dota_samples, hrsid_samples, sirst_samples
+from earthgptx.datasets import dota_samples, hrsid_samples, sirst_samples
 from earthgptx.errors import EarthGPTXError, InputError
 from earthgptx.imageio import read_image
 from earthgptx.processing import MODALITIES, VisualPrompts, preprocess

@@ -11,6 +11,7 @@ from earthgptx.errors import EarthGPTXError
 
 from .accuracy import Gate, end_to_end, engine_metrics
 from .quantize import quantize_qdq, quantize_weight_only
+from .specs import SPECS
 
 
 def _predictor(reference, paths: dict[str, Path], device: str):
@@ -50,7 +51,8 @@ def build_int8(opts, reference, onnx_paths: dict[str, Path], parts: list[str], c
                 data = balanced(feeds[part])
                 if not data:
                     raise EarthGPTXError(f"{part}: no calibration inputs were recorded")
-                q = quantize_qdq(onnx_paths[part], dst, data, opts.calibration_method)
+                q = quantize_qdq(onnx_paths[part], dst, data, opts.calibration_method,
+                                 SPECS[part](reference.config).int8_keep_fp32)
         sources[part], precisions[part] = dst, "int8"
         info[part] = {"quantization": q}
 

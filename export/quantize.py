@@ -38,15 +38,35 @@ class FeedReader:
         self.i = 0
 
 
-def quantize_qdq(src: Path, dst: Path, feeds: list[dict], method: str = "max") -> dict:
-    """Static QDQ INT8 of ``src`` calibrated on ``feeds``; returns what was done."""
+def nodes_in_modules(model, modules: tuple[str, ...]) -> list[str]:
+    """Nodes the exporter recorded as belonging to one of ``modules`` (their name scopes)."""
+    import ast
+
+    out = []
+    for n in model.graph.node:
+        for p in n.metadata_props:
+            if p.key == "pkg.torch.onnx.name_scopes":
+                try:
+                    scopes = ast.literal_eval(p.value)
+                except (ValueError, SyntaxError):
+                    continue
+                if any(s == m or s.startswith(m + ".") for s in scopes for m in modules):
+                    out.append(n.name)
+    return out
+
+
+def quantize_qdq(src: Path, dst: Path, feeds: list[dict], method: str = "max",
+                 keep_fp32: tuple[str, ...] = ()) -> dict:
+    """Static QDQ INT8 of ``src`` calibrated on ``feeds``, leaving the nodes of the
+    ``keep_fp32`` modules in FP32; returns what was done."""
     import onnx
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 
     calib = {"max": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
              "percentile": CalibrationMethod.Percentile}[method]
     model = onnx.load(str(src), load_external_data=False)
-    exclude = [n for n in activation_pairs(model)]
+    kept = nodes_in_modules(model, keep_fp32)
+    exclude = activation_pairs(model) + kept
     names = [i.name for i in model.graph.input]
     quantize_static(
         str(src), str(dst), FeedReader(feeds, names), quant_format=QuantFormat.QDQ, per_channel=True,
@@ -56,7 +76,8 @@ def quantize_qdq(src: Path, dst: Path, feeds: list[dict], method: str = "max") -
     )
     quantized = onnx.load(str(dst), load_external_data=False)
     n_q = sum(1 for n in quantized.graph.node if n.op_type == "QuantizeLinear")
-    return {"method": f"onnxruntime quantize_static QDQ ({method})", "excluded_act_x_act": len(exclude),
+    return {"method": f"onnxruntime quantize_static QDQ ({method})",
+            "excluded_act_x_act": len(exclude) - len(kept), "kept_fp32_modules": list(keep_fp32),
             "quantize_nodes": n_q, "calibration_feeds": len(feeds)}
 
 

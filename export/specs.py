@@ -84,6 +84,7 @@ class ExportSpec:
     tolerance: dict[str, float] = field(default_factory=dict)  # precision -> parity tolerance
     external_data: bool = False
     opset: int = OPSET
+    int8_keep_fp32: tuple[str, ...] = ()  # module paths whose nodes INT8 leaves in FP32
 
     @property
     def input_names(self) -> list[str]:
@@ -133,6 +134,8 @@ def vision_encoder_spec(config: ModelConfig) -> ExportSpec:
         outputs=(_f("image_tokens", "batch", v.num_tokens, h), _f("image_embedding", "batch", v.embed_dim, v.grid, v.grid)),
         adapter=identity, example_sizes={"batch": 2},
         tolerance={"fp32": 1e-3, "fp16": 2e-3, "int8": 2e-2},
+        # the stems see raw pixels; the neck makes the dense embedding that masks are cut from
+        int8_keep_fp32=("vit.embeddings", "cnn.embeddings", "neck"),
     )
 
 

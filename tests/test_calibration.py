@@ -1,7 +1,5 @@
 """INT8 calibration on real imagery (tiny preset): the calibration set and its robustness
 to bad data, Q/DQ and weight-only quantization, and the INT8 build's accuracy gate."""
-import json
-import shutil
 
 import cv2
 import numpy as np

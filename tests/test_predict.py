@@ -45,7 +45,6 @@ def test_forced_seg_mask_equals_parts_run_by_hand(tiny, tiny_predictor, sar):
     emb = splice(np.array(ids), p.embed_table, enc.image_tokens[0], None, p.image_id, p.region_ids)
     with torch.no_grad():
         hidden = model.llm.model.model(inputs_embeds=torch.from_numpy(emb)[None]).last_hidden_state[0, -1]
-        g = model.config.vision
         masks, scores, _ = model.pixel_decoder(torch.from_numpy(enc.image_embedding), hidden[None, None],
                                                torch.ones(1, 1), torch.zeros(1, 1, 1, 2),
                                                torch.full((1, 1, 1), -1))
