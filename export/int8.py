@@ -5,6 +5,7 @@ A part stays INT8 only if the whole pipeline still agrees with FP32 (``accuracy.
 otherwise it falls back and the build says which and why. Never a silent accuracy loss."""
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 from earthgptx.errors import EarthGPTXError
@@ -95,7 +96,7 @@ def build_int8(opts, reference, onnx_paths: dict[str, Path], parts: list[str], c
         with OnnxRuntimeRunner(part, onnx_paths[part], device=opts.device) as ref, \
                 OnnxRuntimeRunner(part, out / f"{part}.int8.onnx", device=opts.device) as q8:
             info[part]["int8_vs_fp32"] = engine_metrics(ref, q8, feeds_part)
-    accuracy = {"gate": vars(gate) if hasattr(gate, "__dict__") else gate.__dict__, "per_modality": report,
+    accuracy = {"gate": dataclasses.asdict(gate), "per_modality": report,
                 "passed": not gate.failures(report), "int8_parts": [p for p in parts if p not in fallback],
                 "fallback": fallback, "calibration": summary,
                 "skipped": [{"path": p, "reason": r} for p, r in calset.skipped]}

@@ -234,7 +234,8 @@ def test_bench_writes_the_table_and_json(built, tmp_path):
         assert {r["stage"] for r in rows} == stages
         assert all(0 < r["median_ms"] <= r["p95_ms"] for r in rows)
     assert report["machine"]["copy_bandwidth_gbs"] > 0
-    assert 0 < report["decode_vs_bandwidth"]["onnxruntime"]["fraction_of_ceiling"]
+    assert 0 < report["decode_vs_bandwidth"]["onnxruntime fp32"]["fraction_of_ceiling"]
+    assert report["part_precisions"]["fp32"] == dict.fromkeys(PART_NAMES, "fp32")
     assert "click_to_mask" in proc.stdout and "speed-up" in proc.stdout
 
 
