@@ -180,11 +180,13 @@ class Predictor:
                              f"{self.config.prompt.max_regions}")
         if task == "click" and not len(prompts):
             raise InputError("task 'click' needs at least one --point or --box")
+        image = np.asarray(image)
+        if image.ndim >= 2 and min(image.shape[:2]) > 0:  # refuse bad prompts before any work
+            prompts.check(Letterbox(image.shape[0], image.shape[1], self.config.vision.image_size))
         timings: dict[str, float] = {}
         start = time.perf_counter()
         enc, vision_ms = self.encode_image(image, modality, **preprocess_options)
         lb = enc.letterbox
-        prompts.check(lb)
         timings["preprocess"] = (time.perf_counter() - start) * 1e3 - vision_ms
         timings["vision_encoder"] = vision_ms
 
