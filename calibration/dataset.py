@@ -21,7 +21,7 @@ import numpy as np
 from earthgptx.datasets import dota_samples, hrsid_samples, sirst_samples
 from earthgptx.errors import EarthGPTXError, InputError
 from earthgptx.imageio import read_image
-from earthgptx.processing import MODALITIES, VisualPrompts, preprocess
+from earthgptx.processing import MODALITIES, VisualPrompts, crop_boxes, inside_point, preprocess
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff")
 MODALITY_WORDS = {"optical": ("optical", "rgb", "eo"), "sar": ("sar",), "infrared": ("infrared", "ir", "thermal")}
@@ -114,7 +114,7 @@ def halves(item: Item) -> list[Item]:
     out = []
     for x0, x1 in ((0, w // 2), (w // 2, w)):
         keep = [i for i, b in enumerate(item.boxes) if b[0] >= x0 and b[2] <= x1]
-        boxes = item.boxes[keep] - np.array([x0, 0, x0, 0]) if keep else np.zeros((0, 4))
+        boxes = crop_boxes(item.boxes[keep], x0, 0)
         masks = [item.masks[i][:, x0:x1] for i in keep] if item.masks else []
         out.append(Item(item.path, item.modality, (x0, 0, x1, h), boxes, masks))
     return out
@@ -167,8 +167,6 @@ def requests(item: Item, n: int) -> list[tuple[str, VisualPrompts, str]]:
     """``n`` (text, prompts, task) requests drawn from the item's objects: a point inside an
     object, its box, its mask as a free-form prompt, and templated grounding text. Items
     without objects get a centre point and a centre box."""
-    from export.parity import inside_point
-
     h, w = item.image().shape[:2]
     out = []
     for k in range(n):

@@ -269,6 +269,19 @@ def mask_box(mask: np.ndarray) -> tuple[float, float, float, float]:
     return float(cols[0]), float(rows[0]), float(cols[-1] + 1), float(rows[-1] + 1)
 
 
+def inside_point(mask: np.ndarray) -> tuple[float, float]:
+    """A pixel (x, y) of a non-empty ``(H, W)`` mask nearest to its centroid: a point prompt
+    that lies on the object even when the object is not convex."""
+    ys, xs = np.nonzero(mask)
+    i = int(np.argmin((xs - xs.mean()) ** 2 + (ys - ys.mean()) ** 2))
+    return float(xs[i]), float(ys[i])
+
+
+def crop_boxes(boxes: np.ndarray, x0: float, y0: float) -> np.ndarray:
+    """XYXY boxes of an image -> the same boxes in its crop starting at ``(x0, y0)``."""
+    return np.asarray(boxes, dtype=np.float64).reshape(-1, 4) - np.array([x0, y0, x0, y0])
+
+
 def polygon_mask(vertices: np.ndarray, lb: Letterbox) -> np.ndarray:
     """Rasterise a polygon given as ``(K, 2)`` original-frame (x, y) edges to an ``(H, W)`` mask."""
     import cv2

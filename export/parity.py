@@ -15,7 +15,7 @@ from earthgptx.datasets import Sample, dota_samples, hrsid_samples, sirst_sample
 from earthgptx.errors import EarthGPTXError
 from earthgptx.generation import GenerationConfig
 from earthgptx.imageio import read_image
-from earthgptx.processing import VisualPrompts
+from earthgptx.processing import VisualPrompts, inside_point
 from earthgptx.runner import Runner
 
 
@@ -52,13 +52,6 @@ def parity_samples(data_root: Path) -> list[Sample]:
             raise EarthGPTXError(f"no annotated image found under {data_root} for parity checks")
         picks.append(sample)
     return picks
-
-
-def inside_point(mask: np.ndarray) -> tuple[float, float]:
-    """A pixel of ``mask`` nearest to its centroid: a point prompt that is on the object."""
-    ys, xs = np.nonzero(mask)
-    i = np.argmin((xs - xs.mean()) ** 2 + (ys - ys.mean()) ** 2)
-    return float(xs[i]), float(ys[i])
 
 
 def requests(sample: Sample) -> list[tuple[str, VisualPrompts, str]]:

@@ -198,3 +198,14 @@ def test_letterbox_geometry(h, w):
     assert max(lb.new_h, lb.new_w) == S and 1 <= min(lb.new_h, lb.new_w) <= S
     mask = np.zeros((S, S), np.float32) + 1.0
     assert lb.mask_from_model(mask).shape == (h, w)
+
+
+def test_inside_point_lies_on_non_convex_objects():
+    from earthgptx.processing import crop_boxes, inside_point
+
+    ring = np.zeros((50, 50), bool)
+    ring[10:40, 10:40] = True
+    ring[15:35, 15:35] = False  # the centroid (24.5, 24.5) is outside the object
+    x, y = inside_point(ring)
+    assert ring[int(y), int(x)]
+    np.testing.assert_array_equal(crop_boxes(np.array([[10, 5, 20, 15]]), 8, 2), [[2, 3, 12, 13]])
