@@ -134,8 +134,9 @@ def vision_encoder_spec(config: ModelConfig) -> ExportSpec:
         outputs=(_f("image_tokens", "batch", v.num_tokens, h), _f("image_embedding", "batch", v.embed_dim, v.grid, v.grid)),
         adapter=identity, example_sizes={"batch": 2},
         tolerance={"fp32": 1e-3, "fp16": 2e-3, "int8": 2e-2},
-        # the stems see raw pixels; the neck makes the dense embedding that masks are cut from
-        int8_keep_fp32=("vit.embeddings", "cnn.embeddings", "neck"),
+        # the ViT stem sees raw pixels, the neck makes the dense embedding masks are cut from, and
+        # the ConvNeXt in INT8 cost mask IoU (edge, held-out infrared: 0.978 with it, 0.991 without)
+        int8_keep_fp32=("vit.embeddings", "cnn", "neck"),
     )
 
 
