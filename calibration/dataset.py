@@ -1,7 +1,7 @@
 """A calibration set from a folder of real imagery.
 
 Known layouts anywhere under the folder are read with their annotations: SIRST
-(``images/`` + ``masks/*_pixels0.png`` + VOC xml), HRSID (``*_instance_id_RGB.png``), DOTA
+(``images/`` + ``masks/*_pixels0.png``), HRSID (``*_instance_id_RGB.png``), DOTA
 (``images/`` + ``labelTxt/``). Any other image (PNG, JPEG, (Geo)TIFF) is used without
 annotations, its modality read from a folder name on its path (``optical``, ``sar``,
 ``infrared``/``ir``/``thermal``) or given by the caller. Unreadable images, images the

@@ -7,7 +7,7 @@ the seed that makes random weights reproducible. Configs round-trip through
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 PART_NAMES = ("vision_encoder", "prompt_encoder", "llm", "pixel_decoder")
@@ -155,8 +155,6 @@ class ModelConfig:
             kwargs[f.name] = value
         return cls(**kwargs)
 
-    def with_llm(self, **changes: Any) -> "ModelConfig":
-        return replace(self, llm=replace(self.llm, **changes))
 
 
 def preset(name: str) -> ModelConfig:

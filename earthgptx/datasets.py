@@ -1,12 +1,11 @@
 """Readers for the annotation formats of the shared imagery (``../shared/data``):
-SIRST (infrared: ``masks/<name>_pixels0.png`` + Pascal-VOC xml), HRSID (SAR: instance
+SIRST (infrared: ``masks/<name>_pixels0.png``, one object per connected component), HRSID (SAR: instance
 colour PNGs), DOTA (optical: oriented boxes as 8 corners). Each sample gives the image
 path, its modality, and objects as XYXY edge boxes and ``(H, W)`` bool masks in the
 original frame. Problems in the data are reported (``warnings``) and skipped, never raised."""
 from __future__ import annotations
 
 import logging
-import xml.etree.ElementTree as ET
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
@@ -26,16 +25,6 @@ class Sample:
     modality: str
     boxes: np.ndarray  # (K, 4) float64 XYXY edges, original frame
     masks: list[np.ndarray] = field(default_factory=list)  # (H, W) bool, one per object, may be empty
-
-
-def read_voc_boxes(path: Path) -> np.ndarray:
-    """Pascal-VOC xml -> ``(K, 4)`` XYXY edges (VOC's inclusive max -> exclusive)."""
-    root = ET.parse(path).getroot()
-    out = []
-    for box in root.iter("bndbox"):
-        x0, y0, x1, y1 = (float(box.findtext(k)) for k in ("xmin", "ymin", "xmax", "ymax"))
-        out.append([x0, y0, x1 + 1, y1 + 1])
-    return np.asarray(out, dtype=np.float64).reshape(-1, 4)
 
 
 def read_dota_polygons(path: Path) -> list[tuple[np.ndarray, str]]:

@@ -49,6 +49,26 @@ class Generated:
     decode_ms: list[float] = field(default_factory=list)
 
 
+def prefill_feed(embeds: np.ndarray, llm_cfg: LLMConfig) -> dict[str, np.ndarray]:
+    """The ``llm`` feed for a prompt ``(T, hidden)``, batch 1, with a zero-length past KV."""
+    t = embeds.shape[0]
+    empty = np.zeros((1, llm_cfg.kv_heads, 0, llm_cfg.head_dim), dtype=np.float32)
+    return {"inputs_embeds": embeds[None].astype(np.float32), "attention_mask": np.ones((1, t), dtype=np.int64),
+            "position_ids": np.arange(t, dtype=np.int64)[None],
+            **{name: empty for name in kv_names(llm_cfg.layers, "past_key_values")}}
+
+
+def step_feed(token_embed: np.ndarray, position: int, out: dict[str, np.ndarray], llm_cfg: LLMConfig) -> dict:
+    """The ``llm`` feed for one new token ``(hidden,)`` at ``position`` on top of the
+    present KV of the previous output ``out``."""
+    feed = {"inputs_embeds": token_embed[None, None].astype(np.float32),
+            "attention_mask": np.ones((1, position + 1), dtype=np.int64),
+            "position_ids": np.array([[position]], dtype=np.int64)}
+    names = zip(kv_names(llm_cfg.layers, "past_key_values"), kv_names(llm_cfg.layers, "present"))
+    feed.update({p: out[n] for p, n in names})
+    return feed
+
+
 def choose_token(logits: np.ndarray, cfg: GenerationConfig, rng: np.random.Generator) -> int:
     """``(vocab,)`` float logits -> the next token id."""
     if not cfg.do_sample:
@@ -83,14 +103,8 @@ def generate(llm, inputs_embeds: np.ndarray, embed_table: np.ndarray, llm_cfg: L
 
     rng = np.random.default_rng(cfg.seed)
     t = inputs_embeds.shape[1]
-    past_names, present_names = kv_names(llm_cfg.layers, "past_key_values"), kv_names(llm_cfg.layers, "present")
-    empty = np.zeros((1, llm_cfg.kv_heads, 0, llm_cfg.head_dim), dtype=np.float32)
-    feed = {"inputs_embeds": inputs_embeds.astype(np.float32),
-            "attention_mask": np.ones((1, t), dtype=np.int64),
-            "position_ids": np.arange(t, dtype=np.int64)[None],
-            **{name: empty for name in past_names}}
     start = time.perf_counter()
-    out = llm(feed)
+    out = llm(prefill_feed(inputs_embeds[0], llm_cfg))
     result = Generated([], "", "length", prefill_ms=(time.perf_counter() - start) * 1e3)
     result.prompt_hidden = [out["last_hidden_state"][0, p].copy() for p in capture]
     emitted = ""
@@ -113,12 +127,8 @@ def generate(llm, inputs_embeds: np.ndarray, embed_table: np.ndarray, llm_cfg: L
             break
         if step == cfg.max_new_tokens - 1 and tok != seg_id:
             break  # the last token's own state is needed only for a [SEG]
-        feed = {"inputs_embeds": embed_table[[tok]][None].astype(np.float32),
-                "attention_mask": np.ones((1, t + step + 1), dtype=np.int64),
-                "position_ids": np.array([[t + step]], dtype=np.int64)}
-        feed.update({p: out[n] for p, n in zip(past_names, present_names)})
         start = time.perf_counter()
-        out = llm(feed)
+        out = llm(step_feed(embed_table[tok], t + step, out, llm_cfg))
         result.decode_ms.append((time.perf_counter() - start) * 1e3)
         if tok == seg_id:
             result.seg_hidden.append(out["last_hidden_state"][0, 0].copy())
@@ -131,9 +141,5 @@ def hidden_states_at(llm, embeds: np.ndarray, positions: list[int], llm_cfg: LLM
     not return hidden states (TensorRT-LLM): the ``[SEG]`` states are read here."""
     if not positions:
         return []
-    t = embeds.shape[0]
-    empty = np.zeros((1, llm_cfg.kv_heads, 0, llm_cfg.head_dim), dtype=np.float32)
-    out = llm({"inputs_embeds": embeds[None].astype(np.float32), "attention_mask": np.ones((1, t), dtype=np.int64),
-               "position_ids": np.arange(t, dtype=np.int64)[None],
-               **{name: empty for name in kv_names(llm_cfg.layers, "past_key_values")}})
+    out = llm(prefill_feed(embeds, llm_cfg))
     return [out["last_hidden_state"][0, p].copy() for p in positions]

@@ -11,8 +11,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from earthgptx.generation import GenerationConfig
-from earthgptx.llm import kv_names
+from earthgptx.generation import GenerationConfig, prefill_feed, step_feed
 from earthgptx.prompting import build_prompt, splice
 
 
@@ -75,12 +74,8 @@ def token_agreement(ref, test, text: str, modality: str, image, prompts, steps: 
                         return_tensors="np")["input_ids"][0]
     embeds = splice(ids, ref.embed_table, enc.image_tokens[0], region, ref.image_id, ref.region_ids)
     c = ref.config.llm
-    empty = np.zeros((1, c.kv_heads, 0, c.head_dim), np.float32)
-    past_names, present = kv_names(c.layers, "past_key_values"), kv_names(c.layers, "present")
     t = embeds.shape[0]
-    feed = {"inputs_embeds": embeds[None], "attention_mask": np.ones((1, t), np.int64),
-            "position_ids": np.arange(t)[None], **{n: empty for n in past_names}}
-    feeds = [dict(feed), dict(feed)]
+    feeds = [prefill_feed(embeds, c), prefill_feed(embeds, c)]
     agree = counted = 0
     for step in range(steps):
         outs = [ref.runners["llm"](feeds[0]), test.runners["llm"](feeds[1])]
@@ -92,11 +87,7 @@ def token_agreement(ref, test, text: str, modality: str, image, prompts, steps: 
         if top2[1] - top2[0] > margin:
             counted += 1
             agree += int(int(np.argmax(outs[1]["logits"][0])) == tok)
-        for i, out in enumerate(outs):
-            feeds[i] = {"inputs_embeds": ref.embed_table[[tok]][None].astype(np.float32),
-                        "attention_mask": np.ones((1, t + step + 1), np.int64),
-                        "position_ids": np.array([[t + step]]),
-                        **{pn: out[n] for pn, n in zip(past_names, present)}}
+        feeds = [step_feed(ref.embed_table[tok], t + step, out, c) for out in outs]
     return agree, counted
 
 

@@ -71,9 +71,20 @@ def test_region_prompts_reach_the_llm(tiny_predictor, data_root, kind):
         "box": VisualPrompts([], [(50, 60, 150, 140)], []),
         "freeform": VisualPrompts([], [], [polygon_mask(np.array([[10, 10], [120, 30], [60, 150]]), lb)]),
     }[kind]
-    r = tiny_predictor.predict(img, "infrared", "What is in <region1>?", prompts, generation=GEN)
+    from export.parity import RecordingRunner
+
+    p = tiny_predictor
+    original = p.runners
+    p.runners = {n: RecordingRunner(r, 1) for n, r in original.items()}
+    try:
+        r = p.predict(img, "infrared", "What is in <region1>?", prompts, generation=GEN)
+        region = p.runners["prompt_encoder"].recording.outputs[0]["region_tokens"][0, 0]
+        embeds = p.runners["llm"].recording.feeds[0]["inputs_embeds"][0]
+    finally:
+        p.runners = original
     assert r.task == "region" and r.masks == [] and "prompt_encoder" in r.timings_ms
-    assert 0 < len(r.token_ids) <= GEN.max_new_tokens or r.finish_reason == "stop"
+    # the prompt encoder's region token is one of the LLM's input rows
+    assert np.any(np.all(np.isclose(embeds, region, atol=0), axis=1))
 
 
 def test_region_tokens_are_spliced_where_named(tiny_predictor):
