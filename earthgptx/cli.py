@@ -1,5 +1,6 @@
 """``egx``: the command line. Thin: it parses, checks argument combinations, calls the
-library and prints. Subcommands: ``predict``, ``info``, ``build``, ``bench``, ``checkpoint``."""
+library and prints. Subcommands: ``predict``, ``info``, ``build``, ``bench``, ``checkpoint``,
+``serve``, ``query``, ``keys``."""
 from __future__ import annotations
 
 import argparse
@@ -34,12 +35,8 @@ def _add_model_source(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto", help="for --engines: cpu, cuda or auto")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="egx", description="EarthGPT-X for optical, SAR and infrared imagery.")
-    sub = parser.add_subparsers(dest="command", required=True)
-
-    p = sub.add_parser("predict", help="answer a text (+ visual) prompt about one image")
-    _add_model_source(p)
+def add_prompt_arguments(p: argparse.ArgumentParser) -> None:
+    """The request arguments shared by ``egx predict`` and ``egx query``."""
     p.add_argument("--image", required=True, help="PNG, JPEG or (Geo)TIFF")
     p.add_argument("--modality", required=True, choices=("optical", "sar", "infrared"))
     p.add_argument("--text", required=True, help="the instruction or question")
@@ -63,6 +60,61 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--speckle-filter", action="store_true", help="Lee filter on SAR before scaling")
     p.add_argument("--stream", action="store_true", help="print text as it is generated (stderr with --json)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument("--overlay", metavar="OUT.png", help="also draw the masks and boxes over the image")
+
+
+def generation_options(args: argparse.Namespace) -> dict:
+    return {"max_new_tokens": args.max_new_tokens, "do_sample": args.sample, "temperature": args.temperature,
+            "top_k": args.top_k, "top_p": args.top_p, "seed": args.seed, "stop": list(args.stop)}
+
+
+def preprocess_options(args: argparse.Namespace) -> dict:
+    return {"sar_scaling": args.sar_scaling, "sar_kind": args.sar_kind, "speckle_filter": args.speckle_filter}
+
+
+def text_sink(args: argparse.Namespace):
+    """``on_text`` for ``--stream`` (stdout, or stderr when stdout carries JSON)."""
+    if not args.stream:
+        return None
+    stream_to = sys.stderr if args.json else sys.stdout
+    return lambda s: (stream_to.write(s), stream_to.flush())
+
+
+def print_answer(out: dict, args: argparse.Namespace, raster) -> None:
+    """Print the JSON of a prediction (``egx predict``/``egx query``), write ``--overlay``."""
+    from .rle import rle_to_mask
+
+    if args.stream:
+        (sys.stderr if args.json else sys.stdout).write("\n")
+    if raster.geo is not None:
+        out["boxes_geo"] = [[*raster.geo.pixel_to_geo(b[0], b[1]), *raster.geo.pixel_to_geo(b[2], b[3])]
+                            for b in out["boxes"]]
+    if args.overlay:
+        from .overlay import write_overlay
+        from .processing import display_image
+
+        rgb = display_image(raster.data, args.modality, sar_scaling=args.sar_scaling, sar_kind=args.sar_kind)
+        print(f"wrote {write_overlay(args.overlay, rgb, out)}", file=sys.stderr)
+    if args.json:
+        print(json.dumps(out))
+        return
+    if not args.stream:
+        print(out["text"])
+    print(f"task: {out['task']}")
+    for box, src in zip(out["boxes"], out["box_sources"]):
+        print(f"box ({src}): {box}")
+    for i, (m, s) in enumerate(zip(out["masks"], out["scores"])):
+        print(f"mask {i}: {int(rle_to_mask(m).sum())} pixels, score {s:.3f}")
+    print("timings (ms): " + ", ".join(f"{k} {v:.1f}" for k, v in out["timings_ms"].items()))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="egx", description="EarthGPT-X for optical, SAR and infrared imagery.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("predict", help="answer a text (+ visual) prompt about one image")
+    _add_model_source(p)
+    add_prompt_arguments(p)
 
     p = sub.add_parser("info", help="parameter counts of a preset or checkpoint")
     src = p.add_mutually_exclusive_group(required=True)
@@ -83,6 +135,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--repeats", type=int, default=10)
     p.add_argument("--json", metavar="PATH", help="write the report as JSON")
 
+    from runtime.cli import add_keys_arguments, add_query_arguments, add_serve_arguments
+
+    add_serve_arguments(sub.add_parser("serve", help="serve built engines over ZeroMQ (docs/protocol.md)"))
+    p = sub.add_parser("query", help="ask a running `egx serve` (same arguments and JSON as predict)")
+    add_query_arguments(p)
+    add_prompt_arguments(p)
+    add_keys_arguments(sub.add_parser("keys", help="write CURVE key pairs for serve/query"))
+
     p = sub.add_parser("checkpoint", help="write a preset's model as a checkpoint folder")
     p.add_argument("--preset", choices=("tiny", "edge"), required=True)
     p.add_argument("--out", required=True, metavar="DIR")
@@ -98,9 +158,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
     from .predictor import Predictor
     from .processing import VisualPrompts
 
-    generation = GenerationConfig(max_new_tokens=args.max_new_tokens, do_sample=args.sample,
-                                  temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                                  seed=args.seed, stop_strings=tuple(args.stop))
+    g = generation_options(args)
+    generation = GenerationConfig(**{k: v for k, v in g.items() if k != "stop"}, stop_strings=tuple(g["stop"]))
     raster = read_image(args.image)
     prompts = VisualPrompts(list(args.point), list(args.box), [read_mask(s) for s in args.scribble])
     if args.engines:
@@ -111,28 +170,9 @@ def cmd_predict(args: argparse.Namespace) -> int:
         preset = args.preset or (None if args.checkpoint else "edge")
         model, tokenizer = load_reference(preset, args.checkpoint)
         predictor = Predictor.from_model(model, tokenizer)
-    stream_to = sys.stderr if args.json else sys.stdout
-    on_text = (lambda s: (stream_to.write(s), stream_to.flush())) if args.stream else None
     result = predictor.predict(np.asarray(raster.data), args.modality, args.text, prompts, task=args.task,
-                               generation=generation, on_text=on_text, sar_scaling=args.sar_scaling,
-                               sar_kind=args.sar_kind, speckle_filter=args.speckle_filter)
-    if args.stream:
-        stream_to.write("\n")
-    out = result.to_json()
-    if raster.geo is not None:
-        out["boxes_geo"] = [[*raster.geo.pixel_to_geo(b[0], b[1]), *raster.geo.pixel_to_geo(b[2], b[3])]
-                            for b in result.boxes]
-    if args.json:
-        print(json.dumps(out))
-    else:
-        if not args.stream:
-            print(out["text"])
-        print(f"task: {out['task']}")
-        for box, src in zip(out["boxes"], out["box_sources"]):
-            print(f"box ({src}): {box}")
-        for i, (m, s) in enumerate(zip(result.masks, out["scores"])):
-            print(f"mask {i}: {int(m.sum())} pixels, score {s:.3f}")
-        print("timings (ms): " + ", ".join(f"{k} {v:.1f}" for k, v in out["timings_ms"].items()))
+                               generation=generation, on_text=text_sink(args), **preprocess_options(args))
+    print_answer(result.to_json(), args, raster)
     return 0
 
 
@@ -172,7 +212,10 @@ def main(argv: list[str] | None = None) -> int:
         from runtime.bench import main as bench_main
 
         return bench_main(args)
-    handler = {"predict": cmd_predict, "info": cmd_info, "checkpoint": cmd_checkpoint}[args.command]
+    from runtime.cli import cmd_keys, cmd_query, cmd_serve
+
+    handler = {"predict": cmd_predict, "info": cmd_info, "checkpoint": cmd_checkpoint, "serve": cmd_serve,
+               "query": cmd_query, "keys": cmd_keys}[args.command]
     try:
         return handler(args)
     except EarthGPTXError as exc:

@@ -13,10 +13,8 @@ Tasks (``task="auto"`` picks one from the text and the prompts):
 """
 from __future__ import annotations
 
-import hashlib
 import re
 import time
-from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -25,7 +23,8 @@ import numpy as np
 from .config import ModelConfig
 from .errors import InputError
 from .generation import GenerationConfig, generate
-from .processing import (Letterbox, PreparedImage, VisualPrompts, decoder_points, parse_text_boxes, preprocess,
+from .image_cache import DEFAULT_CACHE_BYTES, ImageCache, encoding_key, image_id
+from .processing import (Letterbox, VisualPrompts, check_modality, decoder_points, parse_text_boxes, preprocess,
                          prompt_encoder_feed)
 from .prompting import IMAGE_TOKEN, SEG_TOKEN, STOP_TOKENS, build_prompt, region_token, splice
 from .rle import mask_to_rle
@@ -57,15 +56,19 @@ def resolve_task(task: str, text: str, has_prompts: bool) -> str:
 
 @dataclass
 class EncodedImage:
-    """A preprocessed image and its ``vision_encoder`` outputs (batch 1)."""
+    """An image's ``vision_encoder`` outputs (batch 1) and the letterbox that maps the
+    model frame back to it. ``image_tokens``: ``(1, N, hidden)`` float32;
+    ``image_embedding``: ``(1, C, G, G)`` float32; ``key``: the cache key."""
 
-    prepared: PreparedImage
-    image_tokens: np.ndarray  # (1, N, hidden)
-    image_embedding: np.ndarray  # (1, C, G, G)
+    letterbox: Letterbox
+    modality: str
+    image_tokens: np.ndarray
+    image_embedding: np.ndarray
+    key: str = ""
 
     @property
-    def letterbox(self) -> Letterbox:
-        return self.prepared.letterbox
+    def nbytes(self) -> int:
+        return int(self.image_tokens.nbytes + self.image_embedding.nbytes)
 
 
 @dataclass
@@ -104,15 +107,14 @@ class Predictor:
     in, feed dict out); ``embed_table`` ``(vocab, hidden)`` float32 embeds text ids."""
 
     def __init__(self, runners: dict, tokenizer, config: ModelConfig, embed_table: np.ndarray,
-                 cache_size: int = 4, text_generator=None) -> None:
+                 cache_bytes: int = DEFAULT_CACHE_BYTES, text_generator=None) -> None:
         self.runners = runners
         # optional: an engine that generates text itself (TensorRT-LLM); see runtime/tensorrt_llm_runner.py
         self.text_generator = text_generator
         self.tokenizer = tokenizer
         self.config = config
         self.embed_table = embed_table
-        self.cache_size = cache_size
-        self._cache: OrderedDict[str, EncodedImage] = OrderedDict()
+        self.cache = ImageCache(cache_bytes)
         ids = tokenizer.convert_tokens_to_ids
         self.image_id = ids(IMAGE_TOKEN)
         self.seg_id = ids(SEG_TOKEN)
@@ -143,26 +145,29 @@ class Predictor:
     # -- image --------------------------------------------------------------------
     def clear_cache(self) -> None:
         """Forget encoded images (the next request runs the vision encoder again)."""
-        self._cache.clear()
+        self.cache.clear()
 
-    def encode_image(self, image: np.ndarray, modality: str, **options) -> tuple[EncodedImage, float]:
-        """Preprocess + ``vision_encoder``, cached by content. Returns the encoding and the
-        vision encoder's time in ms (0 on a cache hit)."""
+    def cached(self, image_key: str, modality: str, **options) -> EncodedImage | None:
+        """The cached encoding of the image whose ``image_id`` is ``image_key``, or None."""
+        return self.cache.get(encoding_key(image_key, modality, options))
+
+    def encode_image(self, image: np.ndarray, modality: str, image_key: str | None = None,
+                     **options) -> tuple[EncodedImage, float]:
+        """Preprocess + ``vision_encoder``, cached by content (``image_key`` defaults to
+        ``image_id(image)``). Returns the encoding and the vision encoder's time in ms
+        (0 on a cache hit)."""
         image = np.asarray(image)
-        h = hashlib.sha256(np.ascontiguousarray(image).view(np.uint8).data)
-        h.update(repr((image.shape, str(image.dtype), modality, sorted(options.items()))).encode())
-        key = h.hexdigest()
-        if key in self._cache:
-            self._cache.move_to_end(key)
-            return self._cache[key], 0.0
+        check_modality(modality)
+        key = encoding_key(image_key or image_id(image), modality, options)
+        enc = self.cache.get(key)
+        if enc is not None:
+            return enc, 0.0
         prepared = preprocess(image, modality, self.config.vision.image_size, **options)
         start = time.perf_counter()
         out = self.runners["vision_encoder"]({"pixel_values": prepared.pixel_values})
         ms = (time.perf_counter() - start) * 1e3
-        enc = EncodedImage(prepared, out["image_tokens"], out["image_embedding"])
-        self._cache[key] = enc
-        while len(self._cache) > self.cache_size:
-            self._cache.popitem(last=False)
+        enc = EncodedImage(prepared.letterbox, modality, out["image_tokens"], out["image_embedding"], key)
+        self.cache.put(key, enc, enc.nbytes)
         return enc, ms
 
     # -- the one entry point --------------------------------------------------------
@@ -171,7 +176,17 @@ class Predictor:
                 on_text: Callable[[str], None] | None = None, **preprocess_options) -> Prediction:
         """Answer ``text`` about ``image`` (see the module docstring for the tasks)."""
         prompts = prompts or VisualPrompts([], [], [])
-        generation = generation or GenerationConfig()
+        task = self.check_request(text, prompts, task)
+        image = np.asarray(image)
+        if image.ndim >= 2 and min(image.shape[:2]) > 0:  # refuse bad prompts before any work
+            prompts.check(Letterbox(image.shape[0], image.shape[1], self.config.vision.image_size))
+        start = time.perf_counter()
+        enc, vision_ms = self.encode_image(image, modality, **preprocess_options)
+        timings = {"preprocess": (time.perf_counter() - start) * 1e3 - vision_ms, "vision_encoder": vision_ms}
+        return self.predict_encoded(enc, text, prompts, task, generation, on_text, timings)
+
+    def check_request(self, text: str, prompts: VisualPrompts, task: str) -> str:
+        """Refuse a bad request before any work; returns the resolved task."""
         task = resolve_task(task, text, len(prompts) > 0)
         if IMAGE_TOKEN in text or SEG_TOKEN in text:
             raise InputError(f"--text must not contain {IMAGE_TOKEN} or {SEG_TOKEN}: they are placed by the model")
@@ -180,15 +195,20 @@ class Predictor:
                              f"{self.config.prompt.max_regions}")
         if task == "click" and not len(prompts):
             raise InputError("task 'click' needs at least one --point or --box")
-        image = np.asarray(image)
-        if image.ndim >= 2 and min(image.shape[:2]) > 0:  # refuse bad prompts before any work
-            prompts.check(Letterbox(image.shape[0], image.shape[1], self.config.vision.image_size))
-        timings: dict[str, float] = {}
-        start = time.perf_counter()
-        enc, vision_ms = self.encode_image(image, modality, **preprocess_options)
+        return task
+
+    def predict_encoded(self, enc: EncodedImage, text: str, prompts: VisualPrompts | None = None,
+                        task: str = "auto", generation: GenerationConfig | None = None,
+                        on_text: Callable[[str], None] | None = None,
+                        timings: dict[str, float] | None = None) -> Prediction:
+        """``predict`` on an already encoded image (the runtime's second stage)."""
+        prompts = prompts or VisualPrompts([], [], [])
+        generation = generation or GenerationConfig()
+        task = self.check_request(text, prompts, task)
         lb = enc.letterbox
-        timings["preprocess"] = (time.perf_counter() - start) * 1e3 - vision_ms
-        timings["vision_encoder"] = vision_ms
+        prompts.check(lb)
+        timings = dict(timings or {})
+        modality = enc.modality
 
         region_tokens = None
         if len(prompts) and task != "click":

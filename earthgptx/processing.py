@@ -177,6 +177,25 @@ def preprocess(image: np.ndarray, modality: str, size: int, *, sar_scaling: str 
     return PreparedImage(np.ascontiguousarray(pixel_values, dtype=np.float32), lb, modality)
 
 
+def display_image(image: np.ndarray, modality: str, *, sar_scaling: str = "auto",
+                  sar_kind: str = "amplitude") -> np.ndarray:
+    """The image as people see it: ``(H, W, 3)`` uint8 RGB in the original frame, scaled
+    by the same modality rules as ``preprocess`` (for overlays)."""
+    check_modality(modality)
+    image = np.asarray(image)
+    if image.size == 0 or image.ndim not in (2, 3):
+        raise InputError(f"empty or malformed image of shape {image.shape}; expected (H, W) or (H, W, C)")
+    bands = _bands_for(image, modality)
+    eight_bit = bands.dtype == np.uint8
+    work = np.abs(bands).astype(np.float32) if np.iscomplexobj(bands) else bands.astype(np.float32)
+    work = np.nan_to_num(work, nan=0.0, posinf=0.0, neginf=0.0)
+    if modality == "sar" and sar_kind == "amplitude" and not eight_bit:
+        work = work * work
+    unit = _to_unit(work if work.ndim == 3 else work[:, :, None], modality, eight_bit, sar_scaling)
+    rgb = np.repeat(unit, 3, axis=2) if unit.shape[2] == 1 else unit
+    return np.round(rgb * 255).astype(np.uint8)
+
+
 def _bands_for(image: np.ndarray, modality: str) -> np.ndarray:
     """Select the bands a modality needs; refuse a channel count it cannot take."""
     channels = 1 if image.ndim == 2 else image.shape[2]

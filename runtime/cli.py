@@ -1,0 +1,86 @@
+"""``egx serve``, ``egx query`` and ``egx keys``: thin over ``server``, ``client`` and ``security``."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from .protocol import DEFAULT_MAX_REQUEST_BYTES
+
+
+def add_serve_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--engines", required=True, type=Path, metavar="DIR", help="a build folder (manifest.json)")
+    p.add_argument("--bind", default="tcp://127.0.0.1:5555", help="client address (default: %(default)s)")
+    p.add_argument("--workers", type=int, default=1, help="worker processes (per stage with --staged)")
+    p.add_argument("--staged", action="store_true",
+                   help="vision encoder and language stages in separate processes, overlapping requests")
+    p.add_argument("--devices", default="cpu",
+                   help="comma list, assigned to workers in turn: cpu, cuda, cuda:K (default: %(default)s)")
+    p.add_argument("--threads", type=int, default=None, help="ONNX Runtime threads per worker (default: all cores)")
+    p.add_argument("--cache-mb", type=float, default=256, help="image-embedding cache per worker (MiB)")
+    p.add_argument("--max-queue", type=int, default=32, help="queued requests before 'busy' replies")
+    p.add_argument("--max-request-mb", type=float, default=DEFAULT_MAX_REQUEST_BYTES / 2**20,
+                   help="largest request accepted (MiB)")
+    p.add_argument("--curve-secret", type=Path, metavar="FILE", help="the server's .key_secret (egx keys)")
+    p.add_argument("--allow", type=Path, metavar="DIR", help="folder of the allowed clients' .key files")
+    p.add_argument("--insecure", action="store_true", help="allow a non-loopback bind without CURVE")
+    p.add_argument("--grace", type=float, default=10.0, help="seconds in-flight requests get at shutdown")
+
+
+def add_query_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--connect", required=True, metavar="ADDR", help="the server, e.g. tcp://127.0.0.1:5555")
+    p.add_argument("--timeout", type=float, default=60.0, help="seconds of silence before a retry")
+    p.add_argument("--retries", type=int, default=2, help="retries (same request id: never run twice)")
+    p.add_argument("--server-key", type=Path, metavar="FILE", help="the server's public .key (CURVE)")
+    p.add_argument("--client-key", type=Path, metavar="FILE", help="this client's .key_secret (CURVE)")
+
+
+def add_keys_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--out", required=True, type=Path, metavar="DIR")
+    p.add_argument("--name", action="append", default=[],
+                   help="key pair name (repeatable; default: server and client)")
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from .server import ServeOptions, serve
+
+    opts = ServeOptions(engines=args.engines, bind=args.bind, workers=args.workers, staged=args.staged,
+                        devices=tuple(d.strip() for d in args.devices.split(",") if d.strip()), threads=args.threads,
+                        cache_bytes=int(args.cache_mb * 2**20), max_queue=args.max_queue,
+                        max_request_bytes=int(args.max_request_mb * 2**20), curve_secret=args.curve_secret,
+                        allow=args.allow, insecure=args.insecure, grace_s=args.grace)
+    return serve(opts)
+
+
+def cmd_query(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    from earthgptx.cli import generation_options, preprocess_options, print_answer, text_sink
+    from earthgptx.imageio import read_image, read_mask
+
+    from .client import Client
+    from .security import SecurityError, load_keys
+
+    if bool(args.server_key) != bool(args.client_key):
+        raise SecurityError("CURVE needs both --server-key (the server's .key) and --client-key (your .key_secret)")
+    server_key = load_keys(args.server_key, need_secret=False)[0] if args.server_key else None
+    client_keys = load_keys(args.client_key, need_secret=True) if args.client_key else None
+    raster = read_image(args.image)
+    scribbles = [read_mask(s) for s in args.scribble]
+    with Client(args.connect, args.timeout, args.retries, server_key, client_keys) as client:
+        out = client.predict(np.asarray(raster.data), args.modality, args.text, args.point, args.box, scribbles,
+                             args.task, generation_options(args), stream=args.stream, on_text=text_sink(args),
+                             preprocess=preprocess_options(args))
+    print_answer(out, args, raster)
+    return 0
+
+
+def cmd_keys(args: argparse.Namespace) -> int:
+    from .security import write_keys
+
+    written = write_keys(args.out, tuple(args.name) or ("server", "client"))
+    print(json.dumps({"written": [str(p) for p in written]}))
+    print("give the server its .key_secret (--curve-secret) and a folder of allowed clients' .key files "
+          "(--allow); give each client the server's .key and its own .key_secret", file=sys.stderr)
+    return 0
