@@ -67,7 +67,7 @@ class Broker:
         self.idle: dict[str, list[bytes]] = {s: [] for s in stages}
         self.inflight: dict[str, Job] = {}
         self.done: OrderedDict[str, list] = OrderedDict()
-        self.affinity: dict[str, bytes] = {}
+        self.affinity: OrderedDict[str, bytes] = OrderedDict()  # image id -> the worker that cached it
         self.startup_errors: list[str] = []
         self.accepting = True
         self.answered = 0
@@ -113,16 +113,17 @@ class Broker:
         client, frames = parts[0].bytes, [p.buffer for p in parts[1:]]
         request_id = None
         try:
-            request_id, job = self._accept(client, frames)
+            header = self._envelope(frames)
+            request_id = check_request_id(header)
+            job = self._admit(client, request_id, header, frames)
         except ProtocolError as exc:
-            self._error(client, request_id if isinstance(request_id, str) else None, exc.code, exc.message)
+            self._error(client, request_id, exc.code, exc.message)
             return
         if job is not None:
             self.queues[self.stages[0]].append(job)
 
-    def _accept(self, client: bytes, frames: list) -> tuple[str | None, Job | None]:
-        """Check the envelope; returns (request id, job) or (id, None) when the request
-        needs no new work (a retry); raises ProtocolError for an error reply."""
+    def _envelope(self, frames: list) -> dict:
+        """Check the frames around the header; returns the header."""
         if len(frames) < 5 or len(frames[0]) != 0:
             raise ProtocolError(ErrorCode.MALFORMED, "expected frames [empty, protocol, command, service, header, "
                                                      "*buffers] (docs/protocol.md)")
@@ -136,8 +137,11 @@ class Broker:
             raise ProtocolError(ErrorCode.MALFORMED, f"unknown command {bytes(frames[2])[:4]!r}; clients send REQUEST")
         if len(frames) > MAX_FRAMES:
             raise ProtocolError(ErrorCode.MALFORMED, f"{len(frames)} frames; at most {MAX_FRAMES}")
-        header = parse_header(frames[4])
-        request_id = check_request_id(header)
+        return parse_header(frames[4])
+
+    def _admit(self, client: bytes, request_id: str, header: dict, frames: list) -> Job | None:
+        """A new job, or None when the request needs no new work (a client's retry);
+        raises ProtocolError for an error reply."""
         if bytes(frames[3]) != SERVICE:
             raise ProtocolError(ErrorCode.UNKNOWN_SERVICE, f"no service {bytes(frames[3])[:32]!r} here; "
                                                            f"use {SERVICE.decode()!r}")
@@ -148,10 +152,10 @@ class Broker:
         if request_id in self.done:  # a retry of an answered request: the same answer again
             self.done.move_to_end(request_id)
             self._reply(client, FINAL, self.done[request_id])
-            return request_id, None
+            return None
         if request_id in self.inflight:  # a retry of a running request: answer the new socket
             self.inflight[request_id].client = client
-            return request_id, None
+            return None
         if header.get("task") not in TASKS:
             raise ProtocolError(ErrorCode.UNKNOWN_TASK, f"unknown task {header.get('task')!r}; "
                                                         f"use one of: {', '.join(TASKS)}")
@@ -164,7 +168,7 @@ class Broker:
         image_id = image.get("id") if isinstance(image, dict) and "image" not in msg.tensors else None
         job = Job(request_id, client, list(frames[4:]), image_id=image_id if isinstance(image_id, str) else None)
         self.inflight[request_id] = job
-        return request_id, job
+        return job
 
     def _finish(self, job: Job, frames: list) -> None:
         """The one final reply of ``job``."""
@@ -236,6 +240,9 @@ class Broker:
         image_id = header.get("image_id") or result.get("image_id")
         if isinstance(image_id, str) and worker.stage == self.stages[0]:  # the stage that caches encodings
             self.affinity[image_id] = worker.identity
+            self.affinity.move_to_end(image_id)
+            while len(self.affinity) > DONE_CACHE:
+                self.affinity.popitem(last=False)
         if header.get("event") == "encoded" and job.stage + 1 < len(self.stages):
             self._hand_on(job, header, frames)
             return
@@ -275,20 +282,28 @@ class Broker:
                 self._remove(w, "died")
 
     def _dispatch(self) -> None:
+        """Queued jobs to idle workers. A job that names a cached image waits for the worker
+        that cached it (while that worker lives), so later prompts skip the vision encoder."""
         for stage in self.stages:
             queue, idle = self.queues[stage], self.idle[stage]
+            waiting: list[Job] = []
             while queue and idle:
                 job = queue.popleft()
                 if job.id not in self.inflight:
                     continue
                 preferred = self.affinity.get(job.image_id) if job.image_id else None
-                identity = preferred if preferred in idle else idle[0]
+                owner = self.workers.get(preferred) if preferred else None
+                if owner is not None and owner.stage == stage and preferred not in idle:
+                    waiting.append(job)
+                    continue
+                identity = preferred if owner is not None and owner.stage == stage else idle[0]
                 idle.remove(identity)
                 worker = self.workers[identity]
                 worker.job = job
                 worker.expiry = time.monotonic() + self.busy_timeout
                 job.attempts += 1
                 self._send_worker(identity, REQUEST, job.id.encode(), *job.frames)
+            queue.extendleft(reversed(waiting))
 
     def _heartbeat(self) -> None:
         now = time.monotonic()

@@ -30,6 +30,16 @@ def tiny_predictor(tiny):
     return Predictor.from_model(model, tokenizer)
 
 
+@pytest.fixture(scope="session")
+def tiny_build(tmp_path_factory, data_root):
+    """One tiny engine build (ONNX Runtime, FP32) shared by the tests: (folder, reports)."""
+    from export.build import BuildOptions, run_build
+
+    out = tmp_path_factory.mktemp("engines") / "tiny"
+    reports = run_build(BuildOptions(preset="tiny", out=out, data_root=data_root))
+    return out, reports
+
+
 def _tensorrt_missing() -> str | None:
     try:
         import tensorrt  # noqa: F401

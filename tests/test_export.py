@@ -17,14 +17,8 @@ SAR = "../shared/data/sar/hrsid/P0094_0_800_3000_3800.png"
 
 
 @pytest.fixture(scope="module")
-def built(tmp_path_factory, data_root):
-    """One tiny build shared by the tests below."""
-    from export.build import BuildOptions, run_build
-
-    out = tmp_path_factory.mktemp("engines") / "tiny"
-    opts = BuildOptions(preset="tiny", out=out, data_root=data_root)
-    reports = run_build(opts)
-    return out, reports
+def built(tiny_build):
+    return tiny_build
 
 
 def test_registry_and_profiles():
