@@ -132,6 +132,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--engines", type=Path, action="append", metavar="DIR",
                    help="build folder, repeatable (default: engines/<preset> and engines/<preset>-int8 if built)")
     p.add_argument("--no-engines", action="store_true", help="benchmark PyTorch only")
+    p.add_argument("--no-zmq", action="store_true", help="skip the rows through egx serve")
     p.add_argument("--repeats", type=int, default=10)
     p.add_argument("--json", metavar="PATH", help="write the report as JSON")
 

@@ -4,7 +4,8 @@ reference). Prints a table of medians and ratios, and writes JSON with ``--json`
 
 Stages: the part names, ``end_to_end_grounding``, ``end_to_end_segmentation``,
 ``end_to_end_region``, ``click_to_mask`` (a new point on an already-encoded image) and
-``decode_per_token``. Decode is also reported against this machine's memory bandwidth:
+``decode_per_token``; through ``egx serve`` (backend ``zmq``, runtime/bench_zmq.py):
+``zmq_overhead``, ``click_to_mask``, ``end_to_end_segmentation`` and throughput rows. Decode is also reported against this machine's memory bandwidth:
 the bytes a token must read (weights + KV cache) / the measured copy bandwidth."""
 from __future__ import annotations
 
@@ -126,7 +127,8 @@ def precision_of(manifest: dict) -> tuple[str, dict[str, str]]:
     return ("int8" if "int8" in parts.values() else sorted(set(parts.values()))[0]), parts
 
 
-def run_bench(preset: str, engines: list[Path], data_root: Path, repeats: int = 10) -> dict:
+def run_bench(preset: str, engines: list[Path], data_root: Path, repeats: int = 10, zmq: bool = True,
+              log=None) -> dict:
     import onnxruntime
     import torch
 
@@ -147,6 +149,13 @@ def run_bench(preset: str, engines: list[Path], data_root: Path, repeats: int = 
     rows = []
     for backend, precision, predictor in backends:
         rows += bench_backend(predictor, backend, precision, image, repeats)
+    served = {}
+    if zmq and engines:  # the first build through egx serve, beside the same build in process
+        from .bench_zmq import bench_zmq
+
+        _, precision, predictor = backends[1]
+        zmq_rows, served = bench_zmq(engines[0], precision, image, repeats, predictor, log)
+        rows += zmq_rows
     bandwidth = copy_bandwidth()
     ceilings = {}
     context = model.config.vision.num_tokens + 80
@@ -160,7 +169,8 @@ def run_bench(preset: str, engines: list[Path], data_root: Path, repeats: int = 
                "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
                "onnxruntime": onnxruntime.__version__, "copy_bandwidth_gbs": round(bandwidth, 2)}
     return {"machine": machine, "preset": preset, "engines": [str(e) for e in engines],
-            "part_precisions": part_precisions, "rows": [r.to_json() for r in rows], "decode_vs_bandwidth": ceilings}
+            "part_precisions": part_precisions, "rows": [r.to_json() for r in rows], "decode_vs_bandwidth": ceilings,
+            "served": served}
 
 
 def print_report(report: dict, console) -> None:
@@ -171,16 +181,30 @@ def print_report(report: dict, console) -> None:
     for col in ("stage", "backend", "precision", "median ms", "p95 ms", "speed-up vs PyTorch"):
         table.add_column(col, no_wrap=True)
     for r in report["rows"]:
-        ratio = ref.get(r["stage"], 0) / r["median_ms"] if r["median_ms"] else float("nan")
-        table.add_row(r["stage"], r["backend"], r["precision"], f"{r['median_ms']:.1f}", f"{r['p95_ms']:.1f}",
-                      f"{ratio:.2f}x")
+        ratio = f"{ref[r['stage']] / r['median_ms']:.2f}x" if r["stage"] in ref and r["median_ms"] else "-"
+        table.add_row(r["stage"], r["backend"], r["precision"], f"{r['median_ms']:.1f}", f"{r['p95_ms']:.1f}", ratio)
     console.print(table)
     for precision, parts in report["part_precisions"].items():
         console.print(f"onnxruntime {precision}: " + ", ".join(f"{p} {v}" for p, v in parts.items()))
+    print_served(report, console)
     for backend, d in report["decode_vs_bandwidth"].items():  # backend and precision
         console.print(f"decode {backend}: {d['measured_ms']:.1f} ms/token; reading {d['bytes_per_token'] / 1e6:.0f} MB "
                       f"at {d['bandwidth_gbs']:.1f} GB/s takes {d['ceiling_ms']:.1f} ms: "
                       f"{100 * d['fraction_of_ceiling']:.0f}% of the bandwidth ceiling")
+
+
+def print_served(report: dict, console) -> None:
+    """The ZeroMQ path against the same build in process."""
+    med = {(r["stage"], r["backend"]): r["median_ms"] for r in report["rows"]}
+    if ("zmq_overhead", "zmq") not in med:
+        return
+    overhead, e2e = med[("zmq_overhead", "zmq")], med[("end_to_end_segmentation", "zmq")]
+    console.print(f"zmq: overhead {overhead:.2f} ms per request with a 448 px image = {100 * overhead / e2e:.1f}% of "
+                  f"end-to-end segmentation ({e2e:.1f} ms); click_to_mask served / in process "
+                  f"{med[('click_to_mask', 'zmq')] / med[('click_to_mask', 'onnxruntime')]:.2f}x")
+    for name, t in report["served"].items():
+        console.print(f"throughput {name.replace('_', ' ')}: {t['requests_per_s']:.2f} requests/s "
+                      f"({t['requests']} segment requests{', %d errors' % t['errors'] if t.get('errors') else ''})")
 
 
 def main(args) -> int:
@@ -199,7 +223,7 @@ def main(args) -> int:
         console.print(f"no engines for {args.preset} found: build them with python export/build_engines.py "
                       f"--preset {args.preset} (benchmarking PyTorch only)")
     try:
-        report = run_bench(args.preset, engines, data, args.repeats)
+        report = run_bench(args.preset, engines, data, args.repeats, zmq=not args.no_zmq, log=console.file)
     except EarthGPTXError as exc:
         console.print(f"bench failed: {exc}")
         return 1

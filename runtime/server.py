@@ -10,6 +10,7 @@ import sys
 import tempfile
 import threading
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -96,6 +97,7 @@ class Server:
             self.frontend.bind(opts.bind)
         except zmq.ZMQError as exc:
             raise ServeError(f"cannot bind {opts.bind}: {exc}") from None
+        opts.bind = self.frontend.last_endpoint.decode()  # the port chosen for tcp://HOST:*
         self.tmp = tempfile.mkdtemp(prefix="egx-serve-")
         endpoint = f"ipc://{self.tmp}/workers"
         self.backend = self.ctx.socket(zmq.ROUTER)
@@ -196,3 +198,32 @@ def serve(opts: ServeOptions, log=sys.stderr) -> int:
         server.close()
         for s, handler in previous.items():
             signal.signal(s, handler)
+
+
+@contextmanager
+def serve_in_thread(opts: ServeOptions, log=sys.stderr):
+    """A running ``Server`` in a thread of this process (its workers are processes), for
+    benchmarks and tests; yields it once its workers are ready, stops it on exit."""
+    server = Server(opts, log)
+    started, failure = threading.Event(), []
+
+    def main() -> None:
+        try:
+            server.start()
+        except BaseException as exc:  # re-raised in the caller's thread below
+            failure.append(exc)
+        started.set()
+        if not failure:
+            server.run()
+
+    thread = threading.Thread(target=main, name="egx-serve", daemon=True)
+    thread.start()
+    started.wait()
+    try:
+        if failure:
+            raise failure[0]
+        yield server
+    finally:
+        server.stop()
+        thread.join(opts.grace_s + 30)
+        server.close()

@@ -223,14 +223,18 @@ def test_bench_writes_the_table_and_json(built, tmp_path):
     report = json.loads(out.read_text())
     stages = {"vision_encoder", "prompt_encoder", "llm", "pixel_decoder", "end_to_end_grounding",
               "end_to_end_segmentation", "end_to_end_region", "click_to_mask", "decode_per_token"}
-    for backend in ("pytorch", "onnxruntime"):
+    served = {"zmq_overhead", "click_to_mask", "end_to_end_segmentation", "throughput_1_worker",
+              "throughput_2_workers"}
+    for backend, expected in (("pytorch", stages), ("onnxruntime", stages | {"throughput_in_process"}),
+                              ("zmq", served)):
         rows = [r for r in report["rows"] if r["backend"] == backend]
-        assert {r["stage"] for r in rows} == stages
+        assert {r["stage"] for r in rows} == expected
         assert all(0 < r["median_ms"] <= r["p95_ms"] for r in rows)
+    assert report["served"]["2_workers"]["errors"] == 0 and report["served"]["2_workers"]["requests_per_s"] > 0
     assert report["machine"]["copy_bandwidth_gbs"] > 0
     assert 0 < report["decode_vs_bandwidth"]["onnxruntime fp32"]["fraction_of_ceiling"]
     assert report["part_precisions"]["fp32"] == dict.fromkeys(PART_NAMES, "fp32")
-    assert "click_to_mask" in proc.stdout and "speed-up" in proc.stdout
+    assert "click_to_mask" in proc.stdout and "speed-up" in proc.stdout and "zmq: overhead" in proc.stdout
 
 
 def test_failed_parity_fails_the_build_and_is_recorded(tmp_path, data_root, monkeypatch, capsys):

@@ -9,7 +9,6 @@ import sys
 import threading
 import time
 import uuid
-from contextlib import contextmanager
 
 import numpy as np
 import pytest
@@ -21,7 +20,7 @@ from earthgptx.imageio import read_image
 from earthgptx.processing import VisualPrompts
 from runtime.client import Client, ServerError, ServerUnavailable
 from runtime.protocol import PROTOCOL, REQUEST, SERVICE, ErrorCode, Message
-from runtime.server import ServeOptions, Server
+from runtime.server import ServeOptions, serve_in_thread
 
 SAR = "../shared/data/sar/hrsid/P0094_0_800_3000_3800.png"
 _port = [46000 + os.getpid() % 1000 * 10]
@@ -32,32 +31,8 @@ def free_address() -> str:
     return f"tcp://127.0.0.1:{_port[0]}"
 
 
-@contextmanager
 def running(engines, **options):
-    """A server in a thread of this process (its workers are processes); stops on exit."""
-    server = Server(ServeOptions(engines=engines, bind=options.pop("bind", None) or free_address(), **options))
-    started, failure = threading.Event(), []
-
-    def main():
-        try:
-            server.start()
-        except Exception as exc:  # handed to the test thread below
-            failure.append(exc)
-        started.set()
-        if not failure:
-            server.run()
-
-    thread = threading.Thread(target=main, daemon=True)
-    thread.start()
-    assert started.wait(120), "server did not start"
-    try:
-        if failure:
-            raise failure[0]
-        yield server
-    finally:
-        server.stop()
-        thread.join(30)
-        server.close()
+    return serve_in_thread(ServeOptions(engines=engines, bind=options.pop("bind", None) or free_address(), **options))
 
 
 @pytest.fixture(scope="module")
