@@ -333,3 +333,21 @@ def test_serve_query_and_sigterm_shutdown(tiny_build, tmp_path):
         serve.send_signal(signal.SIGTERM)
         rest = serve.communicate(timeout=60)[1]
     assert serve.returncode == 0 and "stopping" in rest
+
+
+def test_protocol_document_matches_the_code(server):
+    """docs/protocol.md: its error codes and tasks are the code's, and its raw example runs."""
+    import re
+
+    from runtime import protocol
+
+    doc = (REPO / "docs" / "protocol.md").read_text()
+    table = set(re.findall(r"^\| `([a-z_]+)` \| ", doc.split("## Error codes")[1].split("## Limits")[0], re.M))
+    codes = {v for k, v in vars(protocol.ErrorCode).items() if k.isupper()}
+    assert table == codes
+    for task in protocol.TASKS:
+        assert f"`{task}`" in doc
+    assert protocol.PROTOCOL.decode() in doc and str(protocol.MAX_FRAMES) in doc
+    example = doc.split("```python")[1].split("```")[0].replace("tcp://127.0.0.1:5555", server.opts.bind)
+    proc = subprocess.run([sys.executable, "-c", example], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0 and proc.stdout.strip() == "True [64, 64]", proc.stderr
