@@ -6,7 +6,7 @@ from pathlib import Path
 
 from earthgptx.errors import EarthGPTXError
 
-from .specs import ShapeLimits
+from .limits import ShapeLimits
 
 
 def add_build_arguments(p: argparse.ArgumentParser) -> None:

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -79,8 +78,9 @@ def cmd_query(args: argparse.Namespace) -> int:
 def cmd_keys(args: argparse.Namespace) -> int:
     from .security import write_keys
 
-    written = write_keys(args.out, tuple(args.name) or ("server", "client"))
-    print(json.dumps({"written": [str(p) for p in written]}))
+    status = write_keys(args.out, tuple(args.name) or ("server", "client"))
+    for name, what in status.items():
+        print(f"{what}: {args.out / (name + '.key')} (public), {args.out / (name + '.key_secret')} (secret)")
     print("give the server its .key_secret (--curve-secret) and a folder of allowed clients' .key files "
           "(--allow); give each client the server's .key and its own .key_secret", file=sys.stderr)
     return 0

@@ -37,8 +37,9 @@ def check_bind(address: str, curve: bool, insecure: bool) -> None:
                             "or accept the risk with --insecure")
 
 
-def write_keys(out: str | Path, names: tuple[str, ...] = ("server", "client")) -> list[Path]:
-    """One CURVE key pair per name: ``NAME.key`` (public) and ``NAME.key_secret``."""
+def write_keys(out: str | Path, names: tuple[str, ...] = ("server", "client")) -> dict[str, str]:
+    """One CURVE key pair per name in ``out``: ``NAME.key`` (public) and ``NAME.key_secret``
+    (mode 600). An existing pair is kept, never overwritten. Returns name -> "written"/"kept"."""
     import zmq
     import zmq.auth
 
@@ -46,14 +47,16 @@ def write_keys(out: str | Path, names: tuple[str, ...] = ("server", "client")) -
         raise SecurityError("this libzmq has no CURVE support; install pyzmq from PyPI (it bundles libsodium)")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    written = []
+    written = {}
     for name in names:
-        if (out / f"{name}.key_secret").exists():
-            raise SecurityError(f"{out / (name + '.key_secret')} exists; keys are never overwritten "
-                                "(remove it or choose another --out)")
-        public, secret = zmq.auth.create_certificates(out, name)
-        Path(secret).chmod(0o600)
-        written += [Path(public), Path(secret)]
+        public, secret = out / f"{name}.key", out / f"{name}.key_secret"
+        if public.exists() or secret.exists():  # never overwrite a key: it may be deployed
+            load_keys(secret, need_secret=True)
+            written[name] = "kept"
+            continue
+        zmq.auth.create_certificates(out, name)
+        secret.chmod(0o600)
+        written[name] = "written"
     return written
 
 

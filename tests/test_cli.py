@@ -3,6 +3,7 @@ import json
 import re
 import shlex
 import shutil
+import signal
 import subprocess
 import sys
 
@@ -78,34 +79,57 @@ def _readme_commands():
     return [line for b in blocks for line in b.splitlines() if line.strip()]
 
 
+def _start_server(cmd: list[str]) -> subprocess.Popen:
+    """A README line ending in ``&`` (``egx serve``): start it, return once it serves."""
+    proc = subprocess.Popen(cmd, cwd=REPO, stderr=subprocess.PIPE, text=True)
+    line = ""
+    while "egx serve:" not in line and proc.poll() is None:
+        line = proc.stderr.readline()
+    assert proc.poll() is None, f"{cmd} exited: {proc.stderr.read()[-2000:]}"
+    return proc
+
+
 @pytest.mark.slow
 def test_readme_commands_run_as_written(data_root, tmp_path):
-    """Every ``egx`` and build command in the README's bash blocks, as written. The install and
-    the test command themselves are run by ``.ci/run`` (running pytest here would recurse)."""
+    """Every ``egx`` and build command in the README's bash blocks, as written (a line
+    ending in ``&`` runs in the background until the end). The install and the test
+    command themselves are run by ``.ci/run`` (running pytest here would recurse)."""
     commands = _readme_commands()
     assert any("python export/build_engines.py" in c for c in commands)
     assert any("egx predict --engines engines/edge" in c for c in commands)
-    ran = 0
-    for line in commands:
-        for part in line.split(" && "):
-            argv = shlex.split(part)
-            if argv[:2] == ["python", "export/build_engines.py"]:
-                cmd = [sys.executable, *argv[1:]]
-            elif argv[0] == "egx":
-                egx_path = shutil.which("egx")
-                assert egx_path, "the egx console script is not installed (pip install -e .)"
-                cmd = [egx_path, *argv[1:]]
-            else:
-                assert argv[:2] in (["pip", "install"], ["python", "-m"]), part
-                continue
-            proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=1200)
-            assert proc.returncode == 0, (part, proc.stderr[-2000:])
-            if "--json" in argv:
-                out = json.loads(proc.stdout)
-                if "predict" in argv and "engines/edge" in argv:
-                    assert out["masks"][0]["size"] == [800, 800] and out["boxes"] and "text" in out
-            ran += 1
-    assert ran >= 5
+    assert any(c.startswith("egx serve") for c in commands) and any(c.startswith("egx query") for c in commands)
+    ran, background = 0, []
+    try:
+        for line in commands:
+            for part in line.split(" && "):
+                argv = shlex.split(part)
+                if argv[:2] == ["python", "export/build_engines.py"]:
+                    cmd = [sys.executable, *argv[1:]]
+                elif argv[0] == "egx":
+                    egx_path = shutil.which("egx")
+                    assert egx_path, "the egx console script is not installed (pip install -e .)"
+                    cmd = [egx_path, *argv[1:]]
+                elif argv[0] in ("mkdir", "cp"):
+                    cmd = argv
+                else:
+                    assert argv[:2] in (["pip", "install"], ["python", "-m"]), part
+                    continue
+                if cmd[-1] == "&":
+                    background.append(_start_server(cmd[:-1]))
+                    continue
+                proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=1200)
+                assert proc.returncode == 0, (part, proc.stderr[-2000:])
+                if "--json" in argv and argv[1] in ("predict", "query"):
+                    out = json.loads(proc.stdout)
+                    if "engines/edge" in argv or "query" in argv:
+                        assert out["masks"][0]["size"] == [800, 800] and out["boxes"] and "text" in out
+                ran += 1
+    finally:
+        for proc in background:
+            proc.send_signal(signal.SIGTERM)
+            proc.communicate(timeout=60)
+    assert all(p.returncode == 0 for p in background)
+    assert ran >= 8
 
 
 def test_cpp_rle_decoder_matches_python(tmp_path, tiny_predictor, data_root):
