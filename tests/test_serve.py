@@ -270,6 +270,46 @@ def test_many_clients_each_answered_exactly_once(server, sar):
 
 
 # -- security and start-up -----------------------------------------------------------
+@pytest.fixture(scope="module")
+def cpp_query(tmp_path_factory):
+    """The C++ client (CMake), or a skip saying what is missing."""
+    import shutil
+
+    if not (shutil.which("cmake") and (shutil.which("c++") or shutil.which("g++"))):
+        pytest.skip("cmake or a C++ compiler is not installed")
+    build = tmp_path_factory.mktemp("cpp")
+    subprocess.run(["cmake", "-S", str(REPO), "-B", str(build)], check=True, capture_output=True)
+    subprocess.run(["cmake", "--build", str(build), "-j2"], check=True, capture_output=True)
+    if not (build / "egx_query").is_file():
+        pytest.skip("libzmq (libzmq3-dev) is not installed: the C++ ZeroMQ client was not built")
+    return build / "egx_query"
+
+
+@pytest.fixture(scope="module")
+def sar_pgm(tmp_path_factory, sar):
+    import cv2
+
+    path = tmp_path_factory.mktemp("pgm") / "sar.pgm"
+    cv2.imwrite(str(path), sar[:, :, 0])
+    return path
+
+
+def test_cpp_client_gets_the_python_clients_answer(server, cpp_query, sar, sar_pgm):
+    proc = subprocess.run([str(cpp_query), "--connect", server.opts.bind, "--image", str(sar_pgm), "--modality",
+                           "sar", "--text", "Segment the ship.", "--point", "400,400", "--max-new-tokens", "3",
+                           "--stream"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    out = json.loads(proc.stdout)
+    with connect(server) as c:
+        ref = c.predict(sar[:, :, 0], "sar", "Segment the ship.", [(400, 400)], generation={"max_new_tokens": 3})
+    assert out["text"] == ref["text"] and out["masks"] == ref["masks"] and out["image_id"] == ref["image_id"]
+    assert proc.stderr.startswith(ref["text"]) and "mask 0:" in proc.stderr
+    bad = subprocess.run([str(cpp_query), "--connect", server.opts.bind, "--image", str(sar_pgm), "--modality",
+                          "sar", "--text", "x", "--point", "900,10", "--task", "click"], capture_output=True, text=True,
+                         timeout=120)
+    assert bad.returncode == 3 and "bad_request" in bad.stderr and "outside" in bad.stderr
+
+
 def test_curve_serves_listed_clients_only(tiny_build, tmp_path, sar):
     from runtime.security import load_keys, write_keys
 
