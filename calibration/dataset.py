@@ -1,11 +1,15 @@
 """A calibration set from a folder of real imagery.
 
 Known layouts anywhere under the folder are read with their annotations: SIRST
-(``images/`` + ``masks/*_pixels0.png``), HRSID (``*_instance_id_RGB.png``), DOTA
-(``images/`` + ``labelTxt/``). Any other image (PNG, JPEG, (Geo)TIFF) is used without
-annotations, its modality read from a folder name on its path (``optical``, ``sar``,
-``infrared``/``ir``/``thermal``) or given by the caller. Unreadable images, images the
-modality cannot take and masks that do not fit their image are reported and skipped.
+(``images/`` + ``masks/*_pixels0.png`` and/or ``masks/*.xml``), HRSID
+(``*_instance_id_RGB.png``), DOTA (``images/`` + ``labelTxt/``). Any other image (PNG, JPEG,
+(Geo)TIFF) is used with the Pascal-VOC boxes of a ``<stem>.xml`` beside it or in an
+``Annotations/`` (``annotations/``, ``masks/``, ``xml/``) folder beside its folder, or else
+without annotations; its modality is read from a folder name on its path (``optical``,
+``sar``, ``infrared``/``ir``/``thermal``) or given by the caller. Where a mask and VOC boxes
+both exist the mask gives the prompts and the boxes must agree with it. Unreadable images,
+images the modality cannot take, masks or xml that do not fit their image, malformed xml and
+annotations that disagree are reported and skipped.
 
 Selection is per modality, seeded and deterministic: disjoint calibration and evaluation
 images (a modality with a single image is split into left/right halves so that the two
@@ -18,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from earthgptx.datasets import dota_samples, hrsid_samples, sirst_samples
+from earthgptx.datasets import dota_samples, hrsid_samples, sirst_samples, voc_file, voc_sample
 from earthgptx.errors import EarthGPTXError, InputError
 from earthgptx.imageio import read_image
 from earthgptx.processing import MODALITIES, VisualPrompts, crop_boxes, inside_point, preprocess
@@ -93,7 +97,11 @@ def discover(root: str | Path, modality: str | None = None) -> tuple[list[Item],
         if mod is None:
             skipped.append((str(f), "modality unknown: put it under a folder named optical, sar or infrared"))
             continue
-        items.append(Item(f, mod, None, np.zeros((0, 4))))
+        xml = voc_file(f, root)
+        if xml is None:
+            items.append(Item(f, mod, None, np.zeros((0, 4))))
+        elif (sample := voc_sample(f, xml, mod, skipped)) is not None:
+            items.append(Item(sample.image, mod, None, sample.boxes))
     usable = []
     for item in items:
         if item.modality not in MODALITIES:

@@ -47,15 +47,14 @@ def record_feeds(predictor, items: list[Item], requests_per_modality: int = 12,
 
 def balanced(per_modality: dict[str, list[dict]]) -> list[dict]:
     """One list with every modality equally represented (smaller ones repeated), so that
-    histogram calibration (entropy, percentile) is not dominated by one sensor."""
+    histogram calibration (entropy, percentile) is not dominated by one sensor. Modalities
+    take turns (``[optical 0, sar 0, infrared 0, optical 1, ...]``), so that every chunk the
+    calibrator is fed (``export.quantize.CHUNK``) spans the sensors' ranges from the start."""
     groups = [g for g in per_modality.values() if g]
     if not groups:
         return []
     n = max(len(g) for g in groups)
-    out = []
-    for g in groups:
-        out += [g[i % len(g)] for i in range(n)]
-    return out
+    return [g[i % len(g)] for i in range(n) for g in groups]
 
 
 def save_feeds(folder: Path, feeds: dict[str, dict[str, list[dict]]]) -> list[Path]:

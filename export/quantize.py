@@ -8,34 +8,68 @@ CPU; on a small ViT both gave the same accuracy, ORT's file 4x smaller). Setting
 per-channel symmetric INT8 weights, symmetric INT8 activations (zero point 0, as TensorRT
 requires), only MatMul/Conv/Gemm quantized, activation x activation matmuls (q.k^T, attn.v)
 excluded, so LayerNorm, softmax and residual adds stay FP32.
+
+Memory: the calibrators keep every calibrated activation of every feed they are given in
+one pass (the histogram ones, entropy and percentile, all of them before binning: 36 edge
+vision feeds did not fit in 24 GB). The feeds are therefore given ``chunk`` at a time (ORT's
+``CalibStridedMinMax`` option, which drives any calibrator's ``collect_data`` once per chunk):
+min/max ranges merge exactly, histograms are merged by ORT's ``HistogramCollector`` (a later
+chunk with a wider range adds bins of the same width), so peak memory is one chunk's
+activations plus the histograms, whatever the number of feeds.
 The LLM gets weight-only INT8 (``MatMulNBits``, 8 bits, blocks of 128): batch-1 decode is
 bound by memory bandwidth, so a 4x smaller weight read is the win; activations stay FP32."""
 from __future__ import annotations
 
+import contextlib
+import io
+import logging
 from pathlib import Path
 
 import numpy as np
 
+from earthgptx.errors import EarthGPTXError
+
 from .fp16 import activation_pairs
 
 METHODS = ("max", "entropy", "percentile")
+# feeds per calibrator pass; each adds ~2 GB at the edge preset (vision encoder, percentile:
+# peak 3.0 GB with 1 feed a pass, 6.9 GB with 3; all 36 at once would be ~70 GB)
+CHUNK = 2
+
+log = logging.getLogger(__name__)
 
 
 class FeedReader:
-    """``onnxruntime.quantization.CalibrationDataReader`` over recorded feeds."""
+    """``onnxruntime.quantization.CalibrationDataReader`` over recorded feeds (feed dicts of
+    ``{input_name: ndarray}``); ``set_range`` limits it to ``feeds[start:end]`` so that a
+    calibrator can take them a chunk at a time."""
 
     def __init__(self, feeds: list[dict], input_names: list[str]) -> None:
-        self.feeds, self.names, self.i = feeds, input_names, 0
+        self.feeds, self.names = feeds, input_names
+        self.i, self.end = 0, len(feeds)
+
+    def __len__(self) -> int:
+        return len(self.feeds)
+
+    def set_range(self, start_index: int, end_index: int) -> None:
+        self.i, self.end = start_index, min(end_index, len(self.feeds))
 
     def get_next(self):
-        if self.i >= len(self.feeds):
+        if self.i >= self.end:
             return None
         feed = self.feeds[self.i]
         self.i += 1
         return {n: np.ascontiguousarray(feed[n]) for n in self.names}
 
     def rewind(self) -> None:
-        self.i = 0
+        self.i, self.end = 0, len(self.feeds)
+
+
+def chunk_size(n_feeds: int, chunk: int) -> int:
+    """The largest chunk ``<= chunk`` that divides ``n_feeds`` (ORT needs equal chunks)."""
+    if chunk < 1:
+        raise EarthGPTXError(f"calibration chunk must be at least 1 feed, got {chunk}")
+    return max(d for d in range(1, min(chunk, max(n_feeds, 1)) + 1) if n_feeds % d == 0)
 
 
 def nodes_in_modules(model, modules: tuple[str, ...]) -> list[str]:
@@ -56,29 +90,39 @@ def nodes_in_modules(model, modules: tuple[str, ...]) -> list[str]:
 
 
 def quantize_qdq(src: Path, dst: Path, feeds: list[dict], method: str = "max",
-                 keep_fp32: tuple[str, ...] = ()) -> dict:
-    """Static QDQ INT8 of ``src`` calibrated on ``feeds``, leaving the nodes of the
-    ``keep_fp32`` modules in FP32; returns what was done."""
+                 keep_fp32: tuple[str, ...] = (), chunk: int = CHUNK) -> dict:
+    """Static QDQ INT8 of ``src`` calibrated on ``feeds`` (``chunk`` feeds per calibrator
+    pass, see the module's note on memory), leaving the nodes of the ``keep_fp32`` modules in
+    FP32; returns what was done."""
     import onnx
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 
+    if method not in METHODS:
+        raise EarthGPTXError(f"calibration method {method!r} is not one of {', '.join(METHODS)}")
+    if not feeds:
+        raise EarthGPTXError(f"{src}: no calibration feeds; record them from calibration imagery first")
     calib = {"max": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
              "percentile": CalibrationMethod.Percentile}[method]
     model = onnx.load(str(src), load_external_data=False)
     kept = nodes_in_modules(model, keep_fp32)
     exclude = activation_pairs(model) + kept
     names = [i.name for i in model.graph.input]
-    quantize_static(
-        str(src), str(dst), FeedReader(feeds, names), quant_format=QuantFormat.QDQ, per_channel=True,
-        activation_type=QuantType.QInt8, weight_type=QuantType.QInt8, op_types_to_quantize=["MatMul", "Conv", "Gemm"],
-        nodes_to_exclude=exclude, calibrate_method=calib,
-        extra_options={"ActivationSymmetric": True, "WeightSymmetric": True, "CalibMovingAverage": False},
-    )
+    stride = chunk_size(len(feeds), chunk)
+    chatter = io.StringIO()  # the histogram collector prints a line per chunk
+    with contextlib.redirect_stdout(chatter):
+        quantize_static(
+            str(src), str(dst), FeedReader(feeds, names), quant_format=QuantFormat.QDQ, per_channel=True,
+            activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
+            op_types_to_quantize=["MatMul", "Conv", "Gemm"], nodes_to_exclude=exclude, calibrate_method=calib,
+            extra_options={"ActivationSymmetric": True, "WeightSymmetric": True, "CalibMovingAverage": False,
+                           "CalibStridedMinMax": stride},
+        )
+    log.debug("onnxruntime calibration of %s: %s", src.name, chatter.getvalue())
     quantized = onnx.load(str(dst), load_external_data=False)
     n_q = sum(1 for n in quantized.graph.node if n.op_type == "QuantizeLinear")
     return {"method": f"onnxruntime quantize_static QDQ ({method})",
             "excluded_act_x_act": len(exclude) - len(kept), "kept_fp32_modules": list(keep_fp32),
-            "quantize_nodes": n_q, "calibration_feeds": len(feeds)}
+            "quantize_nodes": n_q, "calibration_feeds": len(feeds), "calibration_chunk": stride}
 
 
 def quantize_weight_only(src: Path, dst: Path, block_size: int = 128) -> dict:

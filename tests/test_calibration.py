@@ -1,6 +1,8 @@
 """INT8 calibration on real imagery (tiny preset): the calibration set and its robustness
 to bad data, Q/DQ and weight-only quantization, and the INT8 build's accuracy gate."""
 
+from pathlib import Path
+
 import cv2
 import numpy as np
 import onnx
@@ -95,6 +97,68 @@ def test_qdq_quantization_is_symmetric_and_keeps_act_matmuls_float(tiny, tmp_pat
 
 
 @pytest.fixture(scope="module")
+def tiny_vision(tiny, tmp_path_factory):
+    """The tiny vision encoder in ONNX, 12 calibration feeds and 3 held-out ones (random, at three
+    scales, so that later chunks widen the histograms of earlier ones)."""
+    from export.onnx_export import export_onnx
+    from export.specs import SPECS
+
+    model = tiny[0]
+    src = export_onnx(SPECS["vision_encoder"](model.config), model.vision_encoder,
+                      tmp_path_factory.mktemp("vision") / "v.onnx")
+    rng = np.random.default_rng(1)
+    feeds = [{"pixel_values": (rng.normal(size=(1, 3, 128, 128)) * s).astype(np.float32)} for s in (0.5, 1, 2) * 4]
+    held_out = [{"pixel_values": (rng.normal(size=(1, 3, 128, 128)) * s).astype(np.float32)} for s in (0.5, 1, 2)]
+    return src, feeds, held_out
+
+
+@pytest.mark.parametrize("method", ["max", "entropy", "percentile"])
+def test_every_calibration_method_is_fed_in_chunks_and_stays_close_to_fp32(tiny_vision, tmp_path, method,
+                                                                          monkeypatch):
+    """The calibrators see ``chunk`` feeds at a time (bounded memory), and the Q/DQ model
+    agrees with FP32 on held-out inputs, and with the one made from all feeds in one pass."""
+    import onnxruntime as ort
+
+    from export import quantize
+
+    src, feeds, held_out = tiny_vision
+    ranges = []
+    original = quantize.FeedReader.set_range
+
+    def recording(self, start_index, end_index):
+        ranges.append((start_index, end_index))
+        original(self, start_index, end_index)
+
+    monkeypatch.setattr(quantize.FeedReader, "set_range", recording)
+    info = quantize.quantize_qdq(src, tmp_path / "chunked.onnx", feeds, method, chunk=5)
+    assert info["calibration_chunk"] == 4 and ranges == [(0, 4), (4, 8), (8, 12)]  # 4: largest divisor of 12 <= 5
+    quantize.quantize_qdq(src, tmp_path / "one_pass.onnx", feeds, method, chunk=len(feeds))
+    paths = {"fp32": src, "chunked": tmp_path / "chunked.onnx", "one_pass": tmp_path / "one_pass.onnx"}
+    run = {k: ort.InferenceSession(str(p), providers=["CPUExecutionProvider"]) for k, p in paths.items()}
+    cos = lambda x, y: float(x.ravel() @ y.ravel() / np.linalg.norm(x) / np.linalg.norm(y))  # noqa: E731
+    for feed in held_out:
+        ref, chunked, one_pass = (run[k].run(None, feed) for k in ("fp32", "chunked", "one_pass"))
+        for r, c, o in zip(ref, chunked, one_pass):
+            assert cos(r, c) > 0.99 and cos(c, o) > 0.99
+
+
+def test_calibration_chunk_sizes():
+    from earthgptx.errors import EarthGPTXError
+    from export.quantize import chunk_size
+
+    assert [chunk_size(n, 4) for n in (36, 35, 37, 3, 1)] == [4, 1, 1, 3, 1]
+    with pytest.raises(EarthGPTXError, match="at least 1"):
+        chunk_size(10, 0)
+
+
+def test_balanced_feeds_take_turns_per_modality():
+    from calibration.feeds import balanced
+
+    out = balanced({"optical": [1], "sar": [2, 3], "infrared": [4, 5, 6], "empty": []})
+    assert out == [1, 2, 4, 1, 3, 5, 1, 2, 6]
+
+
+@pytest.fixture(scope="module")
 def int8_build(tmp_path_factory, data_root):
     from export.build import BuildOptions, per_part, PRECISIONS, run_build
 
@@ -141,3 +205,126 @@ def test_int8_engines_run_the_chain(int8_build, data_root):
     r = p.predict(img, "sar", "Segment the ship.", VisualPrompts([(400, 400)], [], []),
                   generation=GenerationConfig(max_new_tokens=3))
     assert r.masks and r.masks[0].shape == (800, 800)
+
+
+def _voc_xml(w: int, h: int, boxes: list[tuple], name: str = "ship") -> str:
+    """A Pascal-VOC file: ``boxes`` as 1-based inclusive (xmin, ymin, xmax, ymax)."""
+    objects = "".join(f"<object><name>{name}</name><bndbox><xmin>{b[0]}</xmin><ymin>{b[1]}</ymin>"
+                      f"<xmax>{b[2]}</xmax><ymax>{b[3]}</ymax></bndbox></object>" for b in boxes)
+    return f"<annotation><size><width>{w}</width><height>{h}</height><depth>3</depth></size>{objects}</annotation>"
+
+
+def test_voc_only_folder_gives_items_with_prompts_inside_the_boxes(tmp_path):
+    from calibration.dataset import requests
+
+    rng = np.random.default_rng(0)
+    optical = tmp_path / "set" / "optical"
+    (optical / "JPEGImages").mkdir(parents=True)
+    (optical / "Annotations").mkdir()
+    voc = {"a": [(11, 21, 40, 50)], "b": [(1, 1, 30, 20), (61, 41, 96, 64)]}
+    for stem, boxes in voc.items():
+        cv2.imwrite(str(optical / "JPEGImages" / f"{stem}.png"), (rng.random((64, 96, 3)) * 255).astype(np.uint8))
+        (optical / "Annotations" / f"{stem}.xml").write_text(_voc_xml(96, 64, boxes))
+    cv2.imwrite(str(optical / "c.png"), (rng.random((64, 96, 3)) * 255).astype(np.uint8))  # xml beside the image
+    (optical / "c.xml").write_text(_voc_xml(96, 64, [(5, 5, 20, 30)]))
+    items, skipped = discover(tmp_path / "set")
+    assert skipped == [] and len(items) == 3 and all(i.modality == "optical" and not i.masks for i in items)
+    by_stem = {i.path.stem: i for i in items}
+    np.testing.assert_array_equal(by_stem["a"].boxes, [[10, 20, 40, 50]])  # 1-based inclusive -> 0-based edges
+    np.testing.assert_array_equal(by_stem["b"].boxes, [[0, 0, 30, 20], [60, 40, 96, 64]])
+    for item in items:
+        for text, prompts, task in requests(item, 6):
+            for x, y in prompts.points:
+                assert any(b[0] <= x <= b[2] and b[1] <= y <= b[3] for b in item.boxes), (item.path, x, y)
+            for box in prompts.boxes:
+                assert any(np.allclose(box, b) for b in item.boxes)
+    assert select(items, skipped).summary()["calibration_images"]["optical"] == 2
+
+
+def test_bad_voc_xml_is_reported_and_skipped(tmp_path):
+    sar = tmp_path / "set" / "sar"
+    sar.mkdir(parents=True)
+    grey = (np.random.default_rng(0).random((64, 80)) * 255).astype(np.uint8)
+    xml = {"ok": _voc_xml(80, 64, [(10, 10, 20, 20)]),
+           "unclosed": "<annotation><object><bndbox><xmin>1</xmin>",
+           "words": _voc_xml(80, 64, [("left", 1, 9, 9)]),
+           "reversed": _voc_xml(80, 64, [(30, 10, 20, 20)]),
+           "no_bndbox": "<annotation><object><name>ship</name></object></annotation>",
+           "not_voc": "<labels><box/></labels>",
+           "resized": _voc_xml(160, 128, [(10, 10, 20, 20)]),
+           "one_out": _voc_xml(80, 64, [(10, 10, 20, 20), (70, 50, 120, 64)]),
+           "all_out": _voc_xml(80, 64, [(100, 10, 120, 20)]),
+           "zero_based": _voc_xml(80, 64, [(0, 0, 10, 10)])}  # off by one: within tolerance, clipped
+    for stem, text in xml.items():
+        cv2.imwrite(str(sar / f"{stem}.png"), grey)
+        (sar / f"{stem}.xml").write_text(text)
+    items, skipped = discover(tmp_path / "set")
+    assert sorted(i.path.stem for i in items) == ["ok", "one_out", "zero_based"]
+    by_stem = {i.path.stem: i for i in items}
+    np.testing.assert_array_equal(by_stem["one_out"].boxes, [[9, 9, 20, 20]])  # the box outside was dropped
+    np.testing.assert_array_equal(by_stem["zero_based"].boxes, [[0, 0, 10, 10]])
+    reasons = {}
+    for path, why in skipped:
+        reasons.setdefault(Path(path).stem, []).append(why)
+    assert set(reasons) == {"unclosed", "words", "reversed", "no_bndbox", "not_voc", "resized", "one_out", "all_out"}
+    assert "not readable Pascal-VOC xml" in reasons["unclosed"][0]
+    assert "numeric" in reasons["words"][0] and "xmax < xmin" in reasons["reversed"][0]
+    assert "no <bndbox>" in reasons["no_bndbox"][0] and "<annotation>" in reasons["not_voc"][0]
+    assert "says 160x128 but the image is 80x64" in reasons["resized"][0]
+    assert "outside the 80x64 image" in reasons["one_out"][0]
+    assert any("no box" in why for why in reasons["all_out"])
+
+
+def test_sirst_voc_boxes_agree_with_its_masks(data_root):
+    """SIRST draws one VOC box per image round all its targets: it matches the box enclosing
+    the mask to a pixel per edge (its writers mix 0- and 1-based indices)."""
+    from earthgptx.datasets import read_voc, voc_mask_disagreement
+    from earthgptx.imageio import read_mask
+    from earthgptx.processing import mask_box
+
+    sirst = data_root / "infrared" / "sirst"
+    ious, sides, n = [], [], 0
+    for xml in sorted((sirst / "masks").glob("*.xml")):
+        mask = read_mask(sirst / "masks" / f"{xml.stem}_pixels0.png")
+        voc = read_voc(xml)
+        assert voc.size == (mask.shape[1], mask.shape[0]) and len(voc.boxes) == 1, xml
+        a, b = voc.boxes[0], np.asarray(mask_box(mask))
+        assert np.abs(a - b).max() <= 1, xml
+        n_obj, labels = cv2.connectedComponents(mask.astype(np.uint8))
+        parts = np.asarray([mask_box(labels == i) for i in range(1, n_obj)])
+        assert voc_mask_disagreement(voc.boxes, parts) is None, xml
+        inter = np.prod(np.clip(np.minimum(a[2:], b[2:]) - np.maximum(a[:2], b[:2]), 0, None))
+        ious.append(inter / (np.prod(a[2:] - a[:2]) + np.prod(b[2:] - b[:2]) - inter))
+        sides.append(min(b[2] - b[0], b[3] - b[1]))
+        n += 1
+    ious, sides = np.asarray(ious), np.asarray(sides)
+    assert n == 427 and np.median(ious) >= 0.8  # targets of 2-5 px: one pixel is much of the IoU
+    assert ious[sides >= 10].min() >= 0.7 and ious[sides >= 20].min() >= 0.9
+    items, skipped = discover(sirst)
+    assert len(items) == 426 and not any("disagree" in why for _, why in skipped)
+    assert all(len(i.masks) == len(i.boxes) >= 1 for i in items)  # masks are preferred: free-form prompts
+
+
+def test_sirst_xml_without_mask_and_disagreeing_xml(data_root, tmp_path):
+    import re
+    import shutil
+
+    src = data_root / "infrared" / "sirst"
+    dst = tmp_path / "infrared" / "sirst"
+    (dst / "images").mkdir(parents=True)
+    (dst / "masks").mkdir()
+    for stem in ("Misc_1", "Misc_2", "Misc_3", "Misc_111"):
+        shutil.copy(src / "images" / f"{stem}.png", dst / "images")
+        shutil.copy(src / "masks" / f"{stem}.xml", dst / "masks")
+    shutil.copy(src / "masks" / "Misc_2_pixels0.png", dst / "masks")  # Misc_1, Misc_3, Misc_111: xml only
+    shutil.copy(src / "masks" / "Misc_3_pixels0.png", dst / "masks")
+    xml = (dst / "masks" / "Misc_3.xml").read_text()
+    (dst / "masks" / "Misc_3.xml").write_text(re.sub(r"<xmin>\d+</xmin>", "<xmin>1</xmin>", xml))  # far from its mask
+    items, skipped = discover(tmp_path / "infrared")
+    by_stem = {i.path.stem: i for i in items}
+    assert sorted(by_stem) == ["Misc_1", "Misc_2"]
+    np.testing.assert_array_equal(by_stem["Misc_1"].boxes, [[70, 74, 221, 134]])  # from the xml, no mask
+    assert not by_stem["Misc_1"].masks and len(by_stem["Misc_2"].masks) >= 1
+    reasons = " | ".join(f"{Path(p).name}: {why}" for p, why in skipped)
+    assert "Misc_111.xml: xml <size> says 592x400 but the image is 325x220" in reasons
+    assert "Misc_3.png: Misc_3.xml and Misc_3_pixels0.png disagree" in reasons
