@@ -231,6 +231,28 @@ def test_killed_worker_request_is_retried_once(server, reference, sar):
     assert server.broker.ready_workers() == 2 and victim not in server.processes
 
 
+def test_lazy_pirate_retries_reach_the_running_request(server, sar):
+    """A client that times out and resends (fresh socket, same id) gets the one answer."""
+    before = server.broker.answered
+    with connect(server, timeout_s=0.2, retries=50) as c:
+        out = c.request({"task": "caption", "text": "Describe the image.", "image": {"modality": "sar"},
+                         "generation": {"max_new_tokens": 1024}}, {"image": sar}).header
+    assert out["event"] == "result" and len(out["result"]["text"]) > 0
+    assert server.broker.answered == before + 1
+
+
+def test_hung_worker_is_replaced(server, sar):
+    """A worker that stops answering heartbeats (SIGSTOP) is declared dead, killed and replaced."""
+    victim = next(iter(server.broker.workers.values())).pid
+    os.kill(victim, signal.SIGSTOP)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and (victim in server.processes or server.broker.ready_workers() < 2):
+        time.sleep(0.1)
+    assert victim not in server.processes and server.broker.ready_workers() == 2
+    with connect(server) as c:
+        assert c.predict(sar, "sar", "", [(400, 400)], task="click")["masks"]
+
+
 def test_retry_with_the_same_id_is_not_run_twice(server, sar):
     header = {"id": uuid.uuid4().hex, "task": "click", "points": [[400, 400]], "image": {"modality": "sar"}}
     before = server.broker.answered
@@ -349,8 +371,9 @@ def test_serve_refuses_unsafe_binds_and_bad_builds(tiny_build, tmp_path):
     assert proc.returncode == 2 and "sha256" in proc.stderr and "rebuild" in proc.stderr.lower()
 
 
-def test_serve_query_and_sigterm_shutdown(tiny_build, tmp_path):
-    """The README's commands as written: serve, query (streamed, with an overlay), SIGTERM."""
+def test_serve_query_and_sigterm_shutdown(tiny_build, tmp_path, sar):
+    """egx serve and egx query (streamed, with an overlay); SIGTERM with a request in flight:
+    that request is answered or failed explicitly, and the server exits 0."""
     address = free_address()
     serve = subprocess.Popen([sys.executable, "-m", "earthgptx.cli", "serve", "--engines", str(tiny_build[0]),
                               "--bind", address], cwd=REPO, stderr=subprocess.PIPE, text=True)
@@ -369,10 +392,25 @@ def test_serve_query_and_sigterm_shutdown(tiny_build, tmp_path):
         import cv2
 
         assert cv2.imread(str(tmp_path / "overlay.png")).shape == (800, 800, 3)
+        outcome = []
+
+        def long_request():
+            with Client(address, timeout_s=30, retries=0) as c:
+                try:
+                    outcome.append(c.predict(sar, "sar", "Describe the image.", task="caption",
+                                             generation={"max_new_tokens": 1024})["text"])
+                except ServerError as exc:
+                    outcome.append(exc.code)
+
+        t = threading.Thread(target=long_request)
+        t.start()
+        time.sleep(0.5)
     finally:
         serve.send_signal(signal.SIGTERM)
         rest = serve.communicate(timeout=60)[1]
-    assert serve.returncode == 0 and "stopping" in rest
+    t.join(60)
+    assert serve.returncode == 0 and "stopping (1 request(s) in flight)" in rest
+    assert len(outcome) == 1 and outcome[0] not in (ErrorCode.WORKER_LOST, ErrorCode.INTERNAL)
 
 
 def test_protocol_document_matches_the_code(server):
