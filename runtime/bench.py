@@ -203,8 +203,10 @@ def print_served(report: dict, console) -> None:
                   f"end-to-end segmentation ({e2e:.1f} ms); click_to_mask served / in process "
                   f"{med[('click_to_mask', 'zmq')] / med[('click_to_mask', 'onnxruntime')]:.2f}x")
     for name, t in report["served"].items():
+        what = "a new image each" if t.get("new_image_per_request") else "one cached image"
         console.print(f"throughput {name.replace('_', ' ')}: {t['requests_per_s']:.2f} requests/s "
-                      f"({t['requests']} segment requests{', %d errors' % t['errors'] if t.get('errors') else ''})")
+                      f"({t['requests']} segment requests, {what}"
+                      f"{', %d errors' % t['errors'] if t.get('errors') else ''})")
 
 
 def main(args) -> int:

@@ -1,7 +1,8 @@
 """Benchmark rows for the ZeroMQ path, side by side with the in-process pipeline on the
 same engines: the transport overhead (a ``ping`` carrying a 448 px RGB image through
 broker and worker), ``click_to_mask`` and ``end_to_end_segmentation`` through the
-server, and throughput with 1 and 2 workers."""
+server, and throughput (requests/s with 4 concurrent clients) with 1 and 2 workers on a
+cached image, and with 1 worker vs ``--staged`` when every request brings a new image."""
 from __future__ import annotations
 
 import os
@@ -24,7 +25,10 @@ def _perturbed(image: np.ndarray, i: int) -> np.ndarray:
     return out
 
 
-def _throughput(address: str, image: np.ndarray, key: str, clients: int, per_client: int) -> tuple[float, int]:
+def _throughput(address: str, image: np.ndarray, key: str, clients: int, per_client: int,
+                new_images: bool = False) -> tuple[float, int]:
+    """``clients`` threads, each sending ``per_client`` segment requests; on the uploaded
+    image (by id), or each on a new image (the vision encoder runs every time)."""
     from .client import Client
 
     errors = []
@@ -32,9 +36,10 @@ def _throughput(address: str, image: np.ndarray, key: str, clients: int, per_cli
     def one(k: int) -> None:
         with Client(address, timeout_s=120, retries=0) as c:
             c.uploaded.add((key, "sar"))
-            for point in _segment_requests(clients * per_client)[k::clients]:
+            for i, point in enumerate(_segment_requests(clients * per_client)[k::clients]):
+                img = _perturbed(image, 1000 + k * per_client + i) if new_images else image
                 try:
-                    c.predict(image, "sar", "Segment the ship.", [point], task="segment",
+                    c.predict(img, "sar", "Segment the ship.", [point], task="segment",
                               generation={"max_new_tokens": 8})
                 except Exception as exc:  # counted and reported, not hidden
                     errors.append(exc)
@@ -73,15 +78,17 @@ def bench_zmq(folder: Path, precision: str, image: np.ndarray, repeats: int, pre
     rows.append(Row("throughput_in_process", "onnxruntime", precision, [seconds * 1e3 / n]))
     summary["in_process"] = {"requests": n, "seconds": round(seconds, 3), "requests_per_s": round(n / seconds, 3)}
     payload = np.random.default_rng(0).integers(0, 256, OVERHEAD_IMAGE, dtype=np.uint8)
-    for workers in (1, 2):
-        opts = ServeOptions(engines=folder, bind="tcp://127.0.0.1:*", workers=workers,
-                            threads=max(1, (os.cpu_count() or 1) // workers))
+    configs = (("1_worker", dict(workers=1), False), ("2_workers", dict(workers=2), False),
+               ("new_images_1_worker", dict(workers=1), True), ("new_images_staged", dict(workers=1, staged=True), True))
+    for name, config, new_images in configs:
+        workers = config["workers"] * (2 if config.get("staged") else 1)
+        opts = ServeOptions(engines=folder, bind="tcp://127.0.0.1:*", threads=max(1, (os.cpu_count() or 1) // workers),
+                            **config)
         with serve_in_thread(opts, log) as server, Client(server.opts.bind, timeout_s=120, retries=0) as c:
             key = c.upload(image, "sar")
-            if workers == 1:
+            if name == "1_worker":
                 rows.append(Row("zmq_overhead", "zmq", precision, timed(lambda: c.ping(payload), repeats * 5, 3)))
-                rng = np.random.default_rng(0)
-                clicks = iter(rng.integers(0, 800, (repeats + 1, 2)).tolist())
+                clicks = iter(np.random.default_rng(0).integers(0, 800, (repeats + 1, 2)).tolist())
                 rows.append(Row("click_to_mask", "zmq", precision,
                                 timed(lambda: c.predict(image, "sar", "", [next(clicks)], task="click"), repeats)))
                 counter = iter(range(10**6))
@@ -89,10 +96,9 @@ def bench_zmq(folder: Path, precision: str, image: np.ndarray, repeats: int, pre
                     lambda: c.predict(_perturbed(image, next(counter)), "sar", "Segment the ship.", [(400, 400)],
                                       task="segment", generation={"max_new_tokens": 8}),
                     max(3, repeats // 2))))
-            seconds, errors = _throughput(server.opts.bind, image, key, clients, per_client)
-            rows.append(Row(f"throughput_{workers}_worker{'s' if workers > 1 else ''}", "zmq", precision,
-                            [seconds * 1e3 / n]))
-            summary[f"{workers}_workers"] = {"requests": n, "clients": clients, "seconds": round(seconds, 3),
-                                             "requests_per_s": round(n / seconds, 3), "errors": errors,
-                                             "threads_per_worker": opts.threads}
+            seconds, errors = _throughput(server.opts.bind, image, key, clients, per_client, new_images)
+            rows.append(Row(f"throughput_{name}", "zmq", precision, [seconds * 1e3 / n]))
+            summary[name] = {"requests": n, "clients": clients, "seconds": round(seconds, 3),
+                             "requests_per_s": round(n / seconds, 3), "errors": errors, "processes": workers,
+                             "threads_per_process": opts.threads, "new_image_per_request": new_images}
     return rows, summary
