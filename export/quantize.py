@@ -65,11 +65,17 @@ class FeedReader:
         self.i, self.end = 0, len(self.feeds)
 
 
-def chunk_size(n_feeds: int, chunk: int) -> int:
-    """The largest chunk ``<= chunk`` that divides ``n_feeds`` (ORT needs equal chunks)."""
+def chunk_size(feeds: list[dict], chunk: int) -> int:
+    """The largest chunk ``<= chunk`` that divides ``len(feeds)`` (ORT takes equal chunks) and
+    whose chunks each hold feeds of one shape (ORT's histogram collector stacks a chunk's
+    activations into one array: a prompt encoder's feeds differ in their number of prompts)."""
     if chunk < 1:
         raise EarthGPTXError(f"calibration chunk must be at least 1 feed, got {chunk}")
-    return max(d for d in range(1, min(chunk, max(n_feeds, 1)) + 1) if n_feeds % d == 0)
+    shapes = [tuple(sorted((k, np.shape(v)) for k, v in f.items())) for f in feeds]
+    for d in range(min(chunk, len(feeds)), 1, -1):
+        if len(feeds) % d == 0 and all(len(set(shapes[i:i + d])) == 1 for i in range(0, len(feeds), d)):
+            return d
+    return 1
 
 
 def nodes_in_modules(model, modules: tuple[str, ...]) -> list[str]:
@@ -107,7 +113,7 @@ def quantize_qdq(src: Path, dst: Path, feeds: list[dict], method: str = "max",
     kept = nodes_in_modules(model, keep_fp32)
     exclude = activation_pairs(model) + kept
     names = [i.name for i in model.graph.input]
-    stride = chunk_size(len(feeds), chunk)
+    stride = chunk_size(feeds, chunk)
     chatter = io.StringIO()  # the histogram collector prints a line per chunk
     with contextlib.redirect_stdout(chatter):
         quantize_static(

@@ -142,13 +142,42 @@ def test_every_calibration_method_is_fed_in_chunks_and_stays_close_to_fp32(tiny_
             assert cos(r, c) > 0.99 and cos(c, o) > 0.99
 
 
-def test_calibration_chunk_sizes():
+def test_calibration_chunks_divide_the_feeds_and_hold_one_shape_each():
     from earthgptx.errors import EarthGPTXError
     from export.quantize import chunk_size
 
-    assert [chunk_size(n, 4) for n in (36, 35, 37, 3, 1)] == [4, 1, 1, 3, 1]
+    same = lambda n: [{"x": np.zeros((1, 3))}] * n  # noqa: E731
+    assert [chunk_size(same(n), 4) for n in (36, 35, 37, 3, 1)] == [4, 1, 1, 3, 1]
+    ragged = [{"x": np.zeros((1, r))} for r in (1, 1, 2, 2, 3, 3)]
+    assert chunk_size(ragged, 4) == 2 and chunk_size(ragged[1:] + ragged[:1], 4) == 1
     with pytest.raises(EarthGPTXError, match="at least 1"):
-        chunk_size(10, 0)
+        chunk_size(same(10), 0)
+
+
+@pytest.mark.parametrize("method", ["entropy", "percentile"])
+def test_histogram_calibration_takes_feeds_of_different_shapes(tiny, tmp_path, method):
+    """The prompt encoder's feeds differ in their number of prompts: each chunk must hold
+    one shape (ORT stacks a chunk), and the model still agrees with FP32."""
+    import onnxruntime as ort
+    import torch
+
+    from export.onnx_export import export_onnx
+    from export.quantize import quantize_qdq
+    from export.specs import SPECS
+
+    model = tiny[0]
+    spec = SPECS["prompt_encoder"](model.config)
+    src = export_onnx(spec, model.prompt_encoder, tmp_path / "p.onnx")
+    feeds = []
+    for k, regions in enumerate((1, 2, 3, 2, 3, 1)):
+        ex = spec.example_inputs({"batch": 1, "regions": regions}, seed=k)
+        ex["prompt_types"] = torch.arange(regions)[None] % 3  # point, box, free-form
+        feeds.append({n: v.numpy() for n, v in ex.items()})
+    info = quantize_qdq(src, tmp_path / "p.int8.onnx", feeds, method, chunk=2)
+    assert info["calibration_chunk"] == 1  # no chunk of two holds one shape here
+    a = ort.InferenceSession(str(src), providers=["CPUExecutionProvider"]).run(None, feeds[1])[0]
+    b = ort.InferenceSession(str(tmp_path / "p.int8.onnx"), providers=["CPUExecutionProvider"]).run(None, feeds[1])[0]
+    assert float(a.ravel() @ b.ravel() / np.linalg.norm(a) / np.linalg.norm(b)) > 0.98
 
 
 def test_balanced_feeds_take_turns_per_modality():
@@ -191,6 +220,23 @@ def test_int8_build_records_accuracy_and_falls_back_honestly(int8_build):
     feeds = np.load(out / "calibration" / "vision_encoder.npz")
     assert any(k.endswith("/pixel_values") for k in feeds.files)
     assert {str(feeds[k]) for k in feeds.files if k.endswith("/__modality__")} == {"optical", "sar", "infrared"}
+
+
+def test_int8_build_with_histogram_calibration(tmp_path, data_root):
+    """``--calibration-method percentile`` through the whole build: every Q/DQ part (feeds of
+    varying shapes included) is calibrated in chunks and the kept parts meet the gate."""
+    from export.build import BuildOptions, per_part, PRECISIONS, run_build
+    from runtime.manifest import load_manifest
+
+    out = tmp_path / "tiny-int8-pct"
+    run_build(BuildOptions(preset="tiny", out=out, data_root=data_root, calibration=data_root,
+                           calibration_method="percentile",
+                           precisions=per_part(["int8"], PRECISIONS, "fp32", "precision")))
+    m = load_manifest(out)
+    assert m["accuracy"]["passed"] is True
+    for part in ("vision_encoder", "prompt_encoder", "pixel_decoder"):
+        q = m["engines"][part]["quantization"]
+        assert q["method"].endswith("(percentile)") and 1 <= q["calibration_chunk"] <= 2
 
 
 def test_int8_engines_run_the_chain(int8_build, data_root):
