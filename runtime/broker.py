@@ -20,7 +20,8 @@ from .protocol import (DISCONNECT, FINAL, HEARTBEAT, HEARTBEAT_INTERVAL, HEARTBE
                        ProtocolError, check_request_id, error_header, parse_header, parse_message)
 
 MAX_ATTEMPTS = 2  # a request whose worker died is run once more, on another worker
-DONE_CACHE = 2048  # final replies kept for clients that retry
+DONE_CACHE = 2048  # final replies kept for clients that retry (and image ids remembered)
+DONE_CACHE_BYTES = 64 * 2**20
 
 
 @dataclass
@@ -67,6 +68,7 @@ class Broker:
         self.idle: dict[str, list[bytes]] = {s: [] for s in stages}
         self.inflight: dict[str, Job] = {}
         self.done: OrderedDict[str, list] = OrderedDict()
+        self.done_bytes = 0
         self.affinity: OrderedDict[str, bytes] = OrderedDict()  # image id -> the worker that cached it
         self.startup_errors: list[str] = []
         self.accepting = True
@@ -82,9 +84,13 @@ class Broker:
         if events.get(self.backend) == zmq.POLLIN:
             for _ in range(1000):
                 try:
-                    self._on_worker(self.backend.recv_multipart(zmq.NOBLOCK, copy=False))
+                    parts = self.backend.recv_multipart(zmq.NOBLOCK, copy=False)
                 except zmq.Again:
                     break
+                try:
+                    self._on_worker(parts)
+                except (ValueError, KeyError, TypeError, IndexError) as exc:  # reported; the broker keeps serving
+                    print(f"egx serve: ignored a malformed worker message: {exc!r}", file=self.log)
         if events.get(self.frontend) == zmq.POLLIN:
             for _ in range(1000):
                 try:
@@ -173,9 +179,11 @@ class Broker:
     def _finish(self, job: Job, frames: list) -> None:
         """The one final reply of ``job``."""
         self.inflight.pop(job.id, None)
+        frames = [bytes(f) for f in frames]  # kept: own the bytes, not a view of a received message
         self.done[job.id] = frames
-        while len(self.done) > DONE_CACHE:
-            self.done.popitem(last=False)
+        self.done_bytes += sum(len(f) for f in frames)
+        while len(self.done) > DONE_CACHE or self.done_bytes > DONE_CACHE_BYTES:
+            self.done_bytes -= sum(len(f) for f in self.done.popitem(last=False)[1])
         self.answered += 1
         self._reply(job.client, FINAL, frames)
 

@@ -149,9 +149,20 @@ class RequestHandler:
         enc, vision_ms = self.predictor.encode_image(image, modality, actual, **options)
         return enc, {"preprocess": (time.perf_counter() - start) * 1e3 - vision_ms, "vision_encoder": vision_ms}
 
+    def _precheck(self, msg: Message, task: str) -> tuple[VisualPrompts, GenerationConfig, str]:
+        """Everything about the request that can be refused before the vision encoder runs."""
+        prompts, generation, text = visual_prompts(msg), generation_config(msg.header), msg.header.get("text", "")
+        if not isinstance(text, str):
+            raise _bad("'text' must be a string")
+        self.predictor.check_request(text, prompts, task)
+        image = msg.tensors.get("image")
+        if image is not None and image.ndim >= 2:
+            prompts.check(Letterbox(image.shape[0], image.shape[1], self.predictor.config.vision.image_size))
+        return prompts, generation, text
+
     def _encode(self, msg: Message, emit: Emit, upload: bool) -> None:
         if not upload:
-            self._check_task(msg.header)
+            self._precheck(msg, self._check_task(msg.header))
         enc, timings = self._encoding(msg)
         lb = enc.letterbox
         header = {"event": "encoded", "image_id": enc.key.split("|", 1)[0], "modality": enc.modality,
@@ -164,20 +175,8 @@ class RequestHandler:
     def _answer(self, msg: Message, emit: Emit) -> None:
         header = msg.header
         task = self._check_task(header)
-        prompts = visual_prompts(msg)
-        generation = generation_config(header)
-        text = header.get("text", "")
-        if not isinstance(text, str):
-            raise _bad("'text' must be a string")
-        if self.stage == "language":
-            enc, timings = self._handed_on(msg)
-        else:
-            _, modality, _ = image_spec(header)
-            image = msg.tensors.get("image")
-            if image is not None and image.ndim >= 2:  # refuse bad prompts before the vision encoder
-                self.predictor.check_request(text, prompts, task)
-                prompts.check(Letterbox(image.shape[0], image.shape[1], self.predictor.config.vision.image_size))
-            enc, timings = self._encoding(msg)
+        prompts, generation, text = self._precheck(msg, task)
+        enc, timings = self._handed_on(msg) if self.stage == "language" else self._encoding(msg)
         seq = [0]
 
         def on_text(piece: str) -> None:
