@@ -429,3 +429,24 @@ def test_protocol_document_matches_the_code(server):
     example = doc.split("```python")[1].split("```")[0].replace("tcp://127.0.0.1:5555", server.opts.bind)
     proc = subprocess.run([sys.executable, "-c", example], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0 and proc.stdout.strip() == "True [64, 64]", proc.stderr
+
+
+def test_cpp_client_with_curve(tiny_build, tmp_path, cpp_query, sar_pgm):
+    from runtime.security import write_keys
+
+    keys = tmp_path / "keys"
+    write_keys(keys, ("server", "board", "stranger"))
+    allow = tmp_path / "allow"
+    allow.mkdir()
+    (allow / "board.key").write_bytes((keys / "board.key").read_bytes())
+    with running(tiny_build[0], threads=1, curve_secret=keys / "server.key_secret", allow=allow) as s:
+        def query(client: str) -> subprocess.CompletedProcess:
+            return subprocess.run([str(cpp_query), "--connect", s.opts.bind, "--image", str(sar_pgm), "--modality",
+                                   "sar", "--text", "", "--point", "400,400", "--task", "click", "--timeout", "2",
+                                   "--retries", "0", "--server-key", str(keys / "server.key"), "--client-key",
+                                   str(keys / f"{client}.key_secret")], capture_output=True, text=True, timeout=60)
+
+        ok = query("board")
+        assert ok.returncode == 0 and json.loads(ok.stdout)["masks"], ok.stderr
+        refused = query("stranger")
+        assert refused.returncode == 2 and "no reply" in refused.stderr
