@@ -41,6 +41,7 @@ class OnnxRuntimeRunner(Runner):
         self.device = device
         self.threads = threads
         self.session = None
+        self.unsigned_activations = 0  # Q/DQ nodes rewritten to uint8 activations for the CPU
         self.input_names: list[str] = []
         self.output_names: list[str] = []
 
@@ -56,9 +57,27 @@ class OnnxRuntimeRunner(Runner):
         opts.log_severity_level = 3
         if self.threads:
             opts.intra_op_num_threads = self.threads
-        self.session = ort.InferenceSession(str(self.path), opts, providers=choose_providers(self.device))
+        providers = choose_providers(self.device)
+        source = self._cpu_model() if providers == ["CPUExecutionProvider"] else None
+        self.session = ort.InferenceSession(source or str(self.path), opts, providers=providers)
         self.input_names = [i.name for i in self.session.get_inputs()]
         self.output_names = [o.name for o in self.session.get_outputs()]
+
+    def _cpu_model(self) -> bytes | None:
+        """The model with uint8 activation Q/DQ (lossless; see ``qdq_cpu``) when the file has
+        int8 activation Q/DQ, else None (the file is used as is)."""
+        import onnx
+
+        from .qdq_cpu import has_int8_activations, to_unsigned_activations
+
+        if not has_int8_activations(onnx.load(str(self.path), load_external_data=False)):
+            return None
+        model = onnx.load(str(self.path))
+        self.unsigned_activations = to_unsigned_activations(model)
+        if model.ByteSize() >= 2**31 - 2**20:
+            raise EarthGPTXError(f"{self.name}: an INT8 Q/DQ model over 2 GB cannot be rewritten for the CPU in "
+                                 "memory; run it with --device cuda or build it with weight-only INT8")
+        return model.SerializeToString()
 
     def deactivate(self) -> None:
         self.session = None
