@@ -15,12 +15,11 @@ def mask_to_rle(mask: np.ndarray) -> dict:
     """``(H, W)`` bool -> ``{"size": [H, W], "counts": str}``."""
     mask = np.asarray(mask, dtype=bool)
     h, w = mask.shape
-    flat = mask.ravel(order="F").astype(np.int8)
-    change = np.flatnonzero(np.diff(flat)) + 1
-    bounds = np.concatenate([[0], change, [flat.size]])
-    runs = np.diff(bounds).tolist()
+    flat = mask.ravel(order="F")
+    change = np.flatnonzero(flat[1:] != flat[:-1]) + 1
+    runs = np.diff(np.concatenate([[0], change, [flat.size]]))
     if flat.size and flat[0]:
-        runs = [0] + runs
+        runs = np.concatenate([[0], runs])
     return {"size": [int(h), int(w)], "counts": _compress(runs)}
 
 
@@ -40,20 +39,27 @@ def rle_to_mask(rle: dict) -> np.ndarray:
     return flat.reshape((w, h)).T
 
 
-def _compress(runs: list[int]) -> str:
-    out = []
-    for i, x in enumerate(runs):
-        if i > 2:
-            x -= runs[i - 2]
-        more = True
-        while more:
-            c = x & 0x1F
-            x >>= 5
-            more = (x != -1) if (c & 0x10) else (x != 0)
-            if more:
-                c |= 0x20
-            out.append(chr(c + 48))
-    return "".join(out)
+def _compress(runs) -> str:
+    """pycocotools' string form, vectorised: each run (from the 4th on, minus the run two
+    before) is written in 5-bit chunks, low first, 0x20 marking "more", as ``chr(c + 48)``;
+    a chunk ends the value when the rest is its sign extension."""
+    x = np.asarray(runs, dtype=np.int64)
+    if x.size == 0:
+        return ""
+    v = x.copy()
+    v[3:] -= x[1:-2]
+    bits = int(np.abs(v).max()).bit_length() + 1  # with the sign
+    chunks, emitted = [], []
+    live = np.ones(v.size, dtype=bool)  # this value still has chunks to write
+    for _ in range(-(-bits // 5)):
+        c = v & 0x1F
+        v = v >> 5  # arithmetic: negatives stay negative
+        more = np.where(c & 0x10, v != -1, v != 0)
+        chunks.append(c | (more.astype(np.int64) << 5))
+        emitted.append(live)
+        live = live & more
+    chunks_t, emitted_t = np.stack(chunks, axis=1), np.stack(emitted, axis=1)  # (runs, chunks)
+    return (chunks_t[emitted_t] + 48).astype(np.uint8).tobytes().decode("ascii")
 
 
 def _decompress(s: str | bytes) -> list[int]:

@@ -195,13 +195,17 @@ def print_report(report: dict, console) -> None:
 
 def print_served(report: dict, console) -> None:
     """The ZeroMQ path against the same build in process."""
-    med = {(r["stage"], r["backend"]): r["median_ms"] for r in report["rows"]}
-    if ("zmq_overhead", "zmq") not in med:
+    zmq = {r["stage"]: r for r in report["rows"] if r["backend"] == "zmq"}
+    if "zmq_overhead" not in zmq:
         return
-    overhead, e2e = med[("zmq_overhead", "zmq")], med[("end_to_end_segmentation", "zmq")]
+    precision = zmq["zmq_overhead"]["precision"]
+    local = {r["stage"]: r["median_ms"] for r in report["rows"]
+             if r["backend"] == "onnxruntime" and r["precision"] == precision}
+    overhead, e2e = zmq["zmq_overhead"]["median_ms"], zmq["end_to_end_segmentation"]["median_ms"]
     console.print(f"zmq: overhead {overhead:.2f} ms per request with a 448 px image = {100 * overhead / e2e:.1f}% of "
-                  f"end-to-end segmentation ({e2e:.1f} ms); click_to_mask served / in process "
-                  f"{med[('click_to_mask', 'zmq')] / med[('click_to_mask', 'onnxruntime')]:.2f}x")
+                  f"end-to-end segmentation ({e2e:.1f} ms); served / in process ({precision}): click_to_mask "
+                  f"{zmq['click_to_mask']['median_ms'] / local['click_to_mask']:.2f}x, end_to_end_segmentation "
+                  f"{e2e / local['end_to_end_segmentation']:.2f}x")
     for name, t in report["served"].items():
         what = "a new image each" if t.get("new_image_per_request") else "one cached image"
         console.print(f"throughput {name.replace('_', ' ')}: {t['requests_per_s']:.2f} requests/s "
