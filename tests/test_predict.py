@@ -165,3 +165,39 @@ def test_bad_requests(tiny_predictor, sar):
         p.predict(sar, "radar", "x")
     with pytest.raises(InputError, match="region3"):
         p.predict(sar, "sar", "Compare <region1> and <region3>.", VisualPrompts([(1, 1), (5, 5)], [], []))
+
+
+def test_image_cache_is_lru_and_bounded_in_bytes():
+    from earthgptx.image_cache import ImageCache, image_id
+
+    cache = ImageCache(max_bytes=100)
+    cache.put("a", "A", 40)
+    cache.put("b", "B", 40)
+    assert cache.get("a") == "A"  # a is now the most recent
+    cache.put("c", "C", 40)  # 120 > 100: the least recent (b) goes
+    assert "b" not in cache and cache.get("a") == "A" and cache.get("c") == "C"
+    cache.put("huge", "H", 101)  # larger than the whole budget: not kept, nothing evicted
+    assert "huge" not in cache and cache.stats().bytes == 80 and cache.stats().evictions == 1
+    img = np.zeros((4, 5), np.uint8)
+    assert image_id(img) == image_id(img.copy()) != image_id(img.astype(np.uint16))
+    assert image_id(img) != image_id(img.reshape(5, 4))
+    with pytest.raises(InputError):
+        image_id(np.array([[object()]]))
+
+
+def test_predictor_cache_skips_the_vision_encoder_and_evicts(tiny, sar):
+    from earthgptx.predictor import Predictor
+
+    model, tokenizer = tiny
+    first, _ = Predictor.from_model(model, tokenizer).encode_image(sar, "sar")
+    p = Predictor.from_model(model, tokenizer)
+    p.cache.max_bytes = first.nbytes  # room for one encoding
+    click = VisualPrompts([(400, 400)], [], [])
+    assert p.predict(sar, "sar", "", click, task="click").timings_ms["vision_encoder"] > 0
+    again = p.predict(sar, "sar", "", click, task="click")
+    assert again.timings_ms["vision_encoder"] == 0
+    other = sar[:600].copy()
+    p.predict(other, "sar", "", click, task="click")  # evicts the first image
+    assert p.cache.stats().entries == 1 and p.cache.stats().evictions == 1
+    assert p.predict(sar, "sar", "", click, task="click").timings_ms["vision_encoder"] > 0
+    assert p.predict(sar, "optical", "", click, task="click").timings_ms["vision_encoder"] > 0  # per modality
