@@ -107,9 +107,7 @@ class Broker:
     def _reply(self, client: bytes, command: bytes, frames: list) -> None:
         try:
             self.frontend.send_multipart([client, b"", PROTOCOL, command, SERVICE, *frames], zmq.NOBLOCK, copy=False)
-        except zmq.Again:  # the client's pipe is full (or it is gone): ROUTER drops; nothing to do
-            pass
-        except zmq.ZMQError as exc:
+        except zmq.ZMQError as exc:  # (a gone or full client is dropped by ROUTER silently: its retry is answered)
             print(f"egx serve: cannot reply to a client: {exc}", file=self.log)
 
     def _error(self, client: bytes, request_id, code: str, message: str) -> None:

@@ -79,7 +79,7 @@ class Server:
         self.ctx = zmq.Context()
         self.frontend = self.ctx.socket(zmq.ROUTER)
         self.frontend.linger = 0
-        self.frontend.router_mandatory = False
+        self.frontend.router_mandatory = False  # replies to vanished clients are dropped; retries hit the done cache
         self.frontend.rcvhwm = self.frontend.sndhwm = 1000
         self.frontend.maxmsgsize = 2 * opts.max_request_bytes  # beyond: disconnected without a reply
         if opts.curve_secret:

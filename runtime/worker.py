@@ -60,8 +60,7 @@ def run_worker(opts: WorkerOptions) -> int:
     link = _Link(ctx, opts.endpoint)
     try:
         from earthgptx.errors import EarthGPTXError
-        from runtime.engines import open_predictor
-
+        from .engines import open_predictor
         from .service import RequestHandler
 
         try:
