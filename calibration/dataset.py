@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from earthgptx.datasets import dota_samples, hrsid_samples, sirst_samples, voc_file, voc_sample
+from earthgptx.data.readers import dota_samples, hrsid_samples, sirst_samples, voc_file, voc_sample
 from earthgptx.errors import EarthGPTXError, InputError
 from earthgptx.imageio import read_image
 from earthgptx.processing import MODALITIES, VisualPrompts, crop_boxes, inside_point, preprocess

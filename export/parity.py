@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from earthgptx.datasets import Sample, dota_samples, hrsid_samples, sirst_samples
+from earthgptx.data.readers import Sample, dota_samples, hrsid_samples, sirst_samples
 from earthgptx.errors import EarthGPTXError
 from earthgptx.generation import GenerationConfig
 from earthgptx.imageio import read_image

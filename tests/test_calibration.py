@@ -324,7 +324,7 @@ def test_bad_voc_xml_is_reported_and_skipped(tmp_path):
 def test_sirst_voc_boxes_agree_with_its_masks(data_root):
     """SIRST draws one VOC box per image round all its targets: it matches the box enclosing
     the mask to a pixel per edge (its writers mix 0- and 1-based indices)."""
-    from earthgptx.datasets import read_voc, voc_mask_disagreement
+    from earthgptx.data.readers import read_voc, voc_mask_disagreement
     from earthgptx.imageio import read_mask
     from earthgptx.processing import mask_box
 

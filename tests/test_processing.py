@@ -7,7 +7,7 @@ import cv2
 import numpy as np
 import pytest
 
-from earthgptx.datasets import shared_samples, sirst_samples
+from earthgptx.data.readers import shared_samples, sirst_samples
 from earthgptx.errors import InputError
 from earthgptx.imageio import read_image
 from earthgptx.processing import (PIXEL_MEAN, PIXEL_STD, Letterbox, VisualPrompts, format_box, parse_text_boxes,

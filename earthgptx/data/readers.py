@@ -19,9 +19,9 @@ from typing import Iterator
 
 import numpy as np
 
-from .errors import InputError
-from .imageio import read_image, read_mask
-from .processing import mask_box
+from ..errors import InputError
+from ..imageio import read_image, read_mask
+from ..processing import mask_box
 
 log = logging.getLogger(__name__)
 
@@ -31,10 +31,22 @@ VOC_FOLDERS = ("Annotations", "annotations", "masks", "xml")  # beside the image
 
 @dataclass
 class Sample:
+    """One annotated image. ``boxes``/``masks`` are its objects (original frame);
+    ``label`` is an image-level class (AID scene, MSTAR vehicle), ``captions`` its
+    descriptions; ``noun`` names what the objects are ("ship", "target", "road") and
+    ``instances`` says whether the objects are separate instances (False: ``masks`` holds
+    one semantic mask, e.g. all roads). ``dataset`` names the reader that made it."""
+
     image: Path
     modality: str
     boxes: np.ndarray  # (K, 4) float64 XYXY edges, original frame
     masks: list[np.ndarray] = field(default_factory=list)  # (H, W) bool, one per object, may be empty
+    dataset: str = ""
+    label: str | None = None
+    captions: tuple[str, ...] = ()
+    noun: str = ""
+    instances: bool = True
+    object_classes: tuple[str, ...] = ()  # per object, where the data names them (DOTA)
 
 
 @dataclass
@@ -189,19 +201,22 @@ def _skip(skipped: list | None, path: Path, why: str) -> None:
         skipped.append((str(path), why))
 
 
-def sirst_samples(root: Path, skipped: list | None = None) -> Iterator[Sample]:
+def sirst_samples(root: Path, skipped: list | None = None, xml_dir: str = "masks",
+                  dataset: str = "sirst") -> Iterator[Sample]:
     """SIRST layout: ``images/<name>.png`` + ``masks/<name>_pixels0.png`` and/or
-    ``masks/<name>.xml``. Objects come from the mask (free-form prompts, points on the target)
-    where there is one, checked against the xml boxes; from the xml boxes where there is no
-    mask. Problems go to ``skipped`` as ``(path, reason)``."""
+    ``<xml_dir>/<name>.xml`` (SIRST: ``masks``; SIRST-v2: ``boxes``). Objects come from the
+    mask (free-form prompts, points on the target) where there is one, checked against the
+    xml boxes; from the xml boxes where there is no mask. An empty mask is an image without
+    targets (SIRST-v2 has some). Problems go to ``skipped`` as ``(path, reason)``."""
     import cv2
 
     for img in sorted((root / "images").glob("*.png")):
-        mask_path, xml = root / "masks" / f"{img.stem}_pixels0.png", root / "masks" / f"{img.stem}.xml"
+        mask_path, xml = root / "masks" / f"{img.stem}_pixels0.png", root / xml_dir / f"{img.stem}.xml"
         if not mask_path.is_file():
             if xml.is_file():
                 sample = voc_sample(img, xml, "infrared", skipped)
                 if sample is not None:
+                    sample.dataset, sample.noun = dataset, "target"
                     yield sample
             else:
                 _skip(skipped, img, "no mask and no VOC xml")
@@ -218,12 +233,17 @@ def sirst_samples(root: Path, skipped: list | None = None) -> Iterator[Sample]:
         n, labels = cv2.connectedComponents(mask.astype(np.uint8))
         masks = [labels == i for i in range(1, n)]
         boxes = np.asarray([mask_box(m) for m in masks]).reshape(-1, 4)
-        voc = voc_boxes(xml, shape, skipped) if xml.is_file() else None  # unusable xml: reported, mask kept
-        why = voc_mask_disagreement(voc, boxes) if voc is not None else None
+        voc = voc_boxes(xml, shape, skipped) if xml.is_file() and masks else None  # unusable xml: reported
+        why = voc_mask_disagreement(voc, boxes) if voc is not None and len(voc) else None
         if why:
             _skip(skipped, img, f"{xml.name} and {mask_path.name} disagree: {why}; fix or remove one")
             continue
-        yield Sample(img, "infrared", boxes, masks)
+        yield Sample(img, "infrared", boxes, masks, dataset=dataset, noun="target")
+
+
+def sirst_v2_samples(root: Path, skipped: list | None = None) -> Iterator[Sample]:
+    """SIRST-v2 layout: ``images/<name>.png``, ``masks/<name>_pixels0.png``, ``boxes/<name>.xml``."""
+    return sirst_samples(root, skipped, xml_dir="boxes", dataset="sirst-v2")
 
 
 def hrsid_samples(root: Path, skipped: list | None = None) -> Iterator[Sample]:
@@ -241,7 +261,51 @@ def hrsid_samples(root: Path, skipped: list | None = None) -> Iterator[Sample]:
         if masks and masks[0].shape != shape:
             _skip(skipped, img, "instance mask size differs from the image")
             continue
-        yield Sample(img, "sar", np.asarray([mask_box(m) for m in masks]).reshape(-1, 4), masks)
+        yield Sample(img, "sar", np.asarray([mask_box(m) for m in masks]).reshape(-1, 4), masks,
+                     dataset="hrsid", noun="ship")
+
+
+def colour_mask_samples(root: Path, modality: str, colour: tuple[int, int, int], dataset: str, noun: str,
+                        instances: bool, skipped: list | None = None) -> Iterator[Sample]:
+    """``images/<name>.*`` + ``masks/<name>.png`` where object pixels have ``colour`` (RGB)
+    and the background is black. ``instances``: objects are the mask's connected
+    components (ships); otherwise the mask is one semantic object (roads)."""
+    import cv2
+
+    for img in sorted(p for p in (root / "images").iterdir() if p.suffix.lower() in (".png", ".jpg", ".jpeg")):
+        ann = root / "masks" / f"{img.stem}.png"
+        if not ann.is_file():
+            _skip(skipped, img, f"no mask {ann.name}")
+            continue
+        try:
+            rgb = read_image(ann).data
+            shape = read_image(img).data.shape[:2]
+        except InputError as exc:
+            _skip(skipped, img, str(exc))
+            continue
+        if rgb.ndim != 3 or rgb.shape[:2] != shape:
+            _skip(skipped, img, f"mask {ann.name} is not an RGB image of the image's size")
+            continue
+        # lossy writers blur the colour: nearest to the object colour rather than to black
+        dist_obj = np.abs(rgb[..., :3].astype(np.int16) - np.array(colour, dtype=np.int16)).sum(-1)
+        fg = dist_obj < rgb[..., :3].astype(np.int16).sum(-1)
+        if instances:
+            n, labels = cv2.connectedComponents(fg.astype(np.uint8))
+            masks = [labels == i for i in range(1, n) if (labels == i).sum() >= 4]
+        else:
+            masks = [fg] if fg.any() else []
+        yield Sample(img, modality, np.asarray([mask_box(m) for m in masks]).reshape(-1, 4), masks,
+                     dataset=dataset, noun=noun, instances=instances)
+
+
+def hrsid_mini_samples(root: Path, skipped: list | None = None) -> Iterator[Sample]:
+    """HRSID chips with green ship masks (``images/*.jpg``, ``masks/*.png``, (0, 255, 0))."""
+    return colour_mask_samples(root, "sar", (0, 255, 0), "hrsid-mini", "ship", True, skipped)
+
+
+def road_samples(root: Path, skipped: list | None = None) -> Iterator[Sample]:
+    """Aerial road tiles (``images/*.png``, ``masks/*.png``, roads (80, 120, 255)): one semantic mask."""
+    return colour_mask_samples(root, "optical", (80, 120, 255), "road-mini", "road", False, skipped)
 
 
 def dota_samples(root: Path, skipped: list | None = None) -> Iterator[Sample]:
@@ -256,18 +320,78 @@ def dota_samples(root: Path, skipped: list | None = None) -> Iterator[Sample]:
         except InputError as exc:
             _skip(skipped, img, str(exc))
             continue
-        masks, boxes = [], []
-        for corners, _ in polys:
+        masks, boxes, classes = [], [], []
+        for corners, name in polys:
             m = np.zeros((h, w), dtype=np.uint8)
             cv2.fillPoly(m, [np.round(corners).astype(np.int32)], 1)
             if m.any():
                 masks.append(m.astype(bool))
                 boxes.append(mask_box(masks[-1]))
-        yield Sample(img, "optical", np.asarray(boxes).reshape(-1, 4), masks)
+                classes.append(name.replace("-", " "))
+        yield Sample(img, "optical", np.asarray(boxes).reshape(-1, 4), masks, dataset="dota", noun="object",
+                     object_classes=tuple(classes))
+
+
+def aid_samples(root: Path, skipped: list | None = None) -> Iterator[Sample]:
+    """AID + RSICD captions: ``annotations.jsonl`` lines ``{"image", "class", "captions"}``.
+    Images are not opened here (3,000 of them): a missing file is reported."""
+    import json
+
+    ann = root / "annotations.jsonl"
+    if not ann.is_file():
+        _skip(skipped, root, "no annotations.jsonl")
+        return
+    for n, line in enumerate(ann.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+            img, label = root / rec["image"], str(rec["class"])
+            captions = tuple(str(c).strip() for c in rec.get("captions", ()))
+        except (json.JSONDecodeError, KeyError, TypeError) as exc:
+            _skip(skipped, ann, f"line {n}: {exc}")
+            continue
+        if not img.is_file():
+            _skip(skipped, img, "listed in annotations.jsonl but missing")
+            continue
+        yield Sample(img, "optical", np.zeros((0, 4)), [], dataset="aid", label=label, captions=captions)
+
+
+def mstar_samples(root: Path, skipped: list | None = None) -> Iterator[Sample]:
+    """MSTAR chips, one folder per vehicle class (``<CLASS>/*.jpeg``); not opened here."""
+    for folder in sorted(p for p in root.iterdir() if p.is_dir()):
+        for img in sorted(folder.iterdir()):
+            if img.suffix.lower() in (".jpg", ".jpeg", ".png"):
+                yield Sample(img, "sar", np.zeros((0, 4)), [], dataset="mstar", label=folder.name, noun="vehicle")
+
+
+# dataset name -> (folder under the data root, reader); the layouts of ../shared/data
+READERS = {
+    "aid": ("optical/aid", aid_samples),
+    "road-mini": ("optical/road-mini", road_samples),
+    "dota": ("optical/dota", dota_samples),
+    "mstar": ("sar/mstar", mstar_samples),
+    "hrsid": ("sar/hrsid", hrsid_samples),
+    "hrsid-mini": ("sar/hrsid-mini", hrsid_mini_samples),
+    "sirst": ("infrared/sirst", sirst_samples),
+    "sirst-v2": ("infrared/sirst-v2", sirst_v2_samples),
+}
+
+
+def dataset_samples(data_root: Path, names: tuple[str, ...] | None = None,
+                    skipped: list | None = None) -> Iterator[Sample]:
+    """Samples of the named datasets (default: every one found) under ``data_root``."""
+    for name in names or tuple(READERS):
+        if name not in READERS:
+            raise InputError(f"unknown dataset {name!r}; known: {', '.join(READERS)}")
+        folder, reader = READERS[name]
+        path = Path(data_root) / folder
+        if path.is_dir():
+            yield from reader(path, skipped)
 
 
 def shared_samples(data_root: Path, skipped: list | None = None) -> Iterator[Sample]:
-    """All samples of ``../shared/data`` (infrared, SAR, optical)."""
+    """The samples with objects of ``../shared/data`` that calibration uses: SIRST, HRSID, DOTA."""
     yield from sirst_samples(data_root / "infrared" / "sirst", skipped)
     yield from hrsid_samples(data_root / "sar" / "hrsid", skipped)
     yield from dota_samples(data_root / "optical" / "dota", skipped)
