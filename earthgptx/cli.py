@@ -1,6 +1,6 @@
 """``egx``: the command line. Thin: it parses, checks argument combinations, calls the
 library and prints. Subcommands: ``predict``, ``info``, ``build``, ``bench``, ``checkpoint``,
-``serve``, ``query``, ``keys``."""
+``serve``, ``query``, ``keys``, ``data``, ``train``, ``eval``."""
 from __future__ import annotations
 
 import argparse
@@ -29,7 +29,8 @@ def _box(text: str) -> tuple[float, float, float, float]:
 
 def _add_model_source(p: argparse.ArgumentParser) -> None:
     src = p.add_mutually_exclusive_group()
-    src.add_argument("--preset", choices=("tiny", "edge"), help="built-in model, PyTorch (default: edge)")
+    src.add_argument("--preset", choices=("tiny", "small", "edge"),
+                     help="an untrained built-in model, PyTorch (default: the trained model shipped in the package)")
     src.add_argument("--checkpoint", metavar="DIR", help="checkpoint folder (config.json + model.safetensors)")
     src.add_argument("--engines", metavar="DIR", help="a build folder (manifest.json) from export/build_engines.py")
     p.add_argument("--device", default="auto", help="for --engines: cpu, cuda or auto")
@@ -144,33 +145,166 @@ def build_parser() -> argparse.ArgumentParser:
     add_prompt_arguments(p)
     add_keys_arguments(sub.add_parser("keys", help="write CURVE key pairs for serve/query"))
 
+    _add_training_parsers(sub)
+
     p = sub.add_parser("checkpoint", help="write a preset's model as a checkpoint folder")
     p.add_argument("--preset", choices=("tiny", "edge"), required=True)
     p.add_argument("--out", required=True, metavar="DIR")
     return parser
 
 
+def _weights(text: str) -> dict[str, float]:
+    try:
+        pairs = [item.split("=") for item in text.split(",") if item]
+        return {k.strip(): float(v) for k, v in pairs}
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected TASK=WEIGHT,... (e.g. classify=0.3,click=0.2), got {text!r}") from None
+
+
+def _add_training_parsers(sub) -> None:
+    from .data.instructions import TASK_WEIGHTS
+
+    p = sub.add_parser("data", help="print instruction samples built from the annotations (what training teaches)")
+    p.add_argument("--data", default=None, help="data root in the layout of ../shared/data (default $EGX_DATA)")
+    p.add_argument("--split", choices=("train", "val"), default="train")
+    p.add_argument("--task", action="append", choices=tuple(TASK_WEIGHTS), help="only this task (repeatable)")
+    p.add_argument("--dataset", action="append", help="only this dataset (repeatable), e.g. aid, mstar, sirst")
+    p.add_argument("-n", type=int, default=20, help="samples to print")
+    p.add_argument("--seed", type=int, default=0)
+
+    p = sub.add_parser("train", help="one-stage training on every modality and task (torchrun for data parallel)")
+    p.add_argument("--data", default=None, help="data root in the layout of ../shared/data (default $EGX_DATA)")
+    p.add_argument("--out", required=True, metavar="DIR", help="run folder (resumed if it holds state.pt)")
+    p.add_argument("--preset", choices=("tiny", "small"), default="small")
+    p.add_argument("--steps", type=int, default=2000)
+    p.add_argument("--batch-size", type=int, default=16, help="global batch (split over torchrun ranks)")
+    p.add_argument("--lr", type=float, default=2e-3)
+    p.add_argument("--warmup", type=int, default=100)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cpu", help="cpu or cuda (bf16 autocast)")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads per process")
+    p.add_argument("--workers", type=int, default=0, help="data-loading processes (0: in the training process)")
+    p.add_argument("--dataset", action="append", help="train on this dataset only (repeatable)")
+    p.add_argument("--task-weights", type=_weights, default=None, metavar="TASK=W,...",
+                   help="task mix (default " + ",".join(f"{k}={v}" for k, v in TASK_WEIGHTS.items()) + ")")
+    p.add_argument("--checkpoint-every", type=int, default=250)
+    p.add_argument("--log-every", type=int, default=10)
+    p.add_argument("--time-limit", type=float, default=None, metavar="MIN", help="stop (and save) after MIN minutes")
+    p.add_argument("--dry-run", action="store_true", help="print a step's instructions and stop")
+
+    p = sub.add_parser("eval", help="task metrics on the validation split (PyTorch or built engines)")
+    _add_model_source(p)
+    p.add_argument("--data", default=None, help="data root in the layout of ../shared/data (default $EGX_DATA)")
+    p.add_argument("--split", choices=("train", "val"), default="val")
+    p.add_argument("--dataset", action="append", help="only this dataset (repeatable)")
+    p.add_argument("--limit", type=int, default=None, help="images per dataset (default: all)")
+    p.add_argument("--task", action="append", choices=("classify", "caption", "segment", "grounding", "click"))
+    p.add_argument("--json", metavar="PATH", help="also write the report as JSON")
+
+
+def _data_root(args: argparse.Namespace) -> Path:
+    from .data import default_data_root
+
+    return Path(args.data) if args.data else default_data_root()
+
+
+def cmd_data(args: argparse.Namespace) -> int:
+    from collections import Counter
+
+    from .data.instructions import InstructionMix, applicable_tasks
+    from .data.readers import dataset_samples
+    from .data.split import Splitter
+
+    root = _data_root(args)
+    if not root.is_dir():
+        raise EarthGPTXError(f"data folder not found: {root}")
+    split = Splitter(root)
+    samples = [s for s in dataset_samples(root, tuple(args.dataset) if args.dataset else None) if split(s) == args.split]
+    counts = Counter(s.dataset for s in samples)
+    print(f"{args.split} split of {root}: " + ", ".join(f"{k} {v}" for k, v in sorted(counts.items())))
+    weights = {t: 1.0 for t in args.task} if args.task else None
+    mix = InstructionMix(samples, weights, seed=args.seed)
+    print("tasks taught: " + ", ".join(f"{t} ({sum(t in applicable_tasks(s) for s in samples)} images)"
+                                       for t in mix.tasks))
+    for inst in mix.epoch(0, args.n):
+        print(inst.describe())
+    return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    import torch
+
+    from .training.loop import TrainConfig, train
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    cfg = TrainConfig(data=str(_data_root(args)), out=args.out, preset=args.preset, steps=args.steps, batch_size=args.batch_size,
+                      lr=args.lr, warmup=args.warmup, seed=args.seed, device=args.device, workers=args.workers,
+                      datasets=tuple(args.dataset) if args.dataset else None,
+                      checkpoint_every=args.checkpoint_every, log_every=args.log_every, time_limit_min=args.time_limit,
+                      **({"task_weights": args.task_weights} if args.task_weights else {}))
+    if args.dry_run:
+        from .data.instructions import InstructionMix
+        from .training.loop import load_split
+
+        train_samples, val = load_split(cfg)
+        print(f"{len(train_samples)} training images, {len(val)} validation images held out")
+        for inst in InstructionMix(train_samples, cfg.task_weights, cfg.seed).epoch(0, cfg.batch_size):
+            print(inst.describe())
+        return 0
+    folder = train(cfg)
+    print(f"wrote {folder} (egx predict --checkpoint {folder} ...)")
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from .data.readers import dataset_samples
+    from .data.split import Splitter
+    from .evaluation.run import EvalOptions, evaluate, format_table, select
+
+    root = _data_root(args)
+    if not root.is_dir():
+        raise EarthGPTXError(f"data folder not found: {root}")
+    predictor = _open_predictor(args)
+    split = Splitter(root)
+    samples = list(dataset_samples(root, tuple(args.dataset) if args.dataset else None))
+    chosen = select([s for s in samples if split(s) == args.split], args.limit)
+    train_samples = [s for s in samples if split(s) == "train"]
+    opts = EvalOptions(limit=args.limit, **({"tasks": tuple(args.task)} if args.task else {}))
+    report = evaluate(predictor, chosen, opts, train_samples)
+    report["model"] = args.engines or args.checkpoint or args.preset or "default"
+    print(format_table(report))
+    if args.json:
+        Path(args.json).write_text(json.dumps(report, indent=2))
+        print(f"wrote {args.json}")
+    return 0
+
+
+def _open_predictor(args: argparse.Namespace):
+    """The predictor of ``--engines``, ``--checkpoint`` or ``--preset`` (default: the trained model)."""
+    from .checkpoint import load_reference
+    from .predictor import Predictor
+
+    if args.engines:
+        from runtime.engines import open_predictor
+
+        return open_predictor(args.engines, args.device)
+    model, tokenizer = load_reference(args.preset, args.checkpoint)
+    return Predictor.from_model(model, tokenizer)
+
+
 def cmd_predict(args: argparse.Namespace) -> int:
     import numpy as np
 
-    from .checkpoint import load_reference
     from .generation import GenerationConfig
     from .imageio import read_image, read_mask
-    from .predictor import Predictor
     from .processing import VisualPrompts
 
     g = generation_options(args)
     generation = GenerationConfig(**{k: v for k, v in g.items() if k != "stop"}, stop_strings=tuple(g["stop"]))
     raster = read_image(args.image)
     prompts = VisualPrompts(list(args.point), list(args.box), [read_mask(s) for s in args.scribble])
-    if args.engines:
-        from runtime.engines import open_predictor
-
-        predictor = open_predictor(args.engines, args.device)
-    else:
-        preset = args.preset or (None if args.checkpoint else "edge")
-        model, tokenizer = load_reference(preset, args.checkpoint)
-        predictor = Predictor.from_model(model, tokenizer)
+    predictor = _open_predictor(args)
     result = predictor.predict(np.asarray(raster.data), args.modality, args.text, prompts, task=args.task,
                                generation=generation, on_text=text_sink(args), **preprocess_options(args))
     print_answer(result.to_json(), args, raster)
@@ -216,7 +350,8 @@ def main(argv: list[str] | None = None) -> int:
     from runtime.cli import cmd_keys, cmd_query, cmd_serve
 
     handler = {"predict": cmd_predict, "info": cmd_info, "checkpoint": cmd_checkpoint, "serve": cmd_serve,
-               "query": cmd_query, "keys": cmd_keys}[args.command]
+               "query": cmd_query, "keys": cmd_keys, "data": cmd_data, "train": cmd_train,
+               "eval": cmd_eval}[args.command]
     try:
         return handler(args)
     except EarthGPTXError as exc:

@@ -11,7 +11,8 @@ from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 PART_NAMES = ("vision_encoder", "prompt_encoder", "llm", "pixel_decoder")
-PRESETS = ("tiny", "edge", "paper")
+PRESETS = ("tiny", "small", "edge", "paper")
+VISION_KINDS = ("mixed", "cnn")
 
 
 @dataclass(frozen=True)
@@ -23,8 +24,13 @@ class VisionConfig:
     and ``embed_dim`` channels; the LLM sees ``token_grid ** 2`` image tokens.
     ``vit_pretrained`` / ``cnn_pretrained`` name local folders of real weights
     (``Dinov2Model`` / ``ConvNextModel`` layout); ``None`` means random weights.
+    ``kind``: ``"mixed"`` (ViT + ConvNeXt, the paper's MVE, for pretrained towers) or
+    ``"cnn"`` (a residual CNN with a feature pyramid that learns from scratch: the trained
+    default; ``patch_size`` is then the stride of the dense embedding, 8, and
+    ``cnn_depths``/``cnn_dims`` its stages at strides 4, 8, 16, 32).
     """
 
+    kind: str = "mixed"
     image_size: int = 448
     patch_size: int = 14
     vit_hidden: int = 384
@@ -122,6 +128,10 @@ class ModelConfig:
 
     def __post_init__(self) -> None:
         v = self.vision
+        if v.kind not in VISION_KINDS:
+            raise ValueError(f"vision kind {v.kind!r} is not one of {VISION_KINDS}")
+        if v.kind == "cnn" and (v.patch_size != 8 or len(v.cnn_dims) != 4 or len(v.cnn_depths) != 4):
+            raise ValueError("a 'cnn' vision encoder has patch_size 8 (its dense stride) and 4 stages")
         if v.image_size % v.patch_size:
             raise ValueError(f"image_size {v.image_size} is not a multiple of patch_size {v.patch_size}")
         if v.grid % v.token_grid:
@@ -172,6 +182,18 @@ def preset(name: str) -> ModelConfig:
             llm=LLMConfig(hidden=64, layers=2, heads=4, kv_heads=2, intermediate=128, max_positions=2048,
                           weights="random"),
             pixel=PixelConfig(layers=1, heads=2, mlp_dim=64, iou_head_hidden=32),
+        )
+    if name == "small":
+        # the trained default (see earthgptx/pretrained/): a from-scratch CNN at 256 px, 16 image
+        # tokens, SmolLM2-135M frozen; sized to train in about an hour on 2 CPU cores
+        return ModelConfig(
+            preset="small",
+            vision=VisionConfig(
+                kind="cnn", image_size=256, patch_size=8, cnn_depths=(1, 2, 2, 1), cnn_dims=(32, 64, 128, 256),
+                token_grid=4, embed_dim=128,
+            ),
+            prompt=PromptConfig(dim=128, heads=4, mask_size=64, sae_patch=8, sae_hidden=64, sae_layers=2, sae_heads=2),
+            pixel=PixelConfig(layers=2, heads=4, mlp_dim=512, iou_head_hidden=128),
         )
     if name == "paper":
         return ModelConfig(

@@ -59,15 +59,21 @@ class LLM(nn.Module):
         """``(vocab, hidden)`` token-embedding table used to embed text ids."""
         return self.model.get_input_embeddings().weight
 
-    def forward(self, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor,
-                *past: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    def decoder(self, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor,
+                past: tuple[torch.Tensor, ...] = ()) -> tuple[torch.Tensor, DynamicCache]:
+        """The decoder stack: ``(B, T, hidden)`` last hidden states (after the final norm) and
+        the cache holding past + new KV. Shared by ``forward`` and training."""
         if past and len(past) != 2 * self.num_layers:
             raise ValueError(f"expected {2 * self.num_layers} past KV tensors, got {len(past)}")
         pairs = [(past[2 * i], past[2 * i + 1]) for i in range(self.num_layers)] if past else None
         cache = DynamicCache(pairs, config=self.model.config) if pairs else DynamicCache(config=self.model.config)
         out = self.model.model(inputs_embeds=inputs_embeds, attention_mask=attention_mask,
                                position_ids=position_ids, cache=cache, use_cache=True)
-        hidden = out.last_hidden_state
+        return out.last_hidden_state, cache
+
+    def forward(self, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor,
+                *past: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        hidden, cache = self.decoder(inputs_embeds, attention_mask, position_ids, past)
         logits = self.model.lm_head(hidden[:, -1])
         present: list[torch.Tensor] = []
         for layer in cache.layers:

@@ -4,8 +4,8 @@ so that the PyTorch reference and the deployed engines share this code.
 Tasks (``task="auto"`` picks one from the text and the prompts):
 * ``caption``, ``classify``, ``vqa`` (scene level): text;
 * ``region``: text about the visual prompts (``<regionK>`` tokens);
-* ``grounding``: ``[SEG]`` is forced; the pixel decoder's box (and boxes the model
-  writes in text) -> boxes;
+* ``grounding``: ``[SEG]`` is forced; one box per connected component of the pixel
+  decoder's mask (``box_sources`` ``pixel_decoder``), then boxes the model writes in text;
 * ``segment``: ``[SEG]`` is forced; pixel decoder -> masks, scores and boxes;
   point/box prompts are also given to the decoder;
 * ``click``: no LLM; the point/box prompts go straight to the pixel decoder
@@ -24,8 +24,8 @@ from .config import ModelConfig
 from .errors import InputError
 from .generation import GenerationConfig, generate
 from .image_cache import DEFAULT_CACHE_BYTES, ImageCache, encoding_key, image_id
-from .processing import (Letterbox, VisualPrompts, check_modality, decoder_points, parse_text_boxes, preprocess,
-                         prompt_encoder_feed)
+from .processing import (Letterbox, VisualPrompts, check_modality, component_boxes, decoder_points,
+                         parse_text_boxes, preprocess, prompt_encoder_feed)
 from .prompting import IMAGE_TOKEN, SEG_TOKEN, STOP_TOKENS, build_prompt, region_token, splice
 from .rle import mask_to_rle
 
@@ -240,9 +240,14 @@ class Predictor:
             start = time.perf_counter()
             logits, scores, dec_boxes = self._decode_masks(enc, prompts, seg_states)
             timings["pixel_decoder"] = (time.perf_counter() - start) * 1e3
-            if task in ("segment", "click"):
+            if task in ("segment", "click", "grounding"):
                 start = time.perf_counter()
                 masks = [lb.mask_from_model(m) for m in logits]
+                if task == "grounding":  # one box per object the mask holds, not one round them all
+                    comps = [component_boxes(m) for m in masks]
+                    scores = [float(s) for s, c in zip(scores, comps) for _ in range(len(c))]
+                    dec_boxes = lb.boxes_to_model(np.concatenate(comps).reshape(-1, 4)) if comps else np.zeros((0, 4))
+                    masks = []
                 timings["postprocess"] = (time.perf_counter() - start) * 1e3
 
         text_boxes = parse_text_boxes(gen_text)

@@ -288,6 +288,19 @@ def mask_box(mask: np.ndarray) -> tuple[float, float, float, float]:
     return float(cols[0]), float(rows[0]), float(cols[-1] + 1), float(rows[-1] + 1)
 
 
+def component_boxes(mask: np.ndarray, min_area: int = 1) -> np.ndarray:
+    """XYXY edge boxes ``(K, 4)`` float64 of the 8-connected components of an ``(H, W)`` bool
+    mask with at least ``min_area`` pixels, largest first: grounding's boxes, one per object."""
+    import cv2
+
+    n, _, stats, _ = cv2.connectedComponentsWithStats(mask.astype(np.uint8), connectivity=8)
+    rows = [stats[i] for i in range(1, n) if stats[i, cv2.CC_STAT_AREA] >= min_area]
+    rows.sort(key=lambda r: -int(r[cv2.CC_STAT_AREA]))
+    boxes = [[r[cv2.CC_STAT_LEFT], r[cv2.CC_STAT_TOP], r[cv2.CC_STAT_LEFT] + r[cv2.CC_STAT_WIDTH],
+              r[cv2.CC_STAT_TOP] + r[cv2.CC_STAT_HEIGHT]] for r in rows]
+    return np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
+
+
 def inside_point(mask: np.ndarray) -> tuple[float, float]:
     """A pixel (x, y) of a non-empty ``(H, W)`` mask nearest to its centroid: a point prompt
     that lies on the object even when the object is not convex."""

@@ -1,10 +1,16 @@
-"""``vision_encoder``: mixed visual encoders (MVE).
+"""``vision_encoder``: mixed visual encoders (MVE), or a from-scratch CNN.
 
 A DINOv2-style ViT and a ConvNeXt-style CNN (``transformers``' ``Dinov2Model`` and
 ``ConvNextModel``, so real checkpoints load by name) encode the same image. The CNN's
 last stage is resized to the ViT patch grid and the two are concatenated channel-wise:
 * pooled to ``token_grid x token_grid`` and projected to the LLM width -> image tokens;
 * through a SAM-style neck -> the dense image embedding the pixel decoder reads.
+
+``kind="cnn"`` (the trained default) replaces both towers by ``ConvEncoder``: a residual
+CNN with batch norm (learns from a few thousand images, where a ViT would not) and a
+feature pyramid whose stride-8 output is the dense embedding, so that infrared targets of
+a few pixels keep their own cells; the stride-16 and -32 maps are pooled into the tokens.
+Same inputs and outputs either way.
 """
 from __future__ import annotations
 
@@ -37,6 +43,66 @@ def build_cnn(cfg: VisionConfig) -> ConvNextModel:
     ))
 
 
+def _norm(c: int) -> nn.GroupNorm:
+    """Group norm: no batch statistics, so data-parallel training equals one process and the
+    optical, SAR and infrared images of a mixed batch do not share running statistics."""
+    return nn.GroupNorm(min(8, c // 4), c)
+
+
+class ResBlock(nn.Module):
+    """``x + GN(conv(ReLU(GN(conv(x)))))``, then ReLU; ``(B, C, H, W)`` in and out."""
+
+    def __init__(self, c: int) -> None:
+        super().__init__()
+        self.body = nn.Sequential(nn.Conv2d(c, c, 3, padding=1, bias=False), _norm(c), nn.ReLU(inplace=True),
+                                  nn.Conv2d(c, c, 3, padding=1, bias=False), _norm(c))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.relu(x + self.body(x))
+
+
+def _down(cin: int, cout: int) -> nn.Sequential:
+    return nn.Sequential(nn.Conv2d(cin, cout, 3, stride=2, padding=1, bias=False), _norm(cout),
+                         nn.ReLU(inplace=True))
+
+
+class ConvEncoder(nn.Module):
+    """``(B, 3, S, S)`` -> ``(fused (B, C3 + C4, T, T), dense (B, embed_dim, S/8, S/8))``.
+
+    Stages at strides 4, 8, 16, 32 (``cnn_dims``, ``cnn_depths`` residual blocks each); an
+    FPN (1x1 laterals, top-down upsample-and-add) gives the stride-8 dense map; the
+    stride-16 and stride-32 maps are average-pooled to the ``token_grid`` and concatenated.
+    """
+
+    def __init__(self, cfg: VisionConfig) -> None:
+        super().__init__()
+        d = cfg.cnn_dims
+        self.cfg = cfg
+        self.stem = nn.Sequential(_down(3, d[0] // 2), _down(d[0] // 2, d[0]))  # stride 4
+        self.stages = nn.ModuleList()
+        for i, (c, n) in enumerate(zip(d, cfg.cnn_depths)):
+            down = [] if i == 0 else [_down(d[i - 1], c)]
+            self.stages.append(nn.Sequential(*down, *(ResBlock(c) for _ in range(n))))
+        e = cfg.embed_dim
+        self.lateral = nn.ModuleList(nn.Conv2d(c, e, 1) for c in d[1:])
+        self.out_dim = d[2] + d[3]
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        feats = []
+        x = self.stem(x)
+        for stage in self.stages:
+            x = stage(x)
+            feats.append(x)
+        c2, c3, c4 = feats[1], feats[2], feats[3]  # strides 8, 16, 32
+        top = self.lateral[2](c4)
+        mid = self.lateral[1](c3) + F.interpolate(top, size=c3.shape[-2:], mode="nearest")
+        dense = self.lateral[0](c2) + F.interpolate(mid, size=c2.shape[-2:], mode="nearest")
+        t = self.cfg.token_grid
+        k3, k4 = c3.shape[-1] // t, c4.shape[-1] // t
+        fused = torch.cat([F.avg_pool2d(c3, k3, k3), F.avg_pool2d(c4, k4, k4)], dim=1)
+        return fused, dense
+
+
 class VisionEncoder(nn.Module):
     """image -> image tokens + dense image embedding.
 
@@ -51,6 +117,12 @@ class VisionEncoder(nn.Module):
     def __init__(self, cfg: VisionConfig, llm_hidden: int) -> None:
         super().__init__()
         self.cfg = cfg
+        if cfg.kind == "cnn":
+            self.conv = ConvEncoder(cfg)
+            self.projector = MLP([self.conv.out_dim, llm_hidden, llm_hidden])
+            self.neck = nn.Sequential(nn.Conv2d(cfg.embed_dim, cfg.embed_dim, 3, padding=1, bias=False),
+                                      LayerNorm2d(cfg.embed_dim))
+            return
         self.vit = build_vit(cfg)
         self.cnn = build_cnn(cfg)
         vit_dim = self.vit.config.hidden_size
@@ -64,6 +136,9 @@ class VisionEncoder(nn.Module):
         self.num_prefix = 1 + getattr(self.vit.config, "num_register_tokens", 0)
 
     def forward(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.cfg.kind == "cnn":
+            pooled, dense = self.conv(pixel_values)
+            return self.projector(pooled.flatten(2).transpose(1, 2)), self.neck(dense)
         b, g = pixel_values.shape[0], self.cfg.grid
         vit = self.vit(pixel_values).last_hidden_state[:, self.num_prefix:]  # (B, G*G, Cv)
         vit = vit.transpose(1, 2).reshape(b, -1, g, g)

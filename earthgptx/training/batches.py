@@ -1,0 +1,168 @@
+"""Instructions -> tensors: the same pre-processing, prompt and feed layout as inference.
+
+``encode(inst)`` turns one ``Instruction`` into arrays in the model frame, through
+``processing`` (``preprocess``, ``Letterbox``, ``prompt_encoder_feed``, ``decoder_points``)
+and ``prompting.build_prompt``, so that what is trained is what ``Predictor`` runs.
+``collate`` pads a list of them into one batch. The constant system prefix of every
+prompt (``prefix_ids``) is cut off here: the trainer feeds its KV once (the LLM is frozen).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from ..config import ModelConfig
+from ..data.instructions import Instruction
+from ..imageio import read_image
+from ..processing import Letterbox, decoder_points, preprocess, prompt_encoder_feed
+from ..prompting import IMAGE_TOKEN, SEG_TOKEN, build_prompt, region_token
+
+IGNORE = -100
+END_TOKEN = "<|im_end|>"
+GEOMETRY_FREE = ("classify", "caption", "modality", "count", "presence")  # safe to flip
+
+
+@dataclass
+class Encoded:
+    task: str
+    pixel_values: np.ndarray  # (3, S, S) float32
+    ids: np.ndarray  # (T,) int64 text ids after the system prefix; empty for click
+    labels: np.ndarray  # (T,) int64, IGNORE except answer tokens
+    seg_pos: int  # index in ids of the forced [SEG] (-1: none)
+    prompts: dict[str, np.ndarray] | None  # prompt_encoder rows (1, R, ...) or None
+    points: tuple[np.ndarray, np.ndarray] | None  # decoder (P, 2) coords, (P,) labels; None: no mask query
+    target: np.ndarray | None  # (S, S) float32 coverage of the mask target
+
+
+class Encoder:
+    """Callable ``Instruction -> Encoded`` for one model config and tokenizer."""
+
+    def __init__(self, config: ModelConfig, tokenizer, augment: bool = True, seed: int = 0) -> None:
+        self.config = config
+        self.tokenizer = tokenizer
+        self.augment = augment
+        self.rng = np.random.default_rng(seed)
+        self.size = config.vision.image_size
+        full = self._ids(build_prompt("x", "optical", 0, False))
+        self.prefix_ids = full[: self._prefix_len(full)]
+        self.image_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
+        self.seg_id = tokenizer.convert_tokens_to_ids(SEG_TOKEN)
+        self.region_ids = [tokenizer.convert_tokens_to_ids(region_token(k + 1))
+                           for k in range(config.prompt.max_regions)]
+        self.end_ids = self._ids(END_TOKEN)
+
+    def _ids(self, text: str) -> np.ndarray:
+        return np.asarray(self.tokenizer(text, add_special_tokens=False)["input_ids"], dtype=np.int64)
+
+    def _prefix_len(self, full: np.ndarray) -> int:
+        user = self._ids("<|im_start|>user")
+        for i in range(len(full) - len(user) + 1):
+            if np.array_equal(full[i:i + len(user)], user):
+                return i
+        raise RuntimeError("the chat prompt has no user turn: prompting.build_prompt changed")
+
+    def text_ids(self, inst: Instruction) -> tuple[np.ndarray, np.ndarray, int]:
+        """``(ids, labels, seg_pos)`` after the system prefix."""
+        prompt = self._ids(build_prompt(inst.text, inst.sample.modality, len(inst.prompts), inst.seg))
+        if not np.array_equal(prompt[: len(self.prefix_ids)], self.prefix_ids):
+            raise RuntimeError("a prompt does not start with the system prefix: check the tokenizer")
+        prompt = prompt[len(self.prefix_ids):]
+        answer = np.concatenate([self._ids((" " if inst.seg else "") + inst.answer), self.end_ids])
+        ids = np.concatenate([prompt, answer])
+        labels = np.concatenate([np.full(len(prompt), IGNORE, dtype=np.int64), answer])
+        seg_pos = len(prompt) - 1 if inst.seg else -1
+        return ids, labels, seg_pos
+
+    def __call__(self, inst: Instruction, rng: np.random.Generator | None = None) -> Encoded:
+        """``rng`` draws the augmentation (default: the encoder's own)."""
+        rng = rng if rng is not None else self.rng
+        s = inst.sample
+        image = read_image(s.image).data
+        prepared = preprocess(image, s.modality, self.size)
+        lb: Letterbox = prepared.letterbox
+        pv = prepared.pixel_values[0]
+        if self.augment and inst.task in GEOMETRY_FREE and rng.random() < 0.5:
+            pv = pv.copy()
+            pv[:, : lb.new_h, : lb.new_w] = pv[:, : lb.new_h, : lb.new_w][:, :, ::-1]
+        if inst.task == "click":
+            ids = labels = np.zeros(0, dtype=np.int64)
+            seg_pos = -1
+        else:
+            ids, labels, seg_pos = self.text_ids(inst)
+        prompts = None
+        if len(inst.prompts) and inst.task != "click":
+            prompts = prompt_encoder_feed(inst.prompts, lb, self.config.prompt.mask_size)
+        points = decoder_points(inst.prompts, lb) if (inst.seg or inst.task == "click") else None
+        target = None
+        if inst.target is not None:
+            target = np.zeros((self.size, self.size), dtype=np.float32)
+            if inst.target:
+                union = np.zeros(s.masks[0].shape, dtype=bool)
+                for k in inst.target:
+                    union |= s.masks[k]
+                target = coverage(union, lb)
+        return Encoded(inst.task, np.ascontiguousarray(pv), ids, labels, seg_pos, prompts, points, target)
+
+
+def coverage(mask: np.ndarray, lb: Letterbox) -> np.ndarray:
+    """``(H, W)`` bool in the original -> ``(S, S)`` float32: the share of each model pixel the
+    object covers (area resampling; a soft target that keeps objects of a pixel or two)."""
+    import cv2
+
+    small = cv2.resize(mask.astype(np.float32), (lb.new_w, lb.new_h), interpolation=cv2.INTER_AREA)
+    out = np.zeros((lb.size, lb.size), dtype=np.float32)
+    out[: lb.new_h, : lb.new_w] = np.clip(small, 0.0, 1.0)
+    return out
+
+
+def collate(items: list[Encoded], pad_id: int) -> dict:
+    """A batch: every image; text rows for the non-click items (right-padded); prompt rows
+    for items with visual prompts (padded with ``PROMPT_PAD``); decoder queries for items
+    with a mask target."""
+    from ..pixel_decoder import LABEL_PAD
+    from ..prompt_encoder import PROMPT_PAD
+
+    b = len(items)
+    batch: dict = {"pixel_values": torch.from_numpy(np.stack([it.pixel_values for it in items])),
+                   "tasks": [it.task for it in items]}
+    text = [i for i, it in enumerate(items) if len(it.ids)]
+    t = max((len(items[i].ids) for i in text), default=0)
+    ids = np.full((len(text), t), pad_id, dtype=np.int64)
+    labels = np.full((len(text), t), IGNORE, dtype=np.int64)
+    valid = np.zeros((len(text), t), dtype=np.int64)
+    for row, i in enumerate(text):
+        n = len(items[i].ids)
+        ids[row, :n], labels[row, :n], valid[row, :n] = items[i].ids, items[i].labels, 1
+    batch.update(text_rows=torch.tensor(text, dtype=torch.long), ids=torch.from_numpy(ids),
+                 labels=torch.from_numpy(labels), text_valid=torch.from_numpy(valid))
+
+    pr = [i for i, it in enumerate(items) if it.prompts is not None]
+    r = max((items[i].prompts["prompt_types"].shape[1] for i in pr), default=0)
+    if pr:
+        m = items[pr[0]].prompts["prompt_masks"].shape[-1]
+        boxes = np.zeros((len(pr), r, 4), dtype=np.float32)
+        types = np.full((len(pr), r), PROMPT_PAD, dtype=np.int64)
+        masks = np.zeros((len(pr), r, m, m), dtype=np.float32)
+        for row, i in enumerate(pr):
+            p = items[i].prompts
+            k = p["prompt_types"].shape[1]
+            boxes[row, :k], types[row, :k], masks[row, :k] = p["prompt_boxes"][0], p["prompt_types"][0], p["prompt_masks"][0]
+        batch.update(prompt_rows=torch.tensor(pr, dtype=torch.long), prompt_boxes=torch.from_numpy(boxes),
+                     prompt_types=torch.from_numpy(types), prompt_masks=torch.from_numpy(masks))
+
+    mq = [i for i, it in enumerate(items) if it.target is not None]
+    if mq:
+        p = max(len(items[i].points[1]) for i in mq)
+        coords = np.zeros((len(mq), 1, p, 2), dtype=np.float32)
+        plabels = np.full((len(mq), 1, p), LABEL_PAD, dtype=np.int64)
+        for row, i in enumerate(mq):
+            c, lab = items[i].points
+            coords[row, 0, : len(lab)], plabels[row, 0, : len(lab)] = c, lab
+        seg_pos = [items[i].seg_pos for i in mq]
+        batch.update(mask_rows=torch.tensor(mq, dtype=torch.long), point_coords=torch.from_numpy(coords),
+                     point_labels=torch.from_numpy(plabels), seg_pos=torch.tensor(seg_pos, dtype=torch.long),
+                     targets=torch.from_numpy(np.stack([items[i].target for i in mq])))
+    batch["size"] = b
+    return batch

@@ -1,0 +1,311 @@
+"""``egx train``: one-stage training over every modality and task at once.
+
+Every step draws its global batch of instructions from ``InstructionMix`` seeded by
+``(seed, step)``: tasks by weight, datasets by the square root of their size, so optical,
+SAR and infrared samples of every task level meet in each step (cross-domain one-stage
+fusion training). Under ``torchrun`` each rank takes every ``world``-th item of that same
+global batch and DDP averages gradients (gloo on CPU, NCCL on GPU); the losses are
+normalised by global counts, so N processes compute what one process computes at the same
+global batch. Rank 0 logs and checkpoints.
+
+Out folder: ``state.pt`` (trainable tensors, optimizer, scheduler, RNG, step: resumed
+automatically), ``model/`` (an ``egx`` checkpoint: ``egx predict --checkpoint OUT/model``),
+``log.csv`` (one row per logged step) and ``loss.png`` at the end.
+"""
+from __future__ import annotations
+
+import csv
+import dataclasses
+import json
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..data.instructions import TASK_WEIGHTS, InstructionMix
+from ..data.readers import dataset_samples
+from ..data.split import Splitter
+from ..errors import InputError
+from .batches import Encoder, collate
+from .step import WEIGHTS, TrainModule
+
+LOG_FIELDS = ("step", "seconds", "lr", "loss", *WEIGHTS, "samples_per_s")
+
+
+@dataclass
+class TrainConfig:
+    """Everything a run depends on (written to ``OUT/train_config.json``)."""
+
+    data: str
+    out: str
+    preset: str = "small"
+    steps: int = 2000
+    batch_size: int = 16  # global: summed over data-parallel ranks
+    lr: float = 2e-3
+    weight_decay: float = 0.05
+    warmup: int = 100
+    seed: int = 0
+    device: str = "cpu"
+    workers: int = 0
+    datasets: tuple[str, ...] | None = None
+    task_weights: dict[str, float] = field(default_factory=lambda: dict(TASK_WEIGHTS))
+    checkpoint_every: int = 250
+    log_every: int = 10
+    time_limit_min: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.steps < 1 or self.batch_size < 1:
+            raise InputError("--steps and --batch-size must be at least 1")
+
+
+def lr_at(step: int, cfg: TrainConfig, elapsed_s: float = 0.0) -> float:
+    """Linear warm-up, then cosine decay to 5 % of ``lr`` over ``steps`` or, with a time limit,
+    over whichever of ``steps`` and ``time_limit_min`` runs out first (so a time-boxed run
+    still ends at a low learning rate)."""
+    if step < cfg.warmup:
+        return cfg.lr * (step + 1) / cfg.warmup
+    t = (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)
+    if cfg.time_limit_min:
+        t = max(t, elapsed_s / (60.0 * cfg.time_limit_min))
+    return cfg.lr * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * min(1.0, t))))
+
+
+class StepBatches(torch.utils.data.Dataset):
+    """Item ``i`` is this rank's collated batch of step ``first + i`` (so ``DataLoader``
+    workers prepare the next steps while the current one trains), with the global counts
+    the losses are normalised by."""
+
+    def __init__(self, mix: InstructionMix, encoder: Encoder, cfg: TrainConfig, first: int, rank: int, world: int,
+                 pad_id: int) -> None:
+        self.mix, self.encoder, self.cfg = mix, encoder, cfg
+        self.first, self.rank, self.world, self.pad_id = first, rank, world, pad_id
+
+    def __len__(self) -> int:
+        return self.cfg.steps - self.first
+
+    def __getitem__(self, i: int) -> tuple[dict, dict]:
+        step = self.first + i
+        insts = self.mix.epoch(step, self.cfg.batch_size)
+        tokens = sum(int((self.encoder.text_ids(x)[1] != -100).sum()) for x in insts if x.task != "click")
+        masks = sum(x.target is not None for x in insts)
+        items = [self.encoder(x, rng=np.random.default_rng([self.cfg.seed, step, self.rank + k * self.world]))
+                 for k, x in enumerate(insts[self.rank::self.world])]
+        return collate(items, self.pad_id), {"tokens": max(tokens, 1), "masks": max(masks, 1)}
+
+
+class _Dist:
+    """Rank and world from ``torchrun``'s environment; one process otherwise."""
+
+    def __init__(self, device: str) -> None:
+        self.world = int(os.environ.get("WORLD_SIZE", "1"))
+        self.rank = int(os.environ.get("RANK", "0"))
+        self.local = int(os.environ.get("LOCAL_RANK", "0"))
+        if self.world > 1:
+            import torch.distributed as dist
+
+            dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
+
+    def all_sum(self, values: list[float]) -> list[float]:
+        if self.world == 1:
+            return values
+        import torch.distributed as dist
+
+        t = torch.tensor(values, dtype=torch.float64)
+        dist.all_reduce(t)
+        return t.tolist()
+
+    def close(self) -> None:
+        if self.world > 1:
+            import torch.distributed as dist
+
+            dist.destroy_process_group()
+
+
+def _progress(step: int, total: int, start_step: int, started: float, row: dict, tty: bool) -> None:
+    done = step + 1 - start_step
+    elapsed = time.perf_counter() - started
+    eta = elapsed / max(done, 1) * (total - step - 1)
+    bar = "#" * int(20 * (step + 1) / total)
+    line = (f"train [{bar:<20s}] {step + 1}/{total} loss {row['loss']:.3f} (text {row['text']:.3f}, "
+            f"bce {row['mask_bce']:.3f}, dice {row['mask_dice']:.3f}) {row['samples_per_s']:.1f} samples/s "
+            f"ETA {int(eta // 60)}:{int(eta % 60):02d}")
+    print(("\r" + line) if tty else line, end="" if tty else "\n", file=sys.stderr, flush=True)
+
+
+def load_split(cfg: TrainConfig) -> tuple[list, list]:
+    """``(train, val)`` samples under ``cfg.data`` (every dataset found, or ``cfg.datasets``)."""
+    root = Path(cfg.data)
+    if not root.is_dir():
+        raise InputError(f"training data folder not found: {root} (the layout of ../shared/data, see SOURCES.md)")
+    split = Splitter(root)
+    samples = list(dataset_samples(root, cfg.datasets))
+    train = [s for s in samples if split(s) == "train"]
+    val = [s for s in samples if split(s) == "val"]
+    if not train:
+        raise InputError(f"no training images found under {root}")
+    return train, val
+
+
+def train(cfg: TrainConfig) -> Path:
+    """Run (or resume) training; returns the folder of the trained checkpoint."""
+    from ..checkpoint import save_checkpoint
+    from ..config import preset
+    from ..model import build_model
+
+    dist = _Dist(cfg.device)
+    device = torch.device(cfg.device if not cfg.device.startswith("cuda") or dist.world == 1
+                          else f"cuda:{dist.local}")
+    out = Path(cfg.out)
+    main = dist.rank == 0
+    if main:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "train_config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
+    torch.manual_seed(cfg.seed)
+    model, tokenizer = build_model(preset(cfg.preset))
+    encoder = Encoder(model.config, tokenizer, augment=True, seed=cfg.seed)
+    module = TrainModule(model, torch.from_numpy(encoder.prefix_ids), encoder.image_id, encoder.region_ids).to(device)
+    module.model.llm.eval()
+    train_samples, _ = load_split(cfg)
+    mix = InstructionMix(train_samples, cfg.task_weights, seed=cfg.seed)
+
+    params = [p for p in module.parameters() if p.requires_grad]
+    decay = [p for p in params if p.ndim >= 2 and p is not module.added]
+    no_decay = [p for p in params if p.ndim < 2 or p is module.added]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
+                             {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.95))
+    start = 0
+    state_path = out / "state.pt"
+    if state_path.is_file():
+        state = torch.load(state_path, map_location=device, weights_only=False)
+        module.load_state_dict(state["module"], strict=False)
+        opt.load_state_dict(state["optimizer"])
+        start = int(state["step"])
+        torch.set_rng_state(state["torch_rng"])
+        if main:
+            print(f"resuming from {state_path} at step {start}", file=sys.stderr)
+
+    net = module
+    if dist.world > 1:
+        from torch.nn.parallel import DistributedDataParallel
+
+        net = DistributedDataParallel(module, device_ids=[device.index] if device.type == "cuda" else None,
+                                      find_unused_parameters=True)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    log_path = out / "log.csv"
+    if main and (start == 0 or not log_path.is_file()):
+        with open(log_path, "w", newline="") as f:
+            csv.writer(f).writerow(LOG_FIELDS)
+    tty = sys.stderr.isatty()
+    started = time.perf_counter()
+    if start:  # a resumed run's clock (log, ETA, time limit) goes on from where it stopped
+        started -= _elapsed_before(log_path)
+    acc = {k: 0.0 for k in ("loss", *WEIGHTS)}
+    acc_n, acc_samples, acc_t = 0, 0, time.perf_counter()
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+    step = start
+    batches = StepBatches(mix, encoder, cfg, start, dist.rank, dist.world, pad_id)
+    loader = torch.utils.data.DataLoader(batches, batch_size=None, shuffle=False, num_workers=cfg.workers,
+                                         pin_memory=device.type == "cuda", persistent_workers=False,
+                                         prefetch_factor=4 if cfg.workers else None)
+    for step, (batch, counts) in enumerate(loader, start):
+        batch = _to(batch, device)
+        for g in opt.param_groups:
+            g["lr"] = lr_at(step, cfg, time.perf_counter() - started)
+        with autocast:
+            losses = net(batch, counts)
+        opt.zero_grad(set_to_none=True)
+        losses["loss"].backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        vals = dist.all_sum([float(losses[k].detach()) for k in acc])
+        for k, v in zip(acc, vals):
+            acc[k] += v
+        acc_n += 1
+        acc_samples += cfg.batch_size
+        last = step == cfg.steps - 1
+        if (step + 1) % cfg.log_every == 0 or last:
+            now = time.perf_counter()
+            row = {"step": step + 1, "seconds": round(now - started, 1), "lr": opt.param_groups[0]["lr"],
+                   **{k: acc[k] / acc_n for k in acc}, "samples_per_s": acc_samples / max(now - acc_t, 1e-9)}
+            if main:
+                with open(log_path, "a", newline="") as f:
+                    csv.writer(f).writerow([row[k] for k in LOG_FIELDS])
+                _progress(step, cfg.steps, start, started, row, tty)
+            acc = {k: 0.0 for k in acc}
+            acc_n, acc_samples, acc_t = 0, 0, now
+        out_of_time = cfg.time_limit_min is not None and time.perf_counter() - started > 60 * cfg.time_limit_min
+        if main and ((step + 1) % cfg.checkpoint_every == 0 or last or out_of_time):
+            _save(module, opt, step + 1, state_path)
+        if out_of_time:
+            if main:
+                print(f"\nstopping at step {step + 1}: --time-limit reached", file=sys.stderr)
+            break
+    if tty and main:
+        print(file=sys.stderr)
+    folder = out / "model"
+    if main:
+        module.write_back()
+        meta = {"steps": step + 1, "preset": cfg.preset, "seed": cfg.seed}
+        # a base LLM named by the config stays out of the checkpoint (it is frozen and loads from there)
+        save_checkpoint(module.model, tokenizer, folder, base_llm=module.model.config.llm.weights != "random",
+                        metadata=meta)
+        plot_log(log_path, out / "loss.png")
+    dist.close()
+    return folder
+
+
+def _elapsed_before(log_path: Path) -> float:
+    """Seconds a resumed run had already trained (the last ``log.csv`` row)."""
+    try:
+        with open(log_path) as f:
+            rows = list(csv.DictReader(f))
+        return float(rows[-1]["seconds"]) if rows else 0.0
+    except (OSError, KeyError, ValueError):
+        return 0.0
+
+
+def _to(batch: dict, device: torch.device) -> dict:
+    return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+
+
+def _save(module: TrainModule, opt, step: int, path: Path) -> None:
+    trainable = {k: v for k, v in module.state_dict().items() if not k.startswith("model.llm.")}
+    tmp = path.with_suffix(".tmp")
+    torch.save({"module": trainable, "optimizer": opt.state_dict(), "step": step,
+                "torch_rng": torch.get_rng_state()}, tmp)
+    os.replace(tmp, path)
+
+
+def plot_log(log_path: Path, png: Path) -> Path | None:
+    """Loss curves of ``log.csv`` as a PNG (matplotlib; skipped with a note if missing)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print(f"matplotlib is not installed: no {png.name} (pip install matplotlib); {log_path} has the numbers",
+              file=sys.stderr)
+        return None
+    with open(log_path) as f:
+        rows = list(csv.DictReader(f))
+    if not rows:
+        return None
+    steps = [int(r["step"]) for r in rows]
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    for k in ("loss", *WEIGHTS):
+        ax.plot(steps, [float(r[k]) for r in rows], label=k, linewidth=1.5 if k == "loss" else 1.0)
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.set_yscale("log")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(png, dpi=100)
+    plt.close(fig)
+    return png

