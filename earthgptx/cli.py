@@ -171,6 +171,9 @@ def _add_training_parsers(sub) -> None:
     p.add_argument("--dataset", action="append", help="only this dataset (repeatable), e.g. aid, mstar, sirst")
     p.add_argument("-n", type=int, default=20, help="samples to print")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--copy-to", metavar="DIR", help="instead: write a smaller copy of the data root (same layout)")
+    p.add_argument("--max-side", type=int, default=640, help="--copy-to: downscale images larger than this")
+    p.add_argument("--quality", type=int, default=90, help="--copy-to: JPEG quality")
 
     p = sub.add_parser("train", help="one-stage training on every modality and task (torchrun for data parallel)")
     p.add_argument("--data", default=None, help="data root in the layout of ../shared/data (default $EGX_DATA)")
@@ -218,6 +221,14 @@ def cmd_data(args: argparse.Namespace) -> int:
     root = _data_root(args)
     if not root.is_dir():
         raise EarthGPTXError(f"data folder not found: {root}")
+    if args.copy_to:
+        from .data.copy import copy_data
+
+        sizes = copy_data(root, Path(args.copy_to), args.max_side, args.quality)
+        for name, n in sizes.items():
+            print(f"{name:12s} {n / 2**20:8.1f} MiB")
+        print(f"wrote {args.copy_to} ({sum(sizes.values()) / 2**20:.1f} MiB)")
+        return 0
     split = Splitter(root)
     samples = [s for s in dataset_samples(root, tuple(args.dataset) if args.dataset else None) if split(s) == args.split]
     counts = Counter(s.dataset for s in samples)
