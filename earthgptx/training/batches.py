@@ -34,13 +34,17 @@ class Encoded:
     prompts: dict[str, np.ndarray] | None  # prompt_encoder rows (1, R, ...) or None
     points: tuple[np.ndarray, np.ndarray] | None  # decoder (P, 2) coords, (P,) labels; None: no mask query
     target: np.ndarray | None  # (S, S) float32 coverage of the mask target
+    label: int = -1  # image class index for the auxiliary head (-1: none)
+    objects: np.ndarray | None = None  # (S, S) float32 coverage of all objects (auxiliary dense head)
 
 
 class Encoder:
     """Callable ``Instruction -> Encoded`` for one model config and tokenizer."""
 
-    def __init__(self, config: ModelConfig, tokenizer, augment: bool = True, seed: int = 0) -> None:
+    def __init__(self, config: ModelConfig, tokenizer, augment: bool = True, seed: int = 0,
+                 classes: dict[tuple[str, str], int] | None = None) -> None:
         self.config = config
+        self.classes = classes or {}
         self.tokenizer = tokenizer
         self.augment = augment
         self.rng = np.random.default_rng(seed)
@@ -103,7 +107,14 @@ class Encoder:
                 for k in inst.target:
                     union |= s.masks[k]
                 target = coverage(union, lb)
-        return Encoded(inst.task, np.ascontiguousarray(pv), ids, labels, seg_pos, prompts, points, target)
+        label = self.classes.get((s.dataset, s.label), -1) if s.label else -1
+        objects = None
+        if s.masks and s.noun in ("ship", "target", "road"):
+            objects = coverage(np.logical_or.reduce(s.masks), lb)
+        elif s.dataset.startswith("sirst"):
+            objects = np.zeros((self.size, self.size), dtype=np.float32)
+        return Encoded(inst.task, np.ascontiguousarray(pv), ids, labels, seg_pos, prompts, points, target, label,
+                       objects)
 
 
 def coverage(mask: np.ndarray, lb: Letterbox) -> np.ndarray:
@@ -164,5 +175,10 @@ def collate(items: list[Encoded], pad_id: int) -> dict:
         batch.update(mask_rows=torch.tensor(mq, dtype=torch.long), point_coords=torch.from_numpy(coords),
                      point_labels=torch.from_numpy(plabels), seg_pos=torch.tensor(seg_pos, dtype=torch.long),
                      targets=torch.from_numpy(np.stack([items[i].target for i in mq])))
+    batch["labels_cls"] = torch.tensor([it.label for it in items], dtype=torch.long)
+    ob = [i for i, it in enumerate(items) if it.objects is not None]
+    if ob:
+        batch.update(object_rows=torch.tensor(ob, dtype=torch.long),
+                     objects=torch.from_numpy(np.stack([items[i].objects for i in ob])))
     batch["size"] = b
     return batch

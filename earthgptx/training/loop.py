@@ -93,9 +93,10 @@ class StepBatches(torch.utils.data.Dataset):
         insts = self.mix.epoch(step, self.cfg.batch_size)
         tokens = sum(int((self.encoder.text_ids(x)[1] != -100).sum()) for x in insts if x.task != "click")
         masks = sum(x.target is not None for x in insts)
+        images = len(insts)
         items = [self.encoder(x, rng=np.random.default_rng([self.cfg.seed, step, self.rank + k * self.world]))
                  for k, x in enumerate(insts[self.rank::self.world])]
-        return collate(items, self.pad_id), {"tokens": max(tokens, 1), "masks": max(masks, 1)}
+        return collate(items, self.pad_id), {"tokens": max(tokens, 1), "masks": max(masks, 1), "images": images}
 
 
 class _Dist:
@@ -132,7 +133,8 @@ def _progress(step: int, total: int, start_step: int, started: float, row: dict,
     eta = elapsed / max(done, 1) * (total - step - 1)
     bar = "#" * int(20 * (step + 1) / total)
     line = (f"train [{bar:<20s}] {step + 1}/{total} loss {row['loss']:.3f} (text {row['text']:.3f}, "
-            f"bce {row['mask_bce']:.3f}, dice {row['mask_dice']:.3f}) {row['samples_per_s']:.1f} samples/s "
+            f"bce {row['mask_bce']:.3f}, dice {row['mask_dice']:.3f}, aux {row['aux_class']:.2f}/{row['aux_dense']:.2f}) "
+            f"{row['samples_per_s']:.1f} samples/s "
             f"ETA {int(eta // 60)}:{int(eta % 60):02d}")
     print(("\r" + line) if tty else line, end="" if tty else "\n", file=sys.stderr, flush=True)
 
@@ -167,10 +169,12 @@ def train(cfg: TrainConfig) -> Path:
         (out / "train_config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
     torch.manual_seed(cfg.seed)
     model, tokenizer = build_model(preset(cfg.preset))
-    encoder = Encoder(model.config, tokenizer, augment=True, seed=cfg.seed)
-    module = TrainModule(model, torch.from_numpy(encoder.prefix_ids), encoder.image_id, encoder.region_ids).to(device)
-    module.model.llm.eval()
     train_samples, _ = load_split(cfg)
+    classes = {key: i for i, key in enumerate(sorted({(s.dataset, s.label) for s in train_samples if s.label}))}
+    encoder = Encoder(model.config, tokenizer, augment=True, seed=cfg.seed, classes=classes)
+    module = TrainModule(model, torch.from_numpy(encoder.prefix_ids), encoder.image_id, encoder.region_ids,
+                         num_classes=len(classes)).to(device)
+    module.model.llm.eval()
     mix = InstructionMix(train_samples, cfg.task_weights, seed=cfg.seed)
 
     params = [p for p in module.parameters() if p.requires_grad]

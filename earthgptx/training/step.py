@@ -12,6 +12,13 @@ Losses (LISA, Lai et al. 2024, with its weights): text cross-entropy on the answ
 need no loss of their own: the pixel decoder's box is the mask's tight box, and grounding
 boxes are the mask's connected components. Each loss is a sum over the local batch divided
 by the count over the *global* batch, so data-parallel ranks add up to one process exactly.
+
+Deep supervision for a from-scratch vision encoder (training only, not in the checkpoint):
+every image with a class (AID, MSTAR) also trains a linear head on its mean image token
+(cross-entropy, ``aux_class``), and every image with object masks a 1x1 head on the dense
+embedding that predicts where all objects are (BCE + Dice, ``aux_dense``). The LLM's answer
+is still the only output; these give the encoder a direct signal every time an image is
+seen, where the text loss reaches it only through the frozen LLM.
 """
 from __future__ import annotations
 
@@ -22,16 +29,19 @@ from torch.nn import functional as F
 from ..model import EarthGPTX
 from .batches import IGNORE
 
-WEIGHTS = {"text": 1.0, "mask_bce": 2.0, "mask_dice": 0.5, "iou": 1.0}
+WEIGHTS = {"text": 1.0, "mask_bce": 2.0, "mask_dice": 0.5, "iou": 1.0, "aux_class": 0.5, "aux_dense": 0.5}
 
 
 class TrainModule(nn.Module):
     """``forward(batch, counts) -> {loss, text, mask_bce, mask_dice, iou}``; ``counts``:
     ``{"tokens": answer tokens, "masks": mask queries}`` over the global batch."""
 
-    def __init__(self, model: EarthGPTX, prefix_ids: torch.Tensor, image_id: int, region_ids: list[int]) -> None:
+    def __init__(self, model: EarthGPTX, prefix_ids: torch.Tensor, image_id: int, region_ids: list[int],
+                 num_classes: int = 0) -> None:
         super().__init__()
         self.model = model
+        self.aux_class = nn.Linear(model.config.llm.hidden, max(1, num_classes))
+        self.aux_dense = nn.Conv2d(model.config.vision.embed_dim, 1, 1)
         self.n_base = model.config.llm.vocab_size
         model.llm.requires_grad_(False)
         self.added = nn.Parameter(model.llm.embed_table[self.n_base:].detach().clone())
@@ -112,6 +122,18 @@ class TrainModule(nn.Module):
             losses["mask_bce"] = bce.sum() / n
             losses["mask_dice"] = dice.sum() / n
             losses["iou"] = ((scores[:, 0].float() - iou) ** 2).sum() / n
+        cls = batch["labels_cls"]
+        if bool((cls >= 0).any()):
+            logits = self.aux_class(image_tokens.mean(1)).float()
+            losses["aux_class"] = F.cross_entropy(logits[cls >= 0], cls[cls >= 0], reduction="sum") / counts["images"]
+        if "object_rows" in batch:
+            dense = self.aux_dense(image_embedding[batch["object_rows"]]).float()
+            dense = F.interpolate(dense, size=batch["objects"].shape[-2:], mode="bilinear", align_corners=False)[:, 0]
+            t = batch["objects"]
+            bce = F.binary_cross_entropy_with_logits(dense, t, reduction="none").flatten(1).mean(1)
+            p, t = torch.sigmoid(dense).flatten(1), t.flatten(1)
+            dice = 1.0 - (2.0 * (p * t).sum(1) + 1.0) / (p.sum(1) + t.sum(1) + 1.0)
+            losses["aux_dense"] = (2.0 * bce + dice).sum() / counts["images"]
         losses["loss"] = sum(WEIGHTS[k] * losses[k] for k in WEIGHTS)
         return losses
 
