@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -264,7 +265,8 @@ def cmd_train(args: argparse.Namespace) -> int:
             print(inst.describe())
         return 0
     folder = train(cfg)
-    print(f"wrote {folder} (egx predict --checkpoint {folder} ...)")
+    if os.environ.get("RANK", "0") == "0":
+        print(f"wrote {folder} (egx predict --checkpoint {folder} ...)")
     return 0
 
 

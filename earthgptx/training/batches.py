@@ -131,8 +131,8 @@ def coverage(mask: np.ndarray, lb: Letterbox) -> np.ndarray:
 def collate(items: list[Encoded], pad_id: int) -> dict:
     """A batch: every image; text rows for the non-click items (right-padded); prompt rows
     for items with visual prompts (padded with ``PROMPT_PAD``); decoder queries for items
-    with a mask target."""
-    from ..pixel_decoder import LABEL_PAD
+    with a mask target, in groups of equal point count (``point_groups``: rows into
+    ``mask_rows``, ``(n, 1, P, 2)`` coordinates, ``(n, 1, P)`` labels)."""
     from ..prompt_encoder import PROMPT_PAD
 
     b = len(items)
@@ -165,15 +165,17 @@ def collate(items: list[Encoded], pad_id: int) -> dict:
 
     mq = [i for i, it in enumerate(items) if it.target is not None]
     if mq:
-        p = max(len(items[i].points[1]) for i in mq)
-        coords = np.zeros((len(mq), 1, p, 2), dtype=np.float32)
-        plabels = np.full((len(mq), 1, p), LABEL_PAD, dtype=np.int64)
+        # SAM attends to every point token, padding ones too: rows are never padded to a common
+        # point count, they are grouped by it (as at inference, where a query has its own points)
+        groups: dict[int, list[int]] = {}
         for row, i in enumerate(mq):
-            c, lab = items[i].points
-            coords[row, 0, : len(lab)], plabels[row, 0, : len(lab)] = c, lab
+            groups.setdefault(len(items[i].points[1]), []).append(row)
+        batch["point_groups"] = [(torch.tensor(rows, dtype=torch.long),
+                                  torch.from_numpy(np.stack([items[mq[r]].points[0] for r in rows])[:, None]),
+                                  torch.from_numpy(np.stack([items[mq[r]].points[1] for r in rows])[:, None]))
+                                 for _, rows in sorted(groups.items())]
         seg_pos = [items[i].seg_pos for i in mq]
-        batch.update(mask_rows=torch.tensor(mq, dtype=torch.long), point_coords=torch.from_numpy(coords),
-                     point_labels=torch.from_numpy(plabels), seg_pos=torch.tensor(seg_pos, dtype=torch.long),
+        batch.update(mask_rows=torch.tensor(mq, dtype=torch.long), seg_pos=torch.tensor(seg_pos, dtype=torch.long),
                      targets=torch.from_numpy(np.stack([items[i].target for i in mq])))
     batch["labels_cls"] = torch.tensor([it.label for it in items], dtype=torch.long)
     ob = [i for i, it in enumerate(items) if it.objects is not None]

@@ -223,7 +223,11 @@ def train(cfg: TrainConfig) -> Path:
         with autocast:
             losses = net(batch, counts)
         opt.zero_grad(set_to_none=True)
-        losses["loss"].backward()
+        # each rank's loss is its share of the global loss; DDP averages gradients over ranks
+        (losses["loss"] * dist.world).backward()
+        for p in params:  # a part no item of the step used gets a zero gradient, as DDP gives it
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         vals = dist.all_sum([float(losses[k].detach()) for k in acc])
@@ -274,7 +278,13 @@ def _elapsed_before(log_path: Path) -> float:
 
 
 def _to(batch: dict, device: torch.device) -> dict:
-    return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+    def move(v):
+        if torch.is_tensor(v):
+            return v.to(device, non_blocking=True)
+        if isinstance(v, (list, tuple)) and v and isinstance(v[0], tuple):
+            return [tuple(move(t) for t in group) for group in v]
+        return v
+    return {k: move(v) for k, v in batch.items()}
 
 
 def _save(module: TrainModule, opt, step: int, path: Path) -> None:

@@ -106,9 +106,13 @@ class TrainModule(nn.Module):
             seg = torch.stack([seg_hidden.get(s, torch.zeros(h, device=image_tokens.device, dtype=image_tokens.dtype))
                                .to(image_tokens.dtype) for s in rows])[:, None]
             valid = torch.tensor([[1.0 if s in seg_hidden else 0.0] for s in rows], device=seg.device)
-            masks, scores, _ = m.pixel_decoder(image_embedding[batch["mask_rows"]], seg, valid,
-                                               batch["point_coords"], batch["point_labels"])
-            logits = masks[:, 0].float()
+            emb = image_embedding[batch["mask_rows"]]
+            logits = torch.zeros(len(rows), *batch["targets"].shape[-2:], device=emb.device)
+            scores = torch.zeros(len(rows), device=emb.device)
+            for idx, coords, labels in batch["point_groups"]:
+                masks, sc, _ = m.pixel_decoder(emb[idx], seg[idx], valid[idx], coords, labels)
+                logits = logits.index_put((idx,), masks[:, 0].float())
+                scores = scores.index_put((idx,), sc[:, 0].float())
             tgt = batch["targets"]
             bce = F.binary_cross_entropy_with_logits(logits, tgt, reduction="none").flatten(1).mean(1)
             prob = torch.sigmoid(logits).flatten(1)
@@ -121,7 +125,7 @@ class TrainModule(nn.Module):
             n = counts["masks"]
             losses["mask_bce"] = bce.sum() / n
             losses["mask_dice"] = dice.sum() / n
-            losses["iou"] = ((scores[:, 0].float() - iou) ** 2).sum() / n
+            losses["iou"] = ((scores - iou) ** 2).sum() / n
         cls = batch["labels_cls"]
         if bool((cls >= 0).any()):
             logits = self.aux_class(image_tokens.mean(1)).float()
