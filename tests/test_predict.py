@@ -54,11 +54,19 @@ def test_forced_seg_mask_equals_parts_run_by_hand(tiny, tiny_predictor, sar):
     assert r.scores[0] == pytest.approx(float(scores[0, 0]), abs=1e-5)
 
 
-def test_grounding_gives_boxes_not_masks(tiny_predictor, data_root):
+def test_grounding_gives_a_box_per_object_of_the_mask(tiny_predictor, data_root):
+    from earthgptx.processing import component_boxes
+
     img = read_image(data_root / OPT).data
     r = tiny_predictor.predict(img, "optical", "Where is the large vehicle?", generation=GEN)
-    assert r.task == "grounding" and r.masks == [] and len(r.boxes) >= 1
+    assert r.task == "grounding" and r.masks == []
     assert r.boxes.shape[1] == 4 and np.all(r.boxes[:, 2] <= img.shape[1]) and np.all(r.boxes[:, 3] <= img.shape[0])
+    # the same forced [SEG] prompt segments: grounding's boxes are that mask's connected components
+    seg = tiny_predictor.predict(img, "optical", "Where is the large vehicle?", task="segment", generation=GEN)
+    decoder = r.boxes[[i for i, s in enumerate(r.box_sources) if s == "pixel_decoder"]]
+    expected = np.concatenate([component_boxes(m) for m in seg.masks]).reshape(-1, 4)  # every [SEG]'s mask
+    np.testing.assert_allclose(decoder, expected, atol=1e-6)
+    assert len(r.scores) == len(decoder)
 
 
 @pytest.mark.parametrize("kind", ["point", "box", "freeform"])

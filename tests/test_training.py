@@ -109,6 +109,10 @@ def test_ddp_two_processes_equal_one(tmp_path, data_root):
     moved = 0
     init = _weights_initial()
     for k in a:
+        if k.endswith("k_proj.bias"):
+            # a key bias shifts every logit of a softmax row equally: its true gradient is 0, what it
+            # gets is rounding noise (which Adam scales to a full step): not comparable across runs
+            continue
         torch.testing.assert_close(a[k], b[k], atol=2e-5, rtol=1e-4, msg=k)
         moved += not torch.equal(a[k], init[k]) if k in init else 0
     assert moved > 10  # training changed the weights, identically in both runs
