@@ -120,7 +120,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("info", help="parameter counts of a preset or checkpoint")
     src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--preset", choices=("tiny", "edge", "paper"))
+    src.add_argument("--preset", choices=("tiny", "small", "edge", "paper"))
     src.add_argument("--checkpoint", metavar="DIR")
     p.add_argument("--json", action="store_true")
 

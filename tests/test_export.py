@@ -262,3 +262,29 @@ def test_failed_parity_fails_the_build_and_is_recorded(tmp_path, data_root, monk
     assert m["engines"]["vision_encoder"]["parity"]["passed"] is True
     with pytest.raises(ManifestError, match="pixel_decoder failed its parity"):
         load_manifest(out)
+
+
+def test_cnn_vision_encoder_exports_and_matches(tmp_path):
+    """The trained default's vision encoder kind ("cnn": residual CNN + FPN) through ONNX Runtime,
+    at a batch other than the export's."""
+    import dataclasses
+
+    import onnxruntime as ort
+
+    from earthgptx.config import VisionConfig
+    from earthgptx.vision_encoder import VisionEncoder
+    from export.onnx_export import export_onnx
+
+    vision = VisionConfig(kind="cnn", image_size=64, patch_size=8, cnn_dims=(8, 16, 32, 32), cnn_depths=(1, 1, 1, 1),
+                          token_grid=2, embed_dim=16)
+    cfg = dataclasses.replace(preset("tiny"), vision=vision)
+    torch.manual_seed(0)
+    module = VisionEncoder(vision, cfg.llm.hidden).eval()
+    path = export_onnx(SPECS["vision_encoder"](cfg), module, tmp_path / "vision_encoder.onnx")
+    x = torch.randn(3, 3, 64, 64)
+    with torch.no_grad():
+        ref = module(x)
+    out = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {"pixel_values": x.numpy()})
+    assert out[0].shape == (3, 4, cfg.llm.hidden) and out[1].shape == (3, 16, 8, 8)
+    for a, b in zip(out, ref):
+        np.testing.assert_allclose(a, b.numpy(), atol=1e-4)
