@@ -90,3 +90,30 @@ def test_broken_checkpoints_are_refused(tiny, tmp_path):
     (folder / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(CheckpointError, match="missing"):
         load_checkpoint(folder)
+
+
+def test_trained_checkpoint_without_the_base_llm(tmp_path):
+    """``egx train``'s checkpoints leave the frozen base LLM out (it loads from where the config
+    names it) and hold the trained parts and the added token rows: loading gives the same model."""
+    from safetensors.torch import load_file
+
+    from earthgptx.checkpoint import ADDED_ROWS
+
+    tiny_model, tok = build_model(preset("tiny"))
+    tiny_model.llm.model.save_pretrained(tmp_path / "base")  # a local Llama folder as the base LLM
+    cfg = dataclasses.replace(preset("tiny"), llm=dataclasses.replace(preset("tiny").llm, weights=str(tmp_path / "base")))
+    model, tok = build_model(cfg)
+    with torch.no_grad():  # "training": new vision weights and added rows; the base LLM unchanged
+        for p in model.vision_encoder.parameters():
+            p.add_(0.01)
+        model.llm.embed_table[cfg.llm.vocab_size:] += 0.5
+    save_checkpoint(model, tok, tmp_path / "trained", base_llm=True)
+    stored = load_file(str(tmp_path / "trained" / "model.safetensors"))
+    assert not any(k.startswith("llm.") and k != ADDED_ROWS for k in stored)
+    assert stored[ADDED_ROWS].shape == (len(tok) - cfg.llm.vocab_size, cfg.llm.hidden)
+    loaded, _ = load_checkpoint(tmp_path / "trained")
+    a, b = model.state_dict(), loaded.state_dict()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    with pytest.raises(CheckpointError, match="named weights"):
+        save_checkpoint(tiny_model, tok, tmp_path / "nope", base_llm=True)
