@@ -131,24 +131,14 @@ def load_checkpoint(folder: str | Path):
     return model, tokenizer
 
 
-def default_checkpoint() -> Path:
-    """The trained default model shipped in the package (``earthgptx/pretrained/small``)."""
-    return Path(__file__).resolve().parent / "pretrained" / "small"
-
-
 def load_reference(preset_name: str | None = None, checkpoint: str | Path | None = None):
-    """``(model, tokenizer)`` from a preset name or a checkpoint folder (at most one); with
-    neither, the trained default model."""
+    """``(model, tokenizer)`` from a preset name or a checkpoint folder (exactly one)."""
     from .config import preset
     from .model import build_model
 
-    if preset_name is not None and checkpoint is not None:
-        raise CheckpointError("give one of a preset (--preset tiny|small|edge) or a checkpoint folder (--checkpoint DIR)")
-    if preset_name is None and checkpoint is None:
-        checkpoint = default_checkpoint()
-        if not (checkpoint / CONFIG_FILE).is_file():
-            raise CheckpointError(f"the trained default model is missing from {checkpoint}; reinstall the package "
-                                  "or name a model (--preset tiny|small|edge, --checkpoint DIR)")
+    if (preset_name is None) == (checkpoint is None):
+        raise CheckpointError("give exactly one of a preset (--preset tiny|small|edge) or a checkpoint folder "
+                              "(--checkpoint DIR)")
     if checkpoint is not None:
         return load_checkpoint(checkpoint)
     return build_model(preset(preset_name))

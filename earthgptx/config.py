@@ -184,8 +184,8 @@ def preset(name: str) -> ModelConfig:
             pixel=PixelConfig(layers=1, heads=2, mlp_dim=64, iou_head_hidden=32),
         )
     if name == "small":
-        # the trained default (see earthgptx/pretrained/): a from-scratch CNN at 256 px, 16 image
-        # tokens, SmolLM2-135M frozen; sized to train in about an hour on 2 CPU cores
+        # the architecture egx train trains (docs/training.md): a from-scratch CNN at 256 px, 16
+        # image tokens, SmolLM2-135M frozen; sized to train in about an hour on 2 CPU cores
         return ModelConfig(
             preset="small",
             vision=VisionConfig(

@@ -11,9 +11,8 @@ from .limits import ShapeLimits
 
 def add_build_arguments(p: argparse.ArgumentParser) -> None:
     src = p.add_mutually_exclusive_group()
-    src.add_argument("--preset", choices=("tiny", "small", "edge"),
-                     help="an untrained built-in model (default: the trained model shipped in the package)")
-    src.add_argument("--checkpoint", metavar="DIR", help="checkpoint folder (default: earthgptx/pretrained/small)")
+    src.add_argument("--preset", choices=("tiny", "small", "edge"), help="built-in model (default: edge)")
+    src.add_argument("--checkpoint", metavar="DIR", help="checkpoint folder (e.g. from egx train)")
     p.add_argument("--backend", action="append", default=[], metavar="[PART=]BACKEND",
                    help="onnxruntime (default), tensorrt or tensorrt-llm; for all parts or one (llm=tensorrt-llm)")
     p.add_argument("--precision", action="append", default=[], metavar="[PART=]PRECISION",
@@ -25,7 +24,7 @@ def add_build_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--gate-mask-iou", type=float, default=0.98, help="INT8 gate: mean mask IoU per modality")
     p.add_argument("--gate-box-iou", type=float, default=0.98, help="INT8 gate: mean box IoU per modality")
     p.add_argument("--gate-token-agreement", type=float, default=0.99, help="INT8 gate: greedy-token agreement")
-    p.add_argument("--out", type=Path, metavar="DIR", help="output folder (default engines/<preset or checkpoint name>)")
+    p.add_argument("--out", type=Path, metavar="DIR", help="output folder (default engines/<preset or checkpoint folder name>)")
     p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (where engines run and are checked)")
     p.add_argument("--data", type=Path, metavar="DIR", help="imagery for parity checks (default ../shared/data)")
     d = ShapeLimits()
@@ -41,10 +40,8 @@ def options_from_args(args: argparse.Namespace):
     from .accuracy import Gate
     from .build import BACKENDS, PRECISIONS, BuildOptions, per_part
 
-    from earthgptx.checkpoint import default_checkpoint
-
     opts = BuildOptions(
-        preset=args.preset, checkpoint=args.checkpoint or (None if args.preset else str(default_checkpoint())),
+        preset=args.preset or (None if args.checkpoint else "edge"), checkpoint=args.checkpoint,
         backends=per_part(args.backend, BACKENDS, "onnxruntime", "backend"),
         precisions=per_part(args.precision, PRECISIONS, "fp32", "precision"),
         calibration=args.calibration, out=args.out, device=args.device,

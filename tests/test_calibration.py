@@ -22,6 +22,17 @@ def test_shared_data_set_is_balanced_deterministic_and_disjoint(data_root):
     assert not cal & {i.key for i in a.evaluation}  # evaluation images are never calibration images
     assert {i.modality for i in a.evaluation} == {"optical", "sar", "infrared"}
     optical = [i for i in a.calibration + a.evaluation if i.modality == "optical"]
+    assert len(optical) == 10 and not any(i.crop for i in optical)  # 8 + 2 whole images (AID, roads, DOTA)
+
+
+def test_a_modality_with_one_image_is_split_into_halves(data_root, tmp_path):
+    import shutil
+
+    dota = tmp_path / "optical" / "dota"
+    shutil.copytree(data_root / "optical" / "dota", dota)
+    items, skipped = discover(tmp_path)
+    a = select(items, skipped, seed=0)
+    optical = a.calibration + a.evaluation
     assert len(optical) == 2 and all(i.crop for i in optical)  # one image: split into halves
     x = sorted(i.crop for i in optical)
     assert x[0][2] <= x[1][0]  # the halves do not overlap
