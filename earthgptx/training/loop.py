@@ -109,7 +109,10 @@ class _Dist:
         if self.world > 1:
             import torch.distributed as dist
 
-            dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
+            from datetime import timedelta
+
+            # a rank that stops answering fails the others after this, instead of hanging them
+            dist.init_process_group("nccl" if device.startswith("cuda") else "gloo", timeout=timedelta(minutes=10))
 
     def all_sum(self, values: list[float]) -> list[float]:
         if self.world == 1:
