@@ -393,18 +393,20 @@ def test_serve_query_and_sigterm_shutdown(tiny_build, tmp_path, sar):
 
         assert cv2.imread(str(tmp_path / "overlay.png")).shape == (800, 800, 3)
         outcome = []
+        streaming = threading.Event()
 
         def long_request():
             with Client(address, timeout_s=30, retries=0) as c:
                 try:
-                    outcome.append(c.predict(sar, "sar", "Describe the image.", task="caption",
+                    outcome.append(c.predict(sar, "sar", "Describe the image.", task="caption", stream=True,
+                                             on_text=lambda _: streaming.set(),
                                              generation={"max_new_tokens": 1024})["text"])
                 except ServerError as exc:
                     outcome.append(exc.code)
 
         t = threading.Thread(target=long_request)
         t.start()
-        time.sleep(0.5)
+        assert streaming.wait(30)  # the request is running (its first tokens arrived): now stop the server
     finally:
         serve.send_signal(signal.SIGTERM)
         rest = serve.communicate(timeout=60)[1]
