@@ -98,6 +98,17 @@ class Letterbox:
         out[:h, :w] = small > 0
         return out
 
+    def mask_coverage(self, mask: np.ndarray) -> np.ndarray:
+        """``(H, W)`` bool mask in the original -> ``(S, S)`` float32: the share of each model
+        pixel the object covers (area resampling; a soft training target that keeps objects of
+        a pixel or two), zero in the padding."""
+        import cv2
+
+        small = cv2.resize(mask.astype(np.float32), (self.new_w, self.new_h), interpolation=cv2.INTER_AREA)
+        out = np.zeros((self.size, self.size), dtype=np.float32)
+        out[: self.new_h, : self.new_w] = np.clip(small, 0.0, 1.0)
+        return out
+
     def mask_from_model(self, logits: np.ndarray) -> np.ndarray:
         """``(S, S)`` mask logits in the model frame -> ``(H, W)`` bool mask of the original."""
         import cv2

@@ -64,15 +64,15 @@ class OraclePredictor:
     """Answers with the ground truth of the sample whose image it is given (or nothing)."""
 
     def __init__(self, samples, right=True):
-        self.by_shape_sum = {}
+        self.by_pixel_sum = {}
         self.right = right
         from earthgptx.imageio import read_image
 
         for s in samples:
-            self.by_shape_sum[int(np.asarray(read_image(s.image).data, dtype=np.int64).sum())] = s
+            self.by_pixel_sum[int(np.asarray(read_image(s.image).data, dtype=np.int64).sum())] = s
 
     def predict(self, image, modality, text, prompts=None, task="auto", generation=None, **_):
-        s = self.by_shape_sum[int(np.asarray(image, dtype=np.int64).sum())]
+        s = self.by_pixel_sum[int(np.asarray(image, dtype=np.int64).sum())]
         h, w = image.shape[:2]
         union = np.logical_or.reduce(s.masks) if s.masks else np.zeros((h, w), bool)
         if not self.right:

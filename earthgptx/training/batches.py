@@ -106,26 +106,15 @@ class Encoder:
                 union = np.zeros(s.masks[0].shape, dtype=bool)
                 for k in inst.target:
                     union |= s.masks[k]
-                target = coverage(union, lb)
+                target = lb.mask_coverage(union)
         label = self.classes.get((s.dataset, s.label), -1) if s.label else -1
         objects = None
         if s.masks and s.noun in ("ship", "target", "road"):
-            objects = coverage(np.logical_or.reduce(s.masks), lb)
+            objects = lb.mask_coverage(np.logical_or.reduce(s.masks))
         elif s.dataset.startswith("sirst"):
             objects = np.zeros((self.size, self.size), dtype=np.float32)
         return Encoded(inst.task, np.ascontiguousarray(pv), ids, labels, seg_pos, prompts, points, target, label,
                        objects)
-
-
-def coverage(mask: np.ndarray, lb: Letterbox) -> np.ndarray:
-    """``(H, W)`` bool in the original -> ``(S, S)`` float32: the share of each model pixel the
-    object covers (area resampling; a soft target that keeps objects of a pixel or two)."""
-    import cv2
-
-    small = cv2.resize(mask.astype(np.float32), (lb.new_w, lb.new_h), interpolation=cv2.INTER_AREA)
-    out = np.zeros((lb.size, lb.size), dtype=np.float32)
-    out[: lb.new_h, : lb.new_w] = np.clip(small, 0.0, 1.0)
-    return out
 
 
 def collate(items: list[Encoded], pad_id: int) -> dict:
