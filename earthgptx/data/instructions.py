@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from ..errors import InputError
 from ..processing import Letterbox, VisualPrompts, format_box, inside_point, mask_box
 from . import templates as T
 from .readers import Sample
@@ -252,14 +253,14 @@ class InstructionMix:
         weights = dict(weights or TASK_WEIGHTS)
         unknown = set(weights) - set(TASK_WEIGHTS)
         if unknown:
-            raise ValueError(f"unknown tasks in weights: {sorted(unknown)}; known: {', '.join(TASK_WEIGHTS)}")
+            raise InputError(f"unknown tasks in weights: {sorted(unknown)}; known: {', '.join(TASK_WEIGHTS)}")
         self.pools: dict[str, dict[str, list[int]]] = {}
         for i, s in enumerate(samples):
             for t in applicable_tasks(s):
                 self.pools.setdefault(t, {}).setdefault(s.dataset, []).append(i)
         self.tasks = [t for t in weights if weights[t] > 0 and t in self.pools]
         if not self.tasks:
-            raise ValueError("no sample can teach any task with a positive weight")
+            raise InputError("no sample can teach any task with a positive weight (check --task-weights and --dataset)")
         w = np.array([weights[t] for t in self.tasks], dtype=float)
         self.task_p = w / w.sum()
 
