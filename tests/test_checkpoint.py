@@ -117,3 +117,41 @@ def test_trained_checkpoint_without_the_base_llm(tmp_path):
         assert torch.equal(a[k], b[k]), k
     with pytest.raises(CheckpointError, match="named weights"):
         save_checkpoint(tiny_model, tok, tmp_path / "nope", base_llm=True)
+
+
+def test_lora_factors_travel_and_fold_into_the_base_llm(tmp_path):
+    """A LoRA-trained LLM: the checkpoint holds only the low-rank factors beside the trained
+    parts; loading folds them into the base weights, and the plain loaded LLM computes what the
+    adapted one computed. Factors for another LLM are refused."""
+    from safetensors.torch import load_file, save_file
+
+    from earthgptx.lora import PREFIX, add_lora
+
+    tiny_model, tok = build_model(preset("tiny"))
+    tiny_model.llm.model.save_pretrained(tmp_path / "base")
+    cfg = dataclasses.replace(preset("tiny"), llm=dataclasses.replace(preset("tiny").llm, weights=str(tmp_path / "base")))
+    model, tok = build_model(cfg)
+    params = add_lora(model.llm, rank=4, alpha=8.0)
+    with torch.no_grad():  # "training" moved the factors (B starts at zero)
+        for p in params:
+            p.normal_(0.0, 0.05)
+    embeds = torch.randn(2, 7, cfg.llm.hidden)
+    mask, pos = torch.ones(2, 7, dtype=torch.long), torch.arange(7)[None].expand(2, -1)
+    with torch.no_grad():
+        adapted = model.llm(embeds, mask, pos)[0]
+        base = tiny_model.llm(embeds, mask, pos)[0]
+    assert (adapted - base).abs().max() > 1e-3  # the adapters change the answer
+    save_checkpoint(model, tok, tmp_path / "lora", base_llm=True)
+    stored = load_file(str(tmp_path / "lora" / "model.safetensors"))
+    factors = [k for k in stored if k.startswith(PREFIX)]
+    assert len(factors) == 2 * 7 * cfg.llm.layers
+    assert not any(k.startswith("llm.") and not k.startswith(PREFIX) and k != "llm.added_embeddings" for k in stored)
+    loaded, _ = load_checkpoint(tmp_path / "lora")
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.llm(embeds, mask, pos)[0], adapted, atol=1e-5, rtol=1e-4)
+    bad = dict(stored)
+    key = factors[0]
+    bad[key] = torch.zeros(bad[key].shape[0], bad[key].shape[1] + 1)
+    save_file(bad, str(tmp_path / "lora" / "model.safetensors"))
+    with pytest.raises(CheckpointError, match="do not fit the LLM"):
+        load_checkpoint(tmp_path / "lora")

