@@ -41,9 +41,12 @@ def trained_state(model: EarthGPTX) -> dict:
 
 
 def save_checkpoint(model: EarthGPTX, tokenizer, folder: str | Path, base_llm: bool = False,
-                    metadata: dict | None = None) -> Path:
+                    metadata: dict | None = None, tokenizer_files: bool = True) -> Path:
     """Write ``model`` and ``tokenizer`` to ``folder`` (created if needed). ``base_llm``:
-    leave the base LLM's weights out (they must be unchanged from ``config.llm.weights``)."""
+    leave the base LLM's weights out (they must be unchanged from ``config.llm.weights``).
+    ``tokenizer_files=False``: no tokenizer files; loading rebuilds the tokenizer from the
+    source the config names (``config.llm.tokenizer``, e.g. ``smollm2-gguf``) and the special
+    tokens, which is what ``build_model`` does (3.5 MB less in the folder)."""
     from safetensors.torch import save_file, save_model
 
     folder = Path(folder)
@@ -51,17 +54,21 @@ def save_checkpoint(model: EarthGPTX, tokenizer, folder: str | Path, base_llm: b
     cfg = model.config
     if base_llm and cfg.llm.weights == "random":
         raise CheckpointError("base_llm=True needs an LLM loaded from named weights (e.g. smollm2-gguf), not random ones")
+    if not tokenizer_files and cfg.llm.tokenizer in (None, "."):
+        raise CheckpointError("tokenizer_files=False needs a config that names its tokenizer's source")
     # the weights now live in this folder: no external sources on reload (but the base LLM's)
     cfg = dataclasses.replace(
         cfg, vision=dataclasses.replace(cfg.vision, vit_pretrained=None, cnn_pretrained=None),
-        llm=dataclasses.replace(cfg.llm, weights=cfg.llm.weights if base_llm else "random", tokenizer="."))
+        llm=dataclasses.replace(cfg.llm, weights=cfg.llm.weights if base_llm else "random",
+                                tokenizer="." if tokenizer_files else cfg.llm.tokenizer))
     (folder / CONFIG_FILE).write_text(json.dumps({"format": "earthgptx-checkpoint/1", **cfg.to_dict()}, indent=2))
     meta = {"format": "pt", **{k: str(v) for k, v in (metadata or {}).items()}}
     if base_llm:
         save_file(trained_state(model), str(folder / WEIGHTS_FILE), metadata=meta)
     else:
         save_model(model, str(folder / WEIGHTS_FILE), metadata=meta)
-    tokenizer.save_pretrained(folder)
+    if tokenizer_files:
+        tokenizer.save_pretrained(folder)
     return folder
 
 
@@ -122,10 +129,16 @@ def load_checkpoint(folder: str | Path):
     weights = folder / WEIGHTS_FILE
     if not weights.is_file():
         raise CheckpointError(f"{weights} is missing")
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
-    except (OSError, ValueError) as exc:
-        raise CheckpointError(f"cannot load the tokenizer files in {folder}: {exc}") from exc
+    if config.llm.tokenizer not in (None, "."):  # named source, no files in the folder
+        from .prompting import special_tokens
+        from .weights import load_tokenizer
+
+        tokenizer = load_tokenizer(config.llm.tokenizer, special_tokens(config.prompt.max_regions))
+    else:
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
+        except (OSError, ValueError) as exc:
+            raise CheckpointError(f"cannot load the tokenizer files in {folder}: {exc}") from exc
     model = build_skeleton(config)
     if config.llm.weights != "random":
         load_base_llm_checkpoint(model, weights)

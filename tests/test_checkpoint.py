@@ -117,6 +117,13 @@ def test_trained_checkpoint_without_the_base_llm(tmp_path):
         assert torch.equal(a[k], b[k]), k
     with pytest.raises(CheckpointError, match="named weights"):
         save_checkpoint(tiny_model, tok, tmp_path / "nope", base_llm=True)
+    # without tokenizer files (the shipped default): the tokenizer is rebuilt from its named source
+    save_checkpoint(model, tok, tmp_path / "lean", base_llm=True, tokenizer_files=False)
+    assert not (tmp_path / "lean" / "tokenizer.json").exists()
+    lean, lean_tok = load_checkpoint(tmp_path / "lean")
+    assert lean_tok.get_vocab() == tok.get_vocab()
+    for k, v in lean.state_dict().items():
+        assert torch.equal(v, a[k]), k
 
 
 def test_lora_factors_travel_and_fold_into_the_base_llm(tmp_path):
