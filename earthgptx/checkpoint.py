@@ -22,6 +22,7 @@ from .config import ModelConfig
 from .errors import CheckpointError
 from .model import EarthGPTX, build_skeleton
 
+DEFAULT_MODEL_DIR = Path(__file__).with_name("default_model")  # the trained model shipped in the package
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
 ADDED_ROWS = "llm.added_embeddings"
@@ -155,14 +156,30 @@ def load_checkpoint(folder: str | Path):
     return model, tokenizer
 
 
+def default_model() -> Path | None:
+    """The trained default model's folder (``earthgptx/default_model``, see its MODEL_CARD.md),
+    or ``None`` where this installation has none."""
+    return DEFAULT_MODEL_DIR if (DEFAULT_MODEL_DIR / WEIGHTS_FILE).is_file() else None
+
+
+def resolve_source(preset_name: str | None, checkpoint: str | Path | None) -> tuple[str | None, str | None]:
+    """``(preset, checkpoint)`` with the default filled in when neither is named: the trained
+    default model, or the ``edge`` preset where none ships. Naming both is an error."""
+    if preset_name is not None and checkpoint is not None:
+        raise CheckpointError("give one of a preset (--preset tiny|small|edge) or a checkpoint folder (--checkpoint DIR)")
+    if preset_name is None and checkpoint is None:
+        shipped = default_model()
+        return (None, str(shipped)) if shipped else ("edge", None)
+    return preset_name, None if checkpoint is None else str(checkpoint)
+
+
 def load_reference(preset_name: str | None = None, checkpoint: str | Path | None = None):
-    """``(model, tokenizer)`` from a preset name or a checkpoint folder (exactly one)."""
+    """``(model, tokenizer)`` from a preset name or a checkpoint folder (neither: the default,
+    ``resolve_source``)."""
     from .config import preset
     from .model import build_model
 
-    if (preset_name is None) == (checkpoint is None):
-        raise CheckpointError("give exactly one of a preset (--preset tiny|small|edge) or a checkpoint folder "
-                              "(--checkpoint DIR)")
+    preset_name, checkpoint = resolve_source(preset_name, checkpoint)
     if checkpoint is not None:
         return load_checkpoint(checkpoint)
     return build_model(preset(preset_name))

@@ -31,7 +31,8 @@ def _box(text: str) -> tuple[float, float, float, float]:
 def _add_model_source(p: argparse.ArgumentParser) -> None:
     src = p.add_mutually_exclusive_group()
     src.add_argument("--preset", choices=("tiny", "small", "edge"),
-                     help="built-in model, PyTorch (default: edge; small and tiny are untrained)")
+                     help="untrained built-in architecture, PyTorch (default: the trained model that ships, "
+                          "earthgptx/default_model; edge for pretrained vision folders, small/tiny untrained)")
     src.add_argument("--checkpoint", metavar="DIR", help="checkpoint folder (config.json + model.safetensors)")
     src.add_argument("--engines", metavar="DIR", help="a build folder (manifest.json) from export/build_engines.py")
     p.add_argument("--device", default="auto", help="for --engines: cpu, cuda or auto")
@@ -299,7 +300,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def _open_predictor(args: argparse.Namespace):
-    """The predictor of ``--engines``, ``--checkpoint`` or ``--preset`` (default ``edge``)."""
+    """The predictor of ``--engines``, ``--checkpoint`` or ``--preset`` (default: the trained
+    default model, ``checkpoint.resolve_source``)."""
     from .checkpoint import load_reference
     from .predictor import Predictor
 
@@ -307,8 +309,7 @@ def _open_predictor(args: argparse.Namespace):
         from runtime.engines import open_predictor
 
         return open_predictor(args.engines, args.device)
-    preset = args.preset or (None if args.checkpoint else "edge")
-    model, tokenizer = load_reference(preset, args.checkpoint)
+    model, tokenizer = load_reference(args.preset, args.checkpoint)
     return Predictor.from_model(model, tokenizer)
 
 

@@ -34,7 +34,7 @@ class BuildError(EarthGPTXError):
 
 @dataclass
 class BuildOptions:
-    preset: str | None = "edge"
+    preset: str | None = None  # neither preset nor checkpoint: the default (checkpoint.resolve_source)
     checkpoint: str | None = None
     backends: dict[str, str] = field(default_factory=lambda: dict.fromkeys(PART_NAMES, "onnxruntime"))
     precisions: dict[str, str] = field(default_factory=lambda: dict.fromkeys(PART_NAMES, "fp32"))
@@ -47,8 +47,17 @@ class BuildOptions:
     device: str = "cpu"
     data_root: Path = field(default_factory=lambda: Path(os.environ.get("EGX_DATA", REPO.parent / "shared" / "data")))
 
+    def __post_init__(self) -> None:
+        from earthgptx.checkpoint import DEFAULT_MODEL_DIR, resolve_source
+
+        self.preset, self.checkpoint = resolve_source(self.preset, self.checkpoint)
+        self._is_default = self.checkpoint is not None and Path(self.checkpoint).resolve() == DEFAULT_MODEL_DIR.resolve()
+
     @property
     def name(self) -> str:
+        """``default`` (the shipped trained model), the preset, or the checkpoint folder's name."""
+        if self._is_default:
+            return "default"
         return self.preset if self.preset else Path(self.checkpoint).name
 
     @property
@@ -76,11 +85,9 @@ def check_options(opts: BuildOptions) -> None:
     from earthgptx.config import preset
 
     problems = []
-    if (opts.preset is None) == (opts.checkpoint is None):
-        problems.append("give exactly one of --preset or --checkpoint")
     config = None
     try:
-        config = load_config(opts.checkpoint) if opts.checkpoint else preset(opts.preset or "edge")
+        config = load_config(opts.checkpoint) if opts.checkpoint else preset(opts.preset)
     except EarthGPTXError as exc:
         problems.append(str(exc))
     if config is not None and config.llm.tokenizer is None:

@@ -11,7 +11,9 @@ from .limits import ShapeLimits
 
 def add_build_arguments(p: argparse.ArgumentParser) -> None:
     src = p.add_mutually_exclusive_group()
-    src.add_argument("--preset", choices=("tiny", "small", "edge"), help="built-in model (default: edge)")
+    src.add_argument("--preset", choices=("tiny", "small", "edge"),
+                     help="untrained built-in architecture (default: the trained model that ships, "
+                          "earthgptx/default_model, into engines/default)")
     src.add_argument("--checkpoint", metavar="DIR", help="checkpoint folder (e.g. from egx train)")
     p.add_argument("--backend", action="append", default=[], metavar="[PART=]BACKEND",
                    help="onnxruntime (default), tensorrt or tensorrt-llm; for all parts or one (llm=tensorrt-llm)")
@@ -41,7 +43,7 @@ def options_from_args(args: argparse.Namespace):
     from .build import BACKENDS, PRECISIONS, BuildOptions, per_part
 
     opts = BuildOptions(
-        preset=args.preset or (None if args.checkpoint else "edge"), checkpoint=args.checkpoint,
+        preset=args.preset, checkpoint=args.checkpoint,
         backends=per_part(args.backend, BACKENDS, "onnxruntime", "backend"),
         precisions=per_part(args.precision, PRECISIONS, "fp32", "precision"),
         calibration=args.calibration, out=args.out, device=args.device,

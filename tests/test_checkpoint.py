@@ -162,3 +162,23 @@ def test_lora_factors_travel_and_fold_into_the_base_llm(tmp_path):
     save_file(bad, str(tmp_path / "lora" / "model.safetensors"))
     with pytest.raises(CheckpointError, match="do not fit the LLM"):
         load_checkpoint(tmp_path / "lora")
+
+
+def test_the_default_model_is_the_shipped_one_else_edge(tmp_path, monkeypatch):
+    """With neither --preset nor --checkpoint, predict, eval and the build use the trained model
+    in earthgptx/default_model; an installation without it falls back to edge; both is an error."""
+    from earthgptx import checkpoint
+    from export.build import BuildOptions
+
+    monkeypatch.setattr(checkpoint, "DEFAULT_MODEL_DIR", tmp_path / "default_model")
+    assert checkpoint.resolve_source(None, None) == ("edge", None)
+    assert BuildOptions().name == "edge"
+    (tmp_path / "default_model").mkdir()
+    (tmp_path / "default_model" / checkpoint.WEIGHTS_FILE).write_bytes(b"")
+    assert checkpoint.resolve_source(None, None) == (None, str(tmp_path / "default_model"))
+    opts = BuildOptions()
+    assert opts.name == "default" and opts.out_dir.name == "default"
+    assert checkpoint.resolve_source("tiny", None) == ("tiny", None)
+    assert BuildOptions(checkpoint=str(tmp_path / "mine")).name == "mine"
+    with pytest.raises(CheckpointError, match="one of"):
+        checkpoint.resolve_source("tiny", tmp_path)
