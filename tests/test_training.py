@@ -148,3 +148,35 @@ def test_dry_run_prints_instructions(data_root):
               "--out", "/nonexistent/never-written", "--dataset", "mstar", "--batch-size", "4", "--dry-run"])
     assert "validation images held out" in r.stdout and "[classify] mstar:" in r.stdout
     assert not os.path.exists("/nonexistent/never-written")
+
+
+def test_ship_writes_the_default_model_with_its_card(tmp_path, data_root):
+    """A run of the small preset (one step, LoRA) becomes a lean default-model folder: the run's
+    tensors byte for byte, no tokenizer files, a card with the file's sha256 and the metrics."""
+    import hashlib
+    import json
+
+    from earthgptx.checkpoint import load_checkpoint
+    from earthgptx.training.ship import ship
+
+    run = tmp_path / "run"
+    _run([sys.executable, "-m", "earthgptx.cli", "train", "--preset", "small", "--data", str(data_root),
+          "--out", str(run), "--steps", "1", "--batch-size", "2", "--dataset", "mstar", "--lora-rank", "2",
+          "--threads", "1"])
+    report = {"model": str(run / "model"), "rows": [{"task": "classify", "dataset": "mstar", "modality": "sar",
+                                                      "n": 4, "accuracy": 0.75}],
+              "baseline": [{"task": "classify", "dataset": "mstar", "accuracy": 0.25}]}
+    (tmp_path / "eval.json").write_text(json.dumps(report))
+    card = ship(run, tmp_path / "eval.json", tmp_path / "default", command="egx train ...", commit="abc1234")
+    out = tmp_path / "default"
+    assert sorted(p.name for p in out.iterdir()) == ["MODEL_CARD.md", "config.json", "model.safetensors"]
+    data = (out / "model.safetensors").read_bytes()
+    assert data == (run / "model" / "model.safetensors").read_bytes()
+    text = card.read_text()
+    assert hashlib.sha256(data).hexdigest() in text and "| classify | mstar | sar | 4 | accuracy | 0.750 | 0.250 |" in text
+    assert "abc1234" in text and "LoRA rank 2" in text
+    shipped, tok = load_checkpoint(out)
+    trained, run_tok = load_checkpoint(run / "model")
+    assert tok.get_vocab() == run_tok.get_vocab()
+    for k, v in trained.state_dict().items():
+        assert torch.equal(v, shipped.state_dict()[k]), k
