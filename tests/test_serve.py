@@ -339,8 +339,9 @@ def test_curve_serves_listed_clients_only(tiny_build, tmp_path, sar):
     with running(tiny_build[0], threads=1, curve_secret=tmp_path / "keys" / "server.key_secret", allow=allow) as s:
         with Client(s.opts.bind, 20, 0, server_pub, alice) as c:
             assert c.predict(sar, "sar", "", [(400, 400)], task="click")["masks"]
-        with Client(s.opts.bind, 2, 0, server_pub, mallory) as c, pytest.raises(ServerUnavailable):
+        with Client(s.opts.bind, 2, 0, server_pub, mallory) as c, pytest.raises(ServerUnavailable) as err:
             c.ping()
+        assert "refusing this client's CURVE key" in str(err.value) and "--allow" in str(err.value)
         with Client(s.opts.bind, 2, 0) as c, pytest.raises(ServerUnavailable):
             c.ping()
 
@@ -446,4 +447,4 @@ def test_cpp_client_with_curve(tiny_build, tmp_path, cpp_query, sar_pgm):
         ok = query("board")
         assert ok.returncode == 0 and json.loads(ok.stdout)["masks"], ok.stderr
         refused = query("stranger")
-        assert refused.returncode == 2 and "no reply" in refused.stderr
+        assert refused.returncode == 2 and "no reply" in refused.stderr and "CURVE key" in refused.stderr
