@@ -33,6 +33,16 @@ def running(engines, **options):
     return serve_in_thread(ServeOptions(engines=engines, bind="tcp://127.0.0.1:*", **options))
 
 
+@pytest.fixture(scope="module", autouse=True)
+def hypothesis_home(tmp_path_factory):
+    """Hypothesis's caches in a temporary folder, not ``.hypothesis/`` in the repository."""
+    from hypothesis.configuration import set_hypothesis_home_dir
+
+    set_hypothesis_home_dir(tmp_path_factory.mktemp("hypothesis"))
+    yield
+    set_hypothesis_home_dir(None)
+
+
 @pytest.fixture(scope="module")
 def server(tiny_build):
     with running(tiny_build[0], workers=1, threads=1, max_request_bytes=MIB, max_queue=4) as s:
