@@ -25,24 +25,26 @@ def _perturbed(image: np.ndarray, i: int) -> np.ndarray:
     return out
 
 
-def _throughput(address: str, image: np.ndarray, key: str, clients: int, per_client: int,
+def _throughput(address: str, image: np.ndarray, clients: int, per_client: int,
                 new_images: bool = False) -> tuple[float, int]:
-    """``clients`` threads, each sending ``per_client`` segment requests; on the uploaded
-    image (by id), or each on a new image (the vision encoder runs every time)."""
+    """``clients`` threads, each sending ``per_client`` segment requests; on the image each
+    client uploaded before the clock starts (by id: cached images are each client's own),
+    or each on a new image (the vision encoder runs every time)."""
     from .client import Client
 
     errors = []
+    conns = [Client(address, timeout_s=120, retries=0) for _ in range(clients)]
+    for c in conns:
+        c.upload(image, "sar")
 
     def one(k: int) -> None:
-        with Client(address, timeout_s=120, retries=0) as c:
-            c.uploaded.add((key, "sar"))
-            for i, point in enumerate(_segment_requests(clients * per_client)[k::clients]):
-                img = _perturbed(image, 1000 + k * per_client + i) if new_images else image
-                try:
-                    c.predict(img, "sar", "Segment the ship.", [point], task="segment",
-                              generation={"max_new_tokens": 8})
-                except Exception as exc:  # counted and reported, not hidden
-                    errors.append(exc)
+        c = conns[k]  # (a socket moves to this thread once, at its start)
+        for i, point in enumerate(_segment_requests(clients * per_client)[k::clients]):
+            img = _perturbed(image, 1000 + k * per_client + i) if new_images else image
+            try:
+                c.predict(img, "sar", "Segment the ship.", [point], task="segment", generation={"max_new_tokens": 8})
+            except Exception as exc:  # counted and reported, not hidden
+                errors.append(exc)
 
     threads = [threading.Thread(target=one, args=(k,)) for k in range(clients)]
     start = time.perf_counter()
@@ -50,7 +52,10 @@ def _throughput(address: str, image: np.ndarray, key: str, clients: int, per_cli
         t.start()
     for t in threads:
         t.join()
-    return time.perf_counter() - start, len(errors)
+    seconds = time.perf_counter() - start
+    for c in conns:
+        c.close()
+    return seconds, len(errors)
 
 
 def _segment_requests(n: int, seed: int = 0) -> list[tuple[float, float]]:
@@ -85,7 +90,7 @@ def bench_zmq(folder: Path, precision: str, image: np.ndarray, repeats: int, pre
         opts = ServeOptions(engines=folder, bind="tcp://127.0.0.1:*", threads=max(1, (os.cpu_count() or 1) // workers),
                             **config)
         with serve_in_thread(opts, log) as server, Client(server.opts.bind, timeout_s=120, retries=0) as c:
-            key = c.upload(image, "sar")
+            c.upload(image, "sar")
             if name == "1_worker":
                 rows.append(Row("zmq_overhead", "zmq", precision, timed(lambda: c.ping(payload), repeats * 5, 3)))
                 clicks = iter(np.random.default_rng(0).integers(0, 800, (repeats + 1, 2)).tolist())
@@ -96,7 +101,7 @@ def bench_zmq(folder: Path, precision: str, image: np.ndarray, repeats: int, pre
                     lambda: c.predict(_perturbed(image, next(counter)), "sar", "Segment the ship.", [(400, 400)],
                                       task="segment", generation={"max_new_tokens": 8}),
                     max(3, repeats // 2))))
-            seconds, errors = _throughput(server.opts.bind, image, key, clients, per_client, new_images)
+            seconds, errors = _throughput(server.opts.bind, image, clients, per_client, new_images)
             rows.append(Row(f"throughput_{name}", "zmq", precision, [seconds * 1e3 / n]))
             summary[name] = {"requests": n, "clients": clients, "seconds": round(seconds, 3),
                              "requests_per_s": round(n / seconds, 3), "errors": errors, "processes": workers,

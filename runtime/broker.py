@@ -2,33 +2,68 @@
 queued per stage with a bound, heartbeats, retries of requests whose worker died, and
 replies cached by request id so that a client's retry is never executed twice.
 
-Single-threaded: ``poll_once`` does one round of I/O; the server calls it in a loop.
+It routes; it does not read what it carries: of a request it checks the envelope (frame
+count, total size, protocol, command, service) and reads the routing fields (``id``,
+``session``, ``image.id``); the worker checks the rest. Request ids, cached replies and
+image affinity are scoped to the client (``client_scope``): another client cannot name them.
+
+Single-threaded: ``poll_once`` does one round of I/O; the server calls it in a loop. No
+message stops it: a failure while handling one is logged and answered.
 """
 from __future__ import annotations
 
+import hashlib
+import itertools
 import json
 import sys
 import time
+import traceback
 from collections import OrderedDict, deque
 from dataclasses import dataclass, field
 from typing import Callable
 
 import zmq
 
-from .protocol import (DISCONNECT, FINAL, HEARTBEAT, HEARTBEAT_INTERVAL, HEARTBEAT_LIVENESS, MAX_FRAMES, PARTIAL,
-                       PROTOCOL, PROTOCOL_FAMILY, READY, REQUEST, SERVICE, TASKS, WORKER_PROTOCOL, ErrorCode,
-                       ProtocolError, check_request_id, error_header, parse_header, parse_message)
+from .protocol import (DISCONNECT, FINAL, HEARTBEAT, HEARTBEAT_INTERVAL, HEARTBEAT_LIVENESS, MAX_FRAMES,
+                       MAX_HEADER_BYTES, PARTIAL, PROTOCOL, PROTOCOL_FAMILY, READY, REQUEST, SERVICE,
+                       WORKER_PROTOCOL, ErrorCode, ProtocolError, error_header, parse_message)
+from .schema import routing
 
 MAX_ATTEMPTS = 2  # a request whose worker died is run once more, on another worker
 DONE_CACHE = 2048  # final replies kept for clients that retry (and image ids remembered)
 DONE_CACHE_BYTES = 64 * 2**20
 
 
+def client_scope(routing_id: bytes, user_id: str | None, session: str | None) -> str:
+    """The name under which a client's request ids and images live (32 hex characters):
+    its CURVE public key (``user_id``, ZAP's User-Id) when CURVE is on; else its
+    ``session`` secret when it sent one (so that a fresh socket reaches the same requests);
+    else its connection (the ROUTER's routing id)."""
+    if user_id:
+        principal = b"curve:" + user_id.encode()
+    elif session:
+        principal = b"session:" + session.encode()
+    else:
+        principal = b"connection:" + routing_id
+    return hashlib.sha256(principal).hexdigest()[:32]
+
+
+def _user_id(part: zmq.Frame) -> str | None:
+    try:
+        return part.get("User-Id") or None
+    except zmq.ZMQError:  # no ZAP handler: no user id
+        return None
+
+
 @dataclass
 class Job:
-    """One accepted request. ``frames``: ``[header JSON, *buffers]`` for the current stage."""
+    """One accepted request. ``frames``: ``[header JSON, *buffers]`` for the current stage;
+    ``scope``: the client's (``client_scope``); ``number``: the broker's name for it with
+    the workers; ``client``: the routing id its replies go to (its latest socket)."""
 
     id: str
+    scope: str
+    number: int
     client: bytes
     frames: list
     stage: int = 0
@@ -66,10 +101,11 @@ class Broker:
         self.queues: dict[str, deque[Job]] = {s: deque() for s in stages}
         self.workers: dict[bytes, Worker] = {}
         self.idle: dict[str, list[bytes]] = {s: [] for s in stages}
-        self.inflight: dict[str, Job] = {}
-        self.done: OrderedDict[str, list] = OrderedDict()
+        self.inflight: dict[tuple[str, str], Job] = {}  # (scope, request id) -> job
+        self.done: OrderedDict[tuple[str, str], list] = OrderedDict()  # (scope, request id) -> final frames
         self.done_bytes = 0
-        self.affinity: OrderedDict[str, bytes] = OrderedDict()  # image id -> the worker that cached it
+        self.affinity: OrderedDict[tuple[str, str], bytes] = OrderedDict()  # (scope, image id) -> its worker
+        self.numbers = itertools.count(1)
         self.startup_errors: list[str] = []
         self.accepting = True
         self.answered = 0
@@ -87,18 +123,25 @@ class Broker:
                     parts = self.backend.recv_multipart(zmq.NOBLOCK, copy=False)
                 except zmq.Again:
                     break
-                try:
-                    self._on_worker(parts)
-                except (ValueError, KeyError, TypeError, IndexError) as exc:  # reported; the broker keeps serving
-                    print(f"egx serve: ignored a malformed worker message: {exc!r}", file=self.log)
+                self._guarded(self._on_worker, parts)
         if events.get(self.frontend) == zmq.POLLIN:
             for _ in range(1000):
                 try:
-                    self._on_client(self.frontend.recv_multipart(zmq.NOBLOCK, copy=False))
+                    parts = self.frontend.recv_multipart(zmq.NOBLOCK, copy=False)
                 except zmq.Again:
                     break
-        self._dispatch()
-        self._heartbeat()
+                self._guarded(self._on_client, parts)
+        self._guarded(self._dispatch)
+        self._guarded(self._heartbeat)
+
+    def _guarded(self, step: Callable, *args) -> None:
+        """Run one step of the loop; an unexpected failure is logged, never fatal (the
+        client handlers answer their own)."""
+        try:
+            step(*args)
+        except Exception:  # the broker's boundary: logged with its traceback, the loop goes on
+            print(f"egx serve: unexpected failure in {step.__name__} (the server keeps serving):", file=self.log)
+            traceback.print_exc(file=self.log)
 
     def ready_workers(self, stage: str | None = None) -> int:
         return sum(1 for w in self.workers.values() if stage is None or w.stage == stage)
@@ -117,68 +160,85 @@ class Broker:
         client, frames = parts[0].bytes, [p.buffer for p in parts[1:]]
         request_id = None
         try:
-            header = self._envelope(frames)
-            request_id = check_request_id(header)
-            job = self._admit(client, request_id, header, frames)
+            route = self._envelope(frames)
+            request_id = route.id
+            scope = client_scope(client, _user_id(parts[-1]), route.session)
+            job = self._admit(client, scope, route, frames)
         except ProtocolError as exc:
-            self._error(client, request_id, exc.code, exc.message)
+            self._error(client, request_id or exc.request_id, exc.code, exc.message)
+            return
+        except Exception as exc:  # a bug, not the client's fault: logged, answered, the broker goes on
+            print("egx serve: unexpected failure on a client message (answered 'internal'):", file=self.log)
+            traceback.print_exc(file=self.log)
+            self._error(client, request_id, ErrorCode.INTERNAL, f"the server failed on this request "
+                                                                f"({type(exc).__name__}); it logged why")
             return
         if job is not None:
             self.queues[self.stages[0]].append(job)
 
-    def _envelope(self, frames: list) -> dict:
-        """Check the frames around the header; returns the header."""
+    def _envelope(self, frames: list):
+        """Check the frames around the header, the total size first; returns the header's
+        routing fields (``schema.Routing``)."""
+        if len(frames) > MAX_FRAMES:
+            raise ProtocolError(ErrorCode.MALFORMED, f"{len(frames)} frames; at most {MAX_FRAMES}")
+        size = sum(memoryview(f).nbytes for f in frames)
+        if size > self.max_request_bytes:
+            raise ProtocolError(ErrorCode.TOO_LARGE, f"request is {size} bytes; this server takes at most "
+                                                     f"{self.max_request_bytes} (serve --max-request-mb)",
+                                self._readable_id(frames))
         if len(frames) < 5 or len(frames[0]) != 0:
             raise ProtocolError(ErrorCode.MALFORMED, "expected frames [empty, protocol, command, service, header, "
                                                      "*buffers] (docs/protocol.md)")
-        protocol = bytes(frames[1])
+        protocol = bytes(frames[1][:16])
         if protocol != PROTOCOL:
             if protocol.startswith(PROTOCOL_FAMILY):
                 raise ProtocolError(ErrorCode.BAD_VERSION, f"this server speaks {PROTOCOL.decode()}, "
-                                                           f"the request is {protocol.decode(errors='replace')}")
-            raise ProtocolError(ErrorCode.MALFORMED, f"unknown protocol {protocol[:16]!r}; expected {PROTOCOL!r}")
-        if bytes(frames[2]) != REQUEST:
-            raise ProtocolError(ErrorCode.MALFORMED, f"unknown command {bytes(frames[2])[:4]!r}; clients send REQUEST")
-        if len(frames) > MAX_FRAMES:
-            raise ProtocolError(ErrorCode.MALFORMED, f"{len(frames)} frames; at most {MAX_FRAMES}")
-        return parse_header(frames[4])
+                                                           f"the request is {protocol!r}")
+            raise ProtocolError(ErrorCode.MALFORMED, f"unknown protocol {protocol!r}; expected {PROTOCOL!r}")
+        if bytes(frames[2][:4]) != REQUEST:
+            raise ProtocolError(ErrorCode.MALFORMED, f"unknown command {bytes(frames[2][:4])!r}; clients send REQUEST")
+        route = routing(frames[4])
+        if bytes(frames[3][:32]) != SERVICE:
+            raise ProtocolError(ErrorCode.UNKNOWN_SERVICE, f"no service {bytes(frames[3][:32])!r} here; "
+                                                           f"use {SERVICE.decode()!r}", route.id)
+        return route
 
-    def _admit(self, client: bytes, request_id: str, header: dict, frames: list) -> Job | None:
+    @staticmethod
+    def _readable_id(frames: list) -> str | None:
+        """The request id of an oversized request, when its header frame is in place and readable."""
+        if len(frames) < 5 or memoryview(frames[4]).nbytes > MAX_HEADER_BYTES:
+            return None
+        try:
+            return routing(frames[4]).id
+        except ProtocolError:
+            return None
+
+    def _admit(self, client: bytes, scope: str, route, frames: list) -> Job | None:
         """A new job, or None when the request needs no new work (a client's retry);
         raises ProtocolError for an error reply."""
-        if bytes(frames[3]) != SERVICE:
-            raise ProtocolError(ErrorCode.UNKNOWN_SERVICE, f"no service {bytes(frames[3])[:32]!r} here; "
-                                                           f"use {SERVICE.decode()!r}")
-        size = sum(len(f) for f in frames[4:])
-        if size > self.max_request_bytes:
-            raise ProtocolError(ErrorCode.TOO_LARGE, f"request is {size} bytes; this server takes at most "
-                                                     f"{self.max_request_bytes} (serve --max-request-mb)")
-        if request_id in self.done:  # a retry of an answered request: the same answer again
-            self.done.move_to_end(request_id)
-            self._reply(client, FINAL, self.done[request_id])
+        key = (scope, route.id)
+        if key in self.done:  # a retry of an answered request: the same answer again
+            self.done.move_to_end(key)
+            self._reply(client, FINAL, self.done[key])
             return None
-        if request_id in self.inflight:  # a retry of a running request: answer the new socket
-            self.inflight[request_id].client = client
+        if key in self.inflight:  # a retry of a running request: answer the new socket
+            self.inflight[key].client = client
             return None
-        if header.get("task") not in TASKS:
-            raise ProtocolError(ErrorCode.UNKNOWN_TASK, f"unknown task {header.get('task')!r}; "
-                                                        f"use one of: {', '.join(TASKS)}")
-        msg = parse_message(frames[4:])  # buffers described correctly?
         if not self.accepting:
             raise ProtocolError(ErrorCode.SHUTTING_DOWN, "the server is shutting down; try another or retry later")
-        if len(self.queues[self.stages[0]]) >= self.max_queue:
+        if (len(self.queues[self.stages[0]]) >= self.max_queue
+                or len(self.inflight) >= self.max_queue + len(self.workers)):
             raise ProtocolError(ErrorCode.BUSY, f"{self.max_queue} requests are queued; retry later")
-        image = msg.header.get("image")
-        image_id = image.get("id") if isinstance(image, dict) and "image" not in msg.tensors else None
-        job = Job(request_id, client, list(frames[4:]), image_id=image_id if isinstance(image_id, str) else None)
-        self.inflight[request_id] = job
+        job = Job(route.id, scope, next(self.numbers), client, list(frames[4:]), image_id=route.image_id)
+        self.inflight[key] = job
         return job
 
     def _finish(self, job: Job, frames: list) -> None:
         """The one final reply of ``job``."""
-        self.inflight.pop(job.id, None)
+        key = (job.scope, job.id)
+        self.inflight.pop(key, None)
         frames = [bytes(f) for f in frames]  # kept: own the bytes, not a view of a received message
-        self.done[job.id] = frames
+        self.done[key] = frames
         self.done_bytes += sum(len(f) for f in frames)
         while len(self.done) > DONE_CACHE or self.done_bytes > DONE_CACHE_BYTES:
             self.done_bytes -= sum(len(f) for f in self.done.popitem(last=False)[1])
@@ -212,7 +272,7 @@ class Broker:
         elif command == HEARTBEAT:
             worker.expiry = time.monotonic() + HEARTBEAT_INTERVAL * HEARTBEAT_LIVENESS
         elif command in (PARTIAL, FINAL) and len(frames) >= 5:
-            self._on_result(worker, command, frames[3].decode(errors="replace"), frames[4:])
+            self._on_result(worker, command, frames[3], frames[4:])
 
     def _on_ready(self, identity: bytes, frames: list) -> None:
         info = json.loads(bytes(frames[4])) if len(frames) > 4 else {}
@@ -227,10 +287,10 @@ class Broker:
                                         time.monotonic() + HEARTBEAT_INTERVAL * HEARTBEAT_LIVENESS)
         self.idle[stage].append(identity)
 
-    def _on_result(self, worker: Worker, command: bytes, job_id: str, frames: list) -> None:
+    def _on_result(self, worker: Worker, command: bytes, number: bytes, frames: list) -> None:
         job = worker.job
         worker.expiry = time.monotonic() + self.busy_timeout
-        if job is None or job.id != job_id:
+        if job is None or str(job.number).encode() != number:
             return  # a late reply for a request already failed over; the retry answers it
         header = json.loads(bytes(frames[0]))
         header["id"] = job.id
@@ -245,12 +305,15 @@ class Broker:
         result = header.get("result") if isinstance(header.get("result"), dict) else {}
         image_id = header.get("image_id") or result.get("image_id")
         if isinstance(image_id, str) and worker.stage == self.stages[0]:  # the stage that caches encodings
-            self.affinity[image_id] = worker.identity
-            self.affinity.move_to_end(image_id)
+            self.affinity[(job.scope, image_id)] = worker.identity
+            self.affinity.move_to_end((job.scope, image_id))
             while len(self.affinity) > DONE_CACHE:
                 self.affinity.popitem(last=False)
         if header.get("event") == "encoded" and job.stage + 1 < len(self.stages):
-            self._hand_on(job, header, frames)
+            try:
+                self._hand_on(job, header, frames)
+            except (ProtocolError, ValueError, TypeError, KeyError) as exc:
+                self.fail(job, ErrorCode.INTERNAL, f"the vision stage's encoding could not be handed on: {exc}")
             return
         self._finish(job, out)
 
@@ -295,9 +358,9 @@ class Broker:
             waiting: list[Job] = []
             while queue and idle:
                 job = queue.popleft()
-                if job.id not in self.inflight:
+                if (job.scope, job.id) not in self.inflight:
                     continue
-                preferred = self.affinity.get(job.image_id) if job.image_id else None
+                preferred = self.affinity.get((job.scope, job.image_id)) if job.image_id else None
                 owner = self.workers.get(preferred) if preferred else None
                 if owner is not None and owner.stage == stage and preferred not in idle:
                     waiting.append(job)
@@ -308,7 +371,7 @@ class Broker:
                 worker.job = job
                 worker.expiry = time.monotonic() + self.busy_timeout
                 job.attempts += 1
-                self._send_worker(identity, REQUEST, job.id.encode(), *job.frames)
+                self._send_worker(identity, REQUEST, str(job.number).encode(), job.scope.encode(), *job.frames)
             queue.extendleft(reversed(waiting))
 
     def _heartbeat(self) -> None:
@@ -341,3 +404,4 @@ class Broker:
                                                     f"(grace {grace_s:g} s); send it again")
         for identity in list(self.workers):
             self._send_worker(identity, DISCONNECT)
+

@@ -29,7 +29,10 @@ class ServerUnavailable(EarthGPTXError):
 class Client:
     """One connection to ``egx serve``. ``timeout_s``: the longest silence between two
     replies of a request before a retry; ``retries``: how many times a request is sent
-    again (same id). CURVE: ``server_key`` (public) and ``client_keys`` (public, secret)."""
+    again (same id). CURVE: ``server_key`` (public) and ``client_keys`` (public, secret).
+    Without CURVE every request carries this client's random ``session`` secret, so that a
+    retry on a fresh socket reaches the same request (and cached images); with CURVE the
+    server knows the client by its key."""
 
     def __init__(self, address: str, timeout_s: float = 30.0, retries: int = 3, server_key: bytes | None = None,
                  client_keys: tuple[bytes, bytes] | None = None) -> None:
@@ -41,6 +44,7 @@ class Client:
         self.server_key, self.client_keys = server_key, client_keys
         self.ctx = zmq.Context.instance()
         self.sock = None
+        self.session = None if server_key is not None else uuid.uuid4().hex
         self.uploaded: set[tuple[str, str]] = set()  # (image id, modality) this client has sent
 
     def _connect(self) -> None:
@@ -74,6 +78,8 @@ class Client:
         for an error reply and ``ServerUnavailable`` after ``retries`` silent timeouts."""
         header = dict(header)
         header.setdefault("id", uuid.uuid4().hex)
+        if self.session is not None:
+            header.setdefault("session", self.session)
         frames = [b"", PROTOCOL, REQUEST, SERVICE, *Message(header, tensors or {}).frames()]
         if self.sock is None:
             self._connect()
@@ -101,8 +107,11 @@ class Client:
                         raise ServerError(err.get("code", ErrorCode.INTERNAL), err.get("message", ""))
                     return msg
         self.close()
+        hint = ("the server may be refusing this client's CURVE key: is this client's public .key in the "
+                "server's --allow folder, and is --server-key the server's public key? (or is `egx serve` "
+                "not running there?)" if self.server_key is not None else "is `egx serve` running there?")
         raise ServerUnavailable(f"no reply from {self.address} in {self.timeout_s:g} s, "
-                                f"{self.retries + 1} attempt(s); is `egx serve` running there?")
+                                f"{self.retries + 1} attempt(s); {hint}")
 
     # -- tasks ----------------------------------------------------------------------
     def ping(self, payload: np.ndarray | None = None) -> dict:

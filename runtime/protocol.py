@@ -22,9 +22,13 @@ Buffers are raw C-order bytes described by ``header["buffers"]``: a list of
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, field
+from typing import Annotated, Literal
 
 import numpy as np
+import pydantic_core
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 
 PROTOCOL = b"EGX/1"
 PROTOCOL_FAMILY = b"EGX/"
@@ -45,12 +49,28 @@ HEARTBEAT_INTERVAL = 1.0
 HEARTBEAT_LIVENESS = 3  # missed idle heartbeats before a worker is declared dead
 BUSY_TIMEOUT = 120.0  # silence from a worker on a request before it is declared dead
 
-# limits
+# limits (docs/protocol.md, "Limits", and the memory they bound)
 MAX_HEADER_BYTES = 64 * 1024
-MAX_FRAMES = 16
-MAX_ID_CHARS = 64
+MAX_FRAMES = 16  # of a client's message, delimiter included
+MAX_ID_CHARS = 64  # a request id; also the longest session
+MIN_SESSION_CHARS = 32  # a session secret (e.g. uuid4().hex): long enough not to be guessed
+MAX_NAME_CHARS = 64  # a buffer's name
+MAX_DIMS = 4
+MAX_DIM = 2**31 - 1  # one dimension of a buffer
 DEFAULT_MAX_REQUEST_BYTES = 256 * 2**20
 DTYPES = ("|u1", "|b1", "<u2", "<i2", "<u4", "<i4", "<f4", "<f8", "<c8")
+MAX_TEXT_CHARS = 4096  # header["text"], checked by the schema
+MAX_TEXT_TOKENS = 512  # header["text"] after tokenisation, checked before the model runs
+MAX_IMAGE_PIXELS = 2**24  # H * W of the "image" buffer (e.g. 4096 x 4096)
+MAX_PROMPTS = 64  # points + boxes in a header (the model takes fewer: its max_regions)
+MAX_NEW_TOKENS = 1024
+MAX_STOP_STRINGS = 8
+MAX_STOP_CHARS = 64
+MAX_SEED = 2**64 - 1
+MAX_OPTION_CHARS = 32  # a preprocess option's string value
+MAX_FRAME_FACTOR = 2  # ZeroMQ's MAXMSGSIZE (one frame) is this times the request limit
+FRONTEND_RCVHWM = 16  # whole messages ZeroMQ queues per client connection before it stops reading it
+FRONTEND_SNDHWM = 1000  # replies queued per client connection (streamed tokens)
 
 # tasks: the predictor's, plus two the runtime answers itself
 MODEL_TASKS = ("auto", "caption", "classify", "vqa", "region", "grounding", "segment", "click")
@@ -74,12 +94,13 @@ class ErrorCode:
 
 
 class ProtocolError(Exception):
-    """A request the server refuses; becomes an error reply."""
+    """A request the server refuses; becomes an error reply (with ``request_id`` when known)."""
 
-    def __init__(self, code: str, message: str) -> None:
+    def __init__(self, code: str, message: str, request_id: str | None = None) -> None:
         super().__init__(message)
         self.code = code
         self.message = message
+        self.request_id = request_id
 
 
 @dataclass
@@ -100,12 +121,69 @@ class Message:
         return [json.dumps(header, separators=(",", ":")).encode(), *bufs]
 
 
-def parse_header(frame: bytes) -> dict:
-    if len(frame) > MAX_HEADER_BYTES:
-        raise ProtocolError(ErrorCode.TOO_LARGE, f"header is {len(frame)} bytes; the limit is {MAX_HEADER_BYTES}")
+class StrictModel(BaseModel):
+    """Schemas of the wire: exact JSON types (no ``true`` for 1, no ``"9"`` for 9), finite
+    numbers only, unknown fields refused."""
+
+    model_config = ConfigDict(strict=True, extra="forbid", allow_inf_nan=False, frozen=True)
+
+
+RequestId = Annotated[str, Field(min_length=1, max_length=MAX_ID_CHARS)]
+
+
+class BufferSpec(StrictModel):
+    """One entry of ``header["buffers"]``: the next frame is ``prod(shape) * itemsize``
+    bytes of ``dtype`` (numpy ``dtype.str``), C order; at most ``MAX_DIMS`` dimensions of
+    ``0..MAX_DIM`` each."""
+
+    name: Annotated[str, Field(min_length=1, max_length=MAX_NAME_CHARS)]
+    dtype: Literal[DTYPES]
+    shape: Annotated[list[Annotated[int, Field(ge=0, le=MAX_DIM)]], Field(max_length=MAX_DIMS)]
+
+
+BufferSpecs = Annotated[list[BufferSpec], Field(max_length=MAX_FRAMES)]
+_SPECS = TypeAdapter(BufferSpecs)
+
+
+def explain(exc: ValidationError, limit: int = 3) -> str:
+    """A schema failure in one line: ``field.path: what is wrong`` (the input is not echoed)."""
+    parts = []
+    for err in exc.errors(include_url=False, include_input=False)[:limit]:
+        where = ".".join(str(p) for p in err["loc"]) or "header"
+        parts.append(f"{where}: {err['msg']}")
+    more = exc.error_count() - limit
+    return "; ".join(parts) + (f" (and {more} more)" if more > 0 else "")
+
+
+def schema_error_code(errors: list[dict]) -> str:
+    """The error code of a header that failed its schema: ``malformed`` for unreadable JSON,
+    not an object, a bad ``id``, or a ``buffers`` list of the wrong structure; ``bad_request``
+    for a buffer's wrong ``dtype``/``shape`` or any other field; ``unknown_task`` for ``task``."""
+    def structural(err: dict) -> bool:
+        loc = err["loc"]
+        if err["type"] == "json_invalid" or not loc:  # unreadable, or not an object
+            return True
+        if loc[0] == "id":
+            return True
+        return loc[0] == "buffers" and not (len(loc) > 2 and loc[2] in ("dtype", "shape"))
+
+    if any(structural(err) for err in errors):
+        return ErrorCode.MALFORMED
+    if any(err["loc"][0] == "task" for err in errors):
+        return ErrorCode.UNKNOWN_TASK
+    return ErrorCode.BAD_REQUEST
+
+
+def parse_header(frame) -> dict:
+    """A header frame -> its JSON object. The parser (pydantic-core's) refuses nesting over
+    200 levels, integers over 4,300 digits, lone surrogates, NaN and Infinity; the frame
+    must be at most ``MAX_HEADER_BYTES``. Raises ``ProtocolError`` (``too_large``/``malformed``)."""
+    data = bytes(frame)
+    if len(data) > MAX_HEADER_BYTES:
+        raise ProtocolError(ErrorCode.TOO_LARGE, f"header is {len(data)} bytes; the limit is {MAX_HEADER_BYTES}")
     try:
-        header = json.loads(bytes(frame).decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        header = pydantic_core.from_json(data, allow_inf_nan=False)
+    except ValueError as exc:
         raise ProtocolError(ErrorCode.MALFORMED, f"header is not UTF-8 JSON: {exc}") from None
     if not isinstance(header, dict):
         raise ProtocolError(ErrorCode.MALFORMED, "header must be a JSON object")
@@ -117,44 +195,38 @@ def parse_message(frames: list) -> Message:
     if not frames:
         raise ProtocolError(ErrorCode.MALFORMED, "missing header frame")
     header = parse_header(frames[0])
-    specs = header.pop("buffers", [])
-    if not isinstance(specs, list) or len(specs) != len(frames) - 1:
-        raise ProtocolError(ErrorCode.MALFORMED, f"header lists {len(specs) if isinstance(specs, list) else '?'} "
-                                                 f"buffers but {len(frames) - 1} buffer frames follow")
-    tensors = {}
-    for spec, frame in zip(specs, frames[1:]):
-        tensors[_name(spec)] = _tensor(spec, frame)
-    return Message(header, tensors)
+    try:
+        specs = _SPECS.validate_python(header.pop("buffers", []))
+    except ValidationError as exc:
+        errors = [dict(err, loc=("buffers", *err["loc"])) for err in exc.errors()]
+        raise ProtocolError(schema_error_code(errors), f"'buffers': {explain(exc)} (docs/protocol.md, Tensors)"
+                            ) from None
+    return Message(header, tensors(specs, frames[1:]))
 
 
-def _name(spec) -> str:
-    if not isinstance(spec, dict) or not isinstance(spec.get("name"), str):
-        raise ProtocolError(ErrorCode.MALFORMED, f"buffer spec {spec!r} needs a string 'name'")
-    return spec["name"]
-
-
-def _tensor(spec: dict, frame) -> np.ndarray:
-    name, dtype, shape = spec["name"], spec.get("dtype"), spec.get("shape")
-    if dtype not in DTYPES:
-        raise ProtocolError(ErrorCode.BAD_REQUEST, f"buffer {name!r}: dtype {dtype!r} is not one of {', '.join(DTYPES)}")
-    if not isinstance(shape, list) or not all(isinstance(d, int) and d >= 0 for d in shape) or len(shape) > 4:
-        raise ProtocolError(ErrorCode.BAD_REQUEST, f"buffer {name!r}: shape must be a list of <= 4 non-negative ints")
-    dt = np.dtype(dtype)
-    expected = int(np.prod(shape, dtype=np.int64)) * dt.itemsize
-    data = memoryview(frame)
-    if data.nbytes != expected:
-        raise ProtocolError(ErrorCode.BAD_REQUEST, f"buffer {name!r}: {data.nbytes} bytes, but dtype {dtype} "
-                                                   f"and shape {shape} need {expected}")
-    return np.frombuffer(data, dtype=dt).reshape(shape)
+def tensors(specs: list[BufferSpec], frames: list) -> dict[str, np.ndarray]:
+    """Buffer frames described by ``specs`` -> name -> a read-only view (no copy).
+    Raises ``ProtocolError``: ``malformed`` for a count or name mismatch, ``bad_request``
+    for a byte count that does not match dtype and shape."""
+    if len(specs) != len(frames):
+        raise ProtocolError(ErrorCode.MALFORMED, f"header lists {len(specs)} buffers but {len(frames)} buffer "
+                                                 "frames follow")
+    out = {}
+    for spec, frame in zip(specs, frames):
+        if spec.name in out:
+            raise ProtocolError(ErrorCode.MALFORMED, f"buffer {spec.name!r} is listed twice")
+        dt = np.dtype(spec.dtype)
+        expected = math.prod(spec.shape) * dt.itemsize  # Python ints: no overflow
+        data = memoryview(frame)
+        if data.nbytes != expected:
+            raise ProtocolError(ErrorCode.BAD_REQUEST, f"buffer {spec.name!r}: {data.nbytes} bytes, but dtype "
+                                                       f"{spec.dtype} and shape {spec.shape} need {expected}")
+        try:
+            out[spec.name] = np.frombuffer(data, dtype=dt).reshape(spec.shape)
+        except ValueError as exc:  # e.g. an empty buffer of shape [0, 2**31 - 1, 2**31 - 1, 2**31 - 1]
+            raise ProtocolError(ErrorCode.BAD_REQUEST, f"buffer {spec.name!r}: shape {spec.shape}: {exc}") from None
+    return out
 
 
 def error_header(request_id, code: str, message: str) -> dict:
     return {"id": request_id, "event": "error", "error": {"code": code, "message": message}}
-
-
-def check_request_id(header: dict) -> str:
-    rid = header.get("id")
-    if not isinstance(rid, str) or not 0 < len(rid) <= MAX_ID_CHARS:
-        raise ProtocolError(ErrorCode.MALFORMED, f"header 'id' must be a string of 1-{MAX_ID_CHARS} characters "
-                                                 "(a UUID4 is a good choice), unique per request")
-    return rid

@@ -16,7 +16,8 @@ from pathlib import Path
 
 from earthgptx.errors import EarthGPTXError
 
-from .protocol import BUSY_TIMEOUT, DEFAULT_MAX_REQUEST_BYTES
+from .protocol import (BUSY_TIMEOUT, DEFAULT_MAX_REQUEST_BYTES, FRONTEND_RCVHWM, FRONTEND_SNDHWM,
+                       MAX_FRAME_FACTOR)
 from .worker import WorkerOptions, run_worker
 
 
@@ -80,8 +81,10 @@ class Server:
         self.frontend = self.ctx.socket(zmq.ROUTER)
         self.frontend.linger = 0
         self.frontend.router_mandatory = False  # replies to vanished clients are dropped; retries hit the done cache
-        self.frontend.rcvhwm = self.frontend.sndhwm = 1000
-        self.frontend.maxmsgsize = 2 * opts.max_request_bytes  # beyond: disconnected without a reply
+        self.frontend.rcvhwm, self.frontend.sndhwm = FRONTEND_RCVHWM, FRONTEND_SNDHWM
+        # a frame over twice the request limit: the connection is closed, nothing buffered, no reply;
+        # up to that, the broker answers too_large (its first check is the message's total size)
+        self.frontend.maxmsgsize = MAX_FRAME_FACTOR * opts.max_request_bytes
         if opts.curve_secret:
             from zmq.auth.thread import ThreadAuthenticator
 

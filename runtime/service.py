@@ -7,11 +7,13 @@
 """
 from __future__ import annotations
 
-import math
 import sys
 import time
 import traceback
+from dataclasses import dataclass, field
 from typing import Callable
+
+import numpy as np
 
 from earthgptx.errors import InputError
 from earthgptx.generation import GenerationConfig
@@ -19,89 +21,90 @@ from earthgptx.image_cache import image_id
 from earthgptx.predictor import EncodedImage
 from earthgptx.processing import Letterbox, VisualPrompts, check_modality
 
-from .protocol import MODEL_TASKS, ErrorCode, Message, ProtocolError, error_header
+from .protocol import (MAX_IMAGE_PIXELS, MAX_TEXT_TOKENS, MODEL_TASKS, ErrorCode, Message, ProtocolError,
+                       error_header, tensors)
+from .schema import RequestHeader, request_header
 
 STAGES = ("all", "vision", "language")
-PREPROCESS_OPTIONS = {"sar_scaling": str, "sar_kind": str, "speckle_filter": bool}
-GENERATION_OPTIONS = {"max_new_tokens": int, "do_sample": bool, "temperature": float, "top_k": int,
-                      "top_p": float, "seed": int, "stop": list}
-MAX_NEW_TOKENS = 1024
+ENCODING_TENSORS = ("image_tokens", "image_embedding")  # what the vision stage hands on
 
 Emit = Callable[[Message, bool], None]  # (reply, final)
+
+
+@dataclass
+class Request:
+    """A request as a worker takes it: the checked header, its tensors (name -> read-only
+    view of a frame) and ``scope``, the broker's opaque name of the client (hex; cached
+    images are the client's own: another client cannot name them)."""
+
+    header: RequestHeader
+    tensors: dict[str, np.ndarray] = field(default_factory=dict)
+    scope: str = ""
+
+
+def parse_request(frames: list, scope: str = "") -> Request:
+    """``[header JSON, *buffers]`` -> a checked ``Request``; raises ``ProtocolError``."""
+    if not frames:
+        raise ProtocolError(ErrorCode.MALFORMED, "missing header frame")
+    header = request_header(frames[0])
+    return Request(header, tensors(header.buffers, frames[1:]), scope)
 
 
 def _bad(message: str) -> ProtocolError:
     return ProtocolError(ErrorCode.BAD_REQUEST, message)
 
 
-def _typed(section: dict, name: str, kinds: dict) -> dict:
-    if not isinstance(section, dict):
-        raise _bad(f"'{name}' must be a JSON object")
-    out = {}
-    for key, value in section.items():
-        kind = kinds.get(key)
-        if kind is None:
-            raise _bad(f"unknown '{name}' field {key!r}; known: {', '.join(kinds)}")
-        ok = isinstance(value, kind) and not (kind is int and isinstance(value, bool))
-        if kind is float:
-            ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-        if value is None and key == "seed":
-            ok = True
-        if not ok:
-            raise _bad(f"'{name}.{key}' must be {kind.__name__}, got {value!r}")
-        out[key] = value
-    return out
+def generation_config(header: RequestHeader, vocab: int) -> GenerationConfig:
+    """``header.generation`` (ranges checked by the schema) -> a ``GenerationConfig``;
+    ``top_k`` must not exceed the model's vocabulary."""
+    g = header.generation
+    if g.top_k > vocab:
+        raise _bad(f"generation.top_k is {g.top_k}; this model has {vocab} tokens (0 turns top-k off)")
+    return GenerationConfig(max_new_tokens=g.max_new_tokens, do_sample=g.do_sample, temperature=g.temperature,
+                            top_k=g.top_k, top_p=g.top_p, seed=g.seed, stop_strings=tuple(g.stop))
 
 
-def generation_config(header: dict) -> GenerationConfig:
-    g = _typed(header.get("generation", {}), "generation", GENERATION_OPTIONS)
-    stop = g.pop("stop", [])
-    if not all(isinstance(s, str) for s in stop):
-        raise _bad("'generation.stop' must be a list of strings")
-    if g.get("max_new_tokens", 0) > MAX_NEW_TOKENS:
-        raise _bad(f"max_new_tokens is at most {MAX_NEW_TOKENS} on this server")
-    return GenerationConfig(**g, stop_strings=tuple(stop))
-
-
-def _coords(header: dict, key: str, n: int) -> list[tuple]:
-    values = header.get(key, [])
-    if not isinstance(values, list):
-        raise _bad(f"'{key}' must be a list")
-    out = []
-    for v in values:
-        if (not isinstance(v, list) or len(v) != n
-                or not all(isinstance(c, (int, float)) and not isinstance(c, bool) and math.isfinite(c) for c in v)):
-            raise _bad(f"each of '{key}' must be a list of {n} finite numbers, got {v!r}")
-        out.append(tuple(float(c) for c in v))
-    return out
-
-
-def visual_prompts(msg: Message) -> VisualPrompts:
+def visual_prompts(req: Request) -> VisualPrompts:
     """Points ``[[x, y]]`` and boxes ``[[x0, y0, x1, y1]]`` (original pixel frame) from the
     header; free-forms from tensors ``scribble.0``, ``scribble.1``... (``(H, W)``, non-zero = drawn)."""
-    n = sum(1 for k in msg.tensors if k.startswith("scribble."))
+    n = sum(1 for k in req.tensors if k.startswith("scribble."))
     scribbles = []
     for i in range(n):
-        m = msg.tensors.get(f"scribble.{i}")
+        m = req.tensors.get(f"scribble.{i}")
         if m is None or m.ndim != 2:
             raise _bad(f"scribbles must be named scribble.0 .. scribble.{n - 1}, each (H, W)")
         scribbles.append(m != 0)
-    return VisualPrompts(_coords(msg.header, "points", 2), _coords(msg.header, "boxes", 4), scribbles)
+    return VisualPrompts(list(req.header.points), list(req.header.boxes), scribbles)
 
 
-def image_spec(header: dict) -> tuple[str | None, str, dict]:
-    """``header["image"]`` -> (image id or None, modality, preprocess options)."""
-    spec = header.get("image")
-    if not isinstance(spec, dict):
+def image_spec(header: RequestHeader) -> tuple[str | None, str, dict]:
+    """``header.image`` -> (image id or None, modality, preprocess options given)."""
+    spec = header.image
+    if spec is None:
         raise _bad("'image' must be an object with 'modality' (and 'id' to reuse an uploaded image)")
     try:
-        modality = check_modality(spec.get("modality"))
+        modality = check_modality(spec.modality)
     except InputError as exc:
         raise _bad(str(exc)) from None
-    key = spec.get("id")
-    if key is not None and (not isinstance(key, str) or len(key) != 64):
-        raise _bad("'image.id' must be the 64-character hex SHA-256 image id (docs/protocol.md)")
-    return key, modality, _typed(spec.get("preprocess", {}), "image.preprocess", PREPROCESS_OPTIONS)
+    return spec.id, modality, spec.preprocess.model_dump(exclude_none=True)
+
+
+def _check_buffers(req: Request, stage: str) -> None:
+    """Only the buffers a model task takes: ``image``, ``scribble.K`` (and, handed on by the
+    broker to the language stage, the encoding)."""
+    allowed = ("image",) + (ENCODING_TENSORS if stage == "language" else ())
+    for name in req.tensors:
+        if name not in allowed and not (name.startswith("scribble.") and name[9:].isdigit()):
+            raise _bad(f"unknown buffer {name!r}; a request carries 'image' and 'scribble.0', 'scribble.1', ...")
+    if (req.header.encoded is not None) != (stage == "language"):
+        raise _bad("'encoded' is not a request field (the server adds it between its stages)")
+    image = req.tensors.get("image")
+    if image is not None:
+        if image.ndim not in (2, 3) or (image.ndim == 3 and image.shape[2] > 4):
+            raise _bad(f"'image' must be (H, W) or (H, W, C<=4), got shape {list(image.shape)}")
+        if image.shape[0] * image.shape[1] > MAX_IMAGE_PIXELS:
+            raise ProtocolError(ErrorCode.TOO_LARGE, f"image of {image.shape[0]} x {image.shape[1]} pixels; this "
+                                                     f"server takes at most {MAX_IMAGE_PIXELS} (downsample or tile it)")
 
 
 class RequestHandler:
@@ -113,106 +116,115 @@ class RequestHandler:
         self.predictor = predictor
         self.stage = stage
 
-    def handle(self, msg: Message, emit: Emit) -> None:
-        """Answer ``msg``: zero or more partial replies, then exactly one final one.
+    def handle(self, req: Request, emit: Emit) -> None:
+        """Answer ``req``: zero or more partial replies, then exactly one final one.
         Raises ``ProtocolError`` for a request it refuses (the caller replies with it)."""
-        task = msg.header.get("task")
+        task = req.header.task
         try:
             if task == "ping":
-                size = sum(t.nbytes for t in msg.tensors.values())
+                size = sum(t.nbytes for t in req.tensors.values())
                 emit(Message({"event": "pong", "received_bytes": size, "stage": self.stage}), True)
-            elif task == "upload" or self.stage == "vision":
-                self._encode(msg, emit, upload=task == "upload")
+                return
+            _check_buffers(req, self.stage)
+            if task == "upload" or self.stage == "vision":
+                self._encode(req, emit, upload=task == "upload")
             else:
-                self._answer(msg, emit)
+                self._answer(req, emit)
         except InputError as exc:
             raise _bad(str(exc)) from None
 
     # -- stages ---------------------------------------------------------------------
-    def _encoding(self, msg: Message) -> tuple[EncodedImage, dict]:
-        key, modality, options = image_spec(msg.header)
-        image = msg.tensors.get("image")
+    def _encoding(self, req: Request) -> tuple[EncodedImage, dict, str]:
+        """(encoding, timings, the image's public id). Cached per client scope."""
+        key, modality, options = image_spec(req.header)
+        image = req.tensors.get("image")
         if image is None:
             if key is None:
                 raise _bad("send the image as a buffer named 'image', or 'image.id' of an uploaded one")
-            enc = self.predictor.cached(key, modality, **options)
+            enc = self.predictor.cached(self._scoped(req, key), modality, **options)
             if enc is None:
                 raise ProtocolError(ErrorCode.IMAGE_UNKNOWN, f"image {key[:12]}... is not cached here; "
                                                              "send it again with the request")
-            return enc, {"preprocess": 0.0, "vision_encoder": 0.0}
-        if image.ndim not in (2, 3) or (image.ndim == 3 and image.shape[2] > 4):
-            raise _bad(f"'image' must be (H, W) or (H, W, C<=4), got shape {list(image.shape)}")
+            return enc, {"preprocess": 0.0, "vision_encoder": 0.0}, key
         actual = image_id(image)
         if key is not None and key != actual:
             raise _bad(f"'image.id' {key[:12]}... does not match the image sent ({actual[:12]}...)")
         start = time.perf_counter()
-        enc, vision_ms = self.predictor.encode_image(image, modality, actual, **options)
-        return enc, {"preprocess": (time.perf_counter() - start) * 1e3 - vision_ms, "vision_encoder": vision_ms}
+        enc, vision_ms = self.predictor.encode_image(image, modality, self._scoped(req, actual), **options)
+        timings = {"preprocess": (time.perf_counter() - start) * 1e3 - vision_ms, "vision_encoder": vision_ms}
+        return enc, timings, actual
 
-    def _precheck(self, msg: Message, task: str) -> tuple[VisualPrompts, GenerationConfig, str]:
-        """Everything about the request that can be refused before the vision encoder runs."""
-        prompts, generation, text = visual_prompts(msg), generation_config(msg.header), msg.header.get("text", "")
-        if not isinstance(text, str):
-            raise _bad("'text' must be a string")
+    @staticmethod
+    def _scoped(req: Request, key: str) -> str:
+        return f"{req.scope}/{key}" if req.scope else key
+
+    def _precheck(self, req: Request, task: str) -> tuple[VisualPrompts, GenerationConfig]:
+        """Everything about the request that can be refused before the vision encoder (or
+        the LLM) runs: prompts, generation options, and the text's length in tokens."""
+        prompts = visual_prompts(req)
+        generation = generation_config(req.header, int(self.predictor.embed_table.shape[0]))
+        text = req.header.text
+        n = len(self.predictor.tokenizer(text, add_special_tokens=False)["input_ids"]) if text else 0
+        if n > MAX_TEXT_TOKENS:
+            raise _bad(f"'text' is {n} tokens; this server takes at most {MAX_TEXT_TOKENS}")
         self.predictor.check_request(text, prompts, task)
-        image = msg.tensors.get("image")
-        if image is not None and image.ndim >= 2:
+        image = req.tensors.get("image")
+        if image is not None and min(image.shape[:2]) > 0:
             prompts.check(Letterbox(image.shape[0], image.shape[1], self.predictor.config.vision.image_size))
-        return prompts, generation, text
+        return prompts, generation
 
-    def _encode(self, msg: Message, emit: Emit, upload: bool) -> None:
+    def _encode(self, req: Request, emit: Emit, upload: bool) -> None:
         if not upload:
-            self._precheck(msg, self._check_task(msg.header))
-        enc, timings = self._encoding(msg)
+            self._precheck(req, self._check_task(req.header))
+        enc, timings, key = self._encoding(req)
         lb = enc.letterbox
-        header = {"event": "encoded", "image_id": enc.key.split("|", 1)[0], "modality": enc.modality,
+        header = {"event": "encoded", "image_id": key, "modality": enc.modality,
                   "letterbox": [lb.orig_h, lb.orig_w, lb.size], "timings_ms": timings}
         if upload:
             emit(Message(dict(header, event="result")), True)
         else:  # to the language stage, through the broker
             emit(Message(header, {"image_tokens": enc.image_tokens, "image_embedding": enc.image_embedding}), True)
 
-    def _answer(self, msg: Message, emit: Emit) -> None:
-        header = msg.header
-        task = self._check_task(header)
-        prompts, generation, text = self._precheck(msg, task)
-        enc, timings = self._handed_on(msg) if self.stage == "language" else self._encoding(msg)
+    def _answer(self, req: Request, emit: Emit) -> None:
+        task = self._check_task(req.header)
+        prompts, generation = self._precheck(req, task)
+        enc, timings, key = self._handed_on(req) if self.stage == "language" else self._encoding(req)
         seq = [0]
 
         def on_text(piece: str) -> None:
             seq[0] += 1
             emit(Message({"event": "token", "seq": seq[0], "text": piece}), False)
 
-        stream = header.get("stream", False) is True
-        result = self.predictor.predict_encoded(enc, text, prompts, task, generation, on_text if stream else None,
-                                                timings)
+        result = self.predictor.predict_encoded(enc, req.header.text, prompts, task, generation,
+                                                on_text if req.header.stream else None, timings)
         out = result.to_json()
-        out["image_id"] = enc.key.split("|", 1)[0]
+        out["image_id"] = key
         emit(Message({"event": "result", "result": out}), True)
 
-    def _handed_on(self, msg: Message) -> tuple[EncodedImage, dict]:
-        enc_h = msg.header.get("encoded")
-        tokens, embedding = msg.tensors.get("image_tokens"), msg.tensors.get("image_embedding")
-        if not isinstance(enc_h, dict) or tokens is None or embedding is None:
+    @staticmethod
+    def _handed_on(req: Request) -> tuple[EncodedImage, dict, str]:
+        enc_h = req.header.encoded
+        tokens, embedding = (req.tensors.get(name) for name in ENCODING_TENSORS)
+        if enc_h is None or tokens is None or embedding is None:
             raise ProtocolError(ErrorCode.INTERNAL, "language stage got a request without its encoding")
-        h, w, size = enc_h["letterbox"]
-        enc = EncodedImage(Letterbox(h, w, size), enc_h["modality"], tokens, embedding, enc_h["image_id"])
-        return enc, dict(enc_h["timings_ms"])
+        h, w, size = enc_h.letterbox
+        enc = EncodedImage(Letterbox(h, w, size), enc_h.modality, tokens, embedding, enc_h.image_id)
+        return enc, dict(enc_h.timings_ms), enc_h.image_id
 
     @staticmethod
-    def _check_task(header: dict) -> str:
-        task = header.get("task", "auto")
-        if task not in MODEL_TASKS:
-            raise ProtocolError(ErrorCode.UNKNOWN_TASK, f"unknown task {task!r}")
-        return task
+    def _check_task(header: RequestHeader) -> str:
+        if header.task not in MODEL_TASKS:
+            raise ProtocolError(ErrorCode.UNKNOWN_TASK, f"task {header.task!r} is not a model task")
+        return header.task
 
 
-def handle_safely(handler: RequestHandler, msg: Message, emit: Emit) -> None:
-    """``handler.handle`` with every failure turned into one final error reply: a worker
-    answers every request it takes exactly once and keeps serving. Unexpected failures
-    are also printed with their traceback for the operator."""
+def handle_safely(handler: RequestHandler, frames: list, scope: str, emit: Emit) -> None:
+    """Check ``frames`` (``[header JSON, *buffers]``) and answer them with ``handler``,
+    every failure turned into one final error reply: a worker answers every request it
+    takes exactly once and keeps serving. Unexpected failures are also printed with their
+    traceback for the operator."""
     try:
-        handler.handle(msg, emit)
+        handler.handle(parse_request(frames, scope), emit)
     except ProtocolError as exc:
         emit(Message(error_header(None, exc.code, exc.message)), True)
     except Exception as exc:  # the worker's boundary: reported to the client and the log, never dropped

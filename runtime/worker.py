@@ -11,7 +11,7 @@ import time
 from dataclasses import dataclass
 
 from .protocol import (DISCONNECT, FINAL, HEARTBEAT, HEARTBEAT_INTERVAL, HEARTBEAT_LIVENESS, PARTIAL, READY,
-                       REQUEST, WORKER_PROTOCOL, Message, ProtocolError, error_header, parse_message)
+                       REQUEST, WORKER_PROTOCOL, Message)
 
 
 @dataclass(frozen=True)
@@ -91,18 +91,14 @@ def _serve(link: _Link, opts: WorkerOptions, handler) -> int:
             command = frames[2].bytes if len(frames) > 2 else b""
             if command == DISCONNECT:
                 return 0
-            if command == REQUEST and len(frames) >= 5:
+            if command == REQUEST and len(frames) >= 6:  # [.., REQUEST, job id, scope, header, *buffers]
                 job_id = frames[3].bytes
 
                 def emit(reply: Message, final: bool) -> None:
                     link.send(FINAL if final else PARTIAL, job_id, *reply.frames())
 
-                try:
-                    msg = parse_message([f.buffer for f in frames[4:]])
-                except ProtocolError as exc:
-                    emit(Message(error_header(None, exc.code, exc.message)), True)
-                    continue
-                handle_safely(handler, msg, emit)
+                scope = frames[4].bytes.decode("ascii", errors="replace")
+                handle_safely(handler, [f.buffer for f in frames[5:]], scope, emit)
         else:
             liveness -= 1
             if liveness == 0 and os.getppid() != parent:  # the server is gone: so are we

@@ -79,9 +79,32 @@ def _readme_commands():
     return [line for b in blocks for line in b.splitlines() if line.strip()]
 
 
-def _start_server(cmd: list[str]) -> subprocess.Popen:
+def _readme_folder(tmp_path, data_root) -> tuple:
+    """(cwd, env, ports) for the README's commands: a temporary folder laid out like the
+    repository for their relative paths (``engines/`` and ``export/`` link to the
+    repository's, ``../shared`` to the data), so that what they write (``keys/``, the
+    overlay) stays out of the repository; this checkout's code first on the path; and
+    free ports in place of the README's 5555 and 5556 (another suite may run beside)."""
+    import os
+    import socket
+
+    work = tmp_path / "repo"
+    work.mkdir()
+    for name in ("engines", "export"):
+        (work / name).symlink_to(REPO / name)
+    (tmp_path / "shared").symlink_to(data_root.parent)
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])))
+    ports = {}
+    for readme_port in ("5555", "5556"):
+        with socket.socket() as s:  # the kernel's choice of a free port
+            s.bind(("127.0.0.1", 0))
+            ports[readme_port] = str(s.getsockname()[1])
+    return work, env, ports
+
+
+def _start_server(cmd: list[str], cwd, env) -> subprocess.Popen:
     """A README line ending in ``&`` (``egx serve``): start it, return once it serves."""
-    proc = subprocess.Popen(cmd, cwd=REPO, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(cmd, cwd=cwd, env=env, stderr=subprocess.PIPE, text=True)
     line = ""
     while "egx serve:" not in line and proc.poll() is None:
         line = proc.stderr.readline()
@@ -91,18 +114,22 @@ def _start_server(cmd: list[str]) -> subprocess.Popen:
 
 @pytest.mark.slow
 def test_readme_commands_run_as_written(data_root, tmp_path):
-    """Every ``egx`` and build command in the README's bash blocks, as written (a line
-    ending in ``&`` runs in the background until the end). The install and the test
+    """Every ``egx`` and build command in the README's bash blocks, as written but in a
+    temporary folder and on free ports (a line ending in ``&`` runs in the background until
+    the end). The install and the test
     command themselves are run by ``.ci/run`` (running pytest here would recurse)."""
     commands = _readme_commands()
     assert any("python export/build_engines.py" in c for c in commands)
     assert any("egx predict --engines engines/edge" in c for c in commands)
     assert any(c.startswith("egx serve") for c in commands) and any(c.startswith("egx query") for c in commands)
     ran, background = 0, []
+    cwd, env, ports = _readme_folder(tmp_path, data_root)
     try:
         for line in commands:
             for part in line.split(" && "):
                 argv = shlex.split(part)
+                for readme_port, port in ports.items():
+                    argv = [a.replace(f":{readme_port}", f":{port}") for a in argv]
                 if argv[:2] == ["python", "export/build_engines.py"]:
                     cmd = [sys.executable, *argv[1:]]
                 elif argv[0] == "egx":
@@ -115,9 +142,9 @@ def test_readme_commands_run_as_written(data_root, tmp_path):
                     assert argv[:2] in (["pip", "install"], ["python", "-m"]), part
                     continue
                 if cmd[-1] == "&":
-                    background.append(_start_server(cmd[:-1]))
+                    background.append(_start_server(cmd[:-1], cwd, env))
                     continue
-                proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=1200)
+                proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=1200)
                 assert proc.returncode == 0, (part, proc.stderr[-2000:])
                 if "--json" in argv and argv[1] in ("predict", "query"):
                     out = json.loads(proc.stdout)

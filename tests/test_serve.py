@@ -3,6 +3,7 @@ equals the in-process pipeline (streaming, image reuse, staged mode), and the se
 survives bad input, killed workers, load, untrusted peers and shutdown."""
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -23,16 +24,11 @@ from runtime.protocol import PROTOCOL, REQUEST, SERVICE, ErrorCode, Message
 from runtime.server import ServeOptions, serve_in_thread
 
 SAR = "../shared/data/sar/hrsid/P0094_0_800_3000_3800.png"
-_port = [46000 + os.getpid() % 1000 * 10]
-
-
-def free_address() -> str:
-    _port[0] += 1
-    return f"tcp://127.0.0.1:{_port[0]}"
+ANY_PORT = "tcp://127.0.0.1:*"  # the server binds a free port; tests read it back from opts.bind
 
 
 def running(engines, **options):
-    return serve_in_thread(ServeOptions(engines=engines, bind=options.pop("bind", None) or free_address(), **options))
+    return serve_in_thread(ServeOptions(engines=engines, bind=options.pop("bind", None) or ANY_PORT, **options))
 
 
 @pytest.fixture(scope="module")
@@ -263,13 +259,11 @@ def test_retry_with_the_same_id_is_not_run_twice(server, sar):
 
 
 def test_many_clients_each_answered_exactly_once(server, sar):
-    with connect(server) as c:
-        key = c.upload(sar, "sar")
     replies, errors = [], []
 
     def one_client(k: int) -> None:
         with connect(server) as c:
-            c.uploaded.add((key, "sar"))
+            key = c.upload(sar, "sar")  # cached images are each client's own
             for i in range(50):
                 rid = f"c{k}-r{i}"
                 try:
@@ -345,8 +339,9 @@ def test_curve_serves_listed_clients_only(tiny_build, tmp_path, sar):
     with running(tiny_build[0], threads=1, curve_secret=tmp_path / "keys" / "server.key_secret", allow=allow) as s:
         with Client(s.opts.bind, 20, 0, server_pub, alice) as c:
             assert c.predict(sar, "sar", "", [(400, 400)], task="click")["masks"]
-        with Client(s.opts.bind, 2, 0, server_pub, mallory) as c, pytest.raises(ServerUnavailable):
+        with Client(s.opts.bind, 2, 0, server_pub, mallory) as c, pytest.raises(ServerUnavailable) as err:
             c.ping()
+        assert "refusing this client's CURVE key" in str(err.value) and "--allow" in str(err.value)
         with Client(s.opts.bind, 2, 0) as c, pytest.raises(ServerUnavailable):
             c.ping()
 
@@ -374,14 +369,15 @@ def test_serve_refuses_unsafe_binds_and_bad_builds(tiny_build, tmp_path):
 def test_serve_query_and_sigterm_shutdown(tiny_build, tmp_path, sar):
     """egx serve and egx query (streamed, with an overlay); SIGTERM with a request in flight:
     that request is answered or failed explicitly, and the server exits 0."""
-    address = free_address()
     serve = subprocess.Popen([sys.executable, "-m", "earthgptx.cli", "serve", "--engines", str(tiny_build[0]),
-                              "--bind", address], cwd=REPO, stderr=subprocess.PIPE, text=True)
+                              "--bind", ANY_PORT], cwd=REPO, stderr=subprocess.PIPE, text=True)
     try:
         line = ""
         while "egx serve:" not in line and serve.poll() is None:  # workers may print warnings first
             line = serve.stderr.readline()
-        assert address in line, line
+        found = re.search(r" on (tcp://127\.0\.0\.1:\d+),", line)
+        assert found, line
+        address = found.group(1)
         proc = egx("query", "--connect", address, "--image", SAR, "--modality", "sar", "--text",
                    "Segment the ship.", "--point", "400,400", "--max-new-tokens", "3", "--stream", "--json",
                    "--overlay", str(tmp_path / "overlay.png"))
@@ -451,4 +447,4 @@ def test_cpp_client_with_curve(tiny_build, tmp_path, cpp_query, sar_pgm):
         ok = query("board")
         assert ok.returncode == 0 and json.loads(ok.stdout)["masks"], ok.stderr
         refused = query("stranger")
-        assert refused.returncode == 2 and "no reply" in refused.stderr
+        assert refused.returncode == 2 and "no reply" in refused.stderr and "CURVE key" in refused.stderr

@@ -2,6 +2,7 @@
 
 #include <zmq.h>
 
+#include <cstdint>
 #include <fstream>
 #include <random>
 
@@ -58,11 +59,13 @@ std::pair<std::string, std::string> read_key_file(const std::string& path) {
 }
 
 std::string new_request_id() {
-  std::random_device rd;
-  std::mt19937_64 gen((static_cast<uint64_t>(rd()) << 32) ^ rd());
+  std::random_device rd;  // 4 x 32 bits straight from the system's source: also good for a session secret
   const char* hex = "0123456789abcdef";
   std::string id;
-  for (int i = 0; i < 32; ++i) id += hex[gen() & 15];
+  for (int word = 0; word < 4; ++word) {
+    uint32_t bits = rd();
+    for (int i = 0; i < 8; ++i, bits >>= 4) id += hex[bits & 15];
+  }
   return id;
 }
 
@@ -71,6 +74,8 @@ Client::Client(std::string address, int timeout_ms, int retries, const CurveKeys
   if (curve != nullptr) {
     curve_ = true;
     keys_ = *curve;
+  } else {
+    session_ = new_request_id();
   }
   ctx_ = zmq_ctx_new();
   if (ctx_ == nullptr) throw ServerUnavailable("cannot create a ZeroMQ context");
@@ -105,6 +110,7 @@ void Client::connect() {
 Json Client::request(Json header, const std::vector<Tensor>& tensors,
                      const std::function<void(const Json&)>& on_partial) {
   if (header.get("id").is_null()) header.set("id", new_request_id());
+  if (!curve_ && header.get("session").is_null()) header.set("session", session_);
   const std::string id = header.get("id").as_string();
   if (!tensors.empty()) {
     Json specs = Json::array();
@@ -158,8 +164,12 @@ Json Client::request(Json header, const std::vector<Tensor>& tensors,
     }
   }
   close();
+  const std::string hint = curve_ ? "the server may be refusing this client's CURVE key: is this client's public "
+                                    ".key in the server's --allow folder, and is --server-key the server's public "
+                                    "key? (or is `egx serve` not running there?)"
+                                  : "is `egx serve` running there?";
   throw ServerUnavailable("no reply from " + address_ + " after " + std::to_string(retries_ + 1) +
-                          " attempt(s); is `egx serve` running there?");
+                          " attempt(s); " + hint);
 }
 
 }  // namespace egx

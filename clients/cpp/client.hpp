@@ -44,7 +44,7 @@ struct CurveKeys {
 // secret is empty for a public-only file. Throws std::runtime_error if unreadable.
 std::pair<std::string, std::string> read_key_file(const std::string& path);
 
-// 32 random hex characters.
+// 32 random hex characters (128 bits from std::random_device).
 std::string new_request_id();
 
 class Client {
@@ -55,7 +55,8 @@ class Client {
   Client(const Client&) = delete;
   Client& operator=(const Client&) = delete;
 
-  // Sends `header` (an "id" is added if missing) and `tensors`; returns the final reply's header.
+  // Sends `header` (an "id" is added if missing; without CURVE, this client's "session") and
+  // `tensors`; returns the final reply's header.
   // Partial replies (streamed tokens) go to `on_partial`, in order, each once.
   // Throws ServerError for an error reply and ServerUnavailable after `retries` silent timeouts.
   Json request(Json header, const std::vector<Tensor>& tensors,
@@ -69,6 +70,7 @@ class Client {
   int retries_;
   bool curve_ = false;
   CurveKeys keys_;
+  std::string session_;  // without CURVE: this client's secret name (a retry's fresh socket reaches its request)
   void* ctx_ = nullptr;
   void* sock_ = nullptr;
 };
