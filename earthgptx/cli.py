@@ -191,6 +191,8 @@ def _add_training_parsers(sub) -> None:
                    help="bf16 autocast or fp32 (auto: bf16 on CUDA and on CPUs with native bf16)")
     p.add_argument("--lora-rank", type=int, default=0, help="LoRA rank on the LLM's linear layers (0: LLM frozen)")
     p.add_argument("--lora-lr", type=float, default=5e-4, help="learning rate of the LoRA factors")
+    p.add_argument("--fsdp", action="store_true",
+                   help="under torchrun: shard parameters, gradients and optimizer state over the ranks (FSDP2)")
     p.add_argument("--threads", type=int, default=None, help="CPU threads per process")
     p.add_argument("--workers", type=int, default=0, help="data-loading processes (0: in the training process)")
     p.add_argument("--dataset", action="append", help="train on this dataset only (repeatable)")
@@ -259,7 +261,7 @@ def cmd_train(args: argparse.Namespace) -> int:
                       lr=args.lr, warmup=args.warmup, seed=args.seed, device=args.device, workers=args.workers,
                       datasets=tuple(args.dataset) if args.dataset else None,
                       checkpoint_every=args.checkpoint_every, log_every=args.log_every, time_limit_min=args.time_limit,
-                      lora_rank=args.lora_rank, lora_lr=args.lora_lr, precision=args.precision,
+                      lora_rank=args.lora_rank, lora_lr=args.lora_lr, precision=args.precision, fsdp=args.fsdp,
                       **({"task_weights": args.task_weights} if args.task_weights else {}))
     if args.dry_run:
         from .data.instructions import InstructionMix

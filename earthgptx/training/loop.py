@@ -60,6 +60,7 @@ class TrainConfig:
     lora_rank: int = 0  # 0: the LLM frozen; r > 0: LoRA of rank r on every LLM linear layer
     lora_lr: float = 5e-4
     precision: str = "auto"  # "bf16" autocast, "fp32", or "auto": bf16 where the device computes it natively
+    fsdp: bool = False  # shard parameters, gradients and optimizer state over torchrun ranks (fsdp.py)
 
     def __post_init__(self) -> None:
         if self.steps < 1 or self.batch_size < 1:
@@ -181,6 +182,8 @@ def train(cfg: TrainConfig) -> Path:
     from ..model import build_model
 
     dist = _Dist(cfg.device)
+    if cfg.fsdp and dist.world == 1:
+        raise InputError("--fsdp shards over data-parallel ranks: run it under torchrun --nproc_per_node N (N >= 2)")
     device = torch.device(cfg.device if not cfg.device.startswith("cuda") or dist.world == 1
                           else f"cuda:{dist.local}")
     out = Path(cfg.out)
@@ -196,6 +199,10 @@ def train(cfg: TrainConfig) -> Path:
     module = TrainModule(model, torch.from_numpy(encoder.prefix_ids), encoder.image_id, encoder.region_ids,
                          num_classes=len(classes), lora_rank=cfg.lora_rank).to(device)
     module.model.llm.eval()
+    if cfg.fsdp:
+        from .fsdp import shard
+
+        shard(module, device, dist.world)
     mix = InstructionMix(train_samples, cfg.task_weights, seed=cfg.seed)
 
     params = [p for p in module.parameters() if p.requires_grad]
@@ -211,15 +218,20 @@ def train(cfg: TrainConfig) -> Path:
     state_path = out / "state.pt"
     if state_path.is_file():
         state = torch.load(state_path, map_location=device, weights_only=False)
-        module.load_state_dict(state["module"], strict=False)
-        opt.load_state_dict(state["optimizer"])
+        if cfg.fsdp:
+            from .fsdp import load_full_state
+
+            load_full_state(module, opt, state["module"], state["optimizer"])
+        else:
+            module.load_state_dict(state["module"], strict=False)
+            opt.load_state_dict(state["optimizer"])
         start = int(state["step"])
         torch.set_rng_state(state["torch_rng"])
         if main:
             print(f"resuming from {state_path} at step {start}", file=sys.stderr)
 
     net = module
-    if dist.world > 1:
+    if dist.world > 1 and not cfg.fsdp:
         from torch.nn.parallel import DistributedDataParallel
 
         net = DistributedDataParallel(module, device_ids=[device.index] if device.type == "cuda" else None,
@@ -277,8 +289,9 @@ def train(cfg: TrainConfig) -> Path:
             acc = {k: 0.0 for k in acc}
             acc_n, acc_samples, acc_t = 0, 0, now
         out_of_time = cfg.time_limit_min is not None and time.perf_counter() - started > 60 * cfg.time_limit_min
-        if main and ((step + 1) % cfg.checkpoint_every == 0 or last or out_of_time):
-            _save(module, opt, step + 1, state_path)
+        out_of_time = dist.all_sum([float(out_of_time)])[0] > 0  # every rank stops at the same step
+        if (step + 1) % cfg.checkpoint_every == 0 or last or out_of_time:
+            _save(module, opt, step + 1, state_path, cfg.fsdp, main)
         if out_of_time:
             if main:
                 print(f"\nstopping at step {step + 1}: --time-limit reached", file=sys.stderr)
@@ -286,6 +299,15 @@ def train(cfg: TrainConfig) -> Path:
     if tty and main:
         print(file=sys.stderr)
     folder = out / "model"
+    if cfg.fsdp:  # a plain (unsharded) copy of the trained module, on rank 0, saved as usual
+        from .fsdp import full_state
+
+        trained, _ = full_state(module, opt)
+        if main:
+            model, _ = build_model(preset(cfg.preset))
+            module = TrainModule(model, torch.from_numpy(encoder.prefix_ids), encoder.image_id, encoder.region_ids,
+                                 num_classes=len(classes), lora_rank=cfg.lora_rank)
+            module.load_state_dict(trained, strict=False)
     if main:
         module.write_back()
         meta = {"steps": step + 1, "preset": cfg.preset, "seed": cfg.seed, "lora_rank": cfg.lora_rank}
@@ -320,11 +342,19 @@ def _to(batch: dict, device: torch.device) -> dict:
     return {k: move(v) for k, v in batch.items()}
 
 
-def _save(module: TrainModule, opt, step: int, path: Path) -> None:
-    trainable = {k: v for k, v in module.state_dict().items() if not k.startswith("model.llm.") or ".lora_" in k}
+def _save(module: TrainModule, opt, step: int, path: Path, fsdp: bool, main: bool) -> None:
+    """Write ``state.pt`` (rank 0). Under FSDP every rank must call it (the tensors are gathered)."""
+    if fsdp:
+        from .fsdp import full_state
+
+        trainable, opt_state = full_state(module, opt)
+    else:
+        trainable = {k: v for k, v in module.state_dict().items() if not k.startswith("model.llm.") or ".lora_" in k}
+        opt_state = opt.state_dict()
+    if not main:
+        return
     tmp = path.with_suffix(".tmp")
-    torch.save({"module": trainable, "optimizer": opt.state_dict(), "step": step,
-                "torch_rng": torch.get_rng_state()}, tmp)
+    torch.save({"module": trainable, "optimizer": opt_state, "step": step, "torch_rng": torch.get_rng_state()}, tmp)
     os.replace(tmp, path)
 
 

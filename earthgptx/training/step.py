@@ -34,6 +34,7 @@ from ..lora import add_lora
 from ..model import EarthGPTX
 from .batches import IGNORE
 
+LLM_LAYERS = "model.llm.model.model.layers."  # the LLM's decoder layers (FSDP units of their own)
 WEIGHTS = {"text": 1.0, "mask_bce": 2.0, "mask_dice": 2.0, "iou": 1.0, "aux_class": 0.5, "aux_dense": 0.5}
 
 
@@ -55,6 +56,9 @@ class TrainModule(nn.Module):
         self.image_id = image_id
         self.region_ids = region_ids
         self._prefix_kv: tuple[torch.Tensor, ...] | None = None
+        # FSDP (fsdp.py): the prefix runs inside the rows' one LLM call, and a rank without text
+        # rows runs the prefix alone, so every rank calls each sharded layer exactly once a step
+        self.fused_prefix = False
 
     def write_back(self) -> None:
         """Copy the trained added rows into the LLM's embedding table (before saving)."""
@@ -91,6 +95,9 @@ class TrainModule(nn.Module):
         m = self.model
         image_tokens, image_embedding = m.vision_encoder(batch["pixel_values"])
         zero = image_tokens.sum() * 0.0
+        if self.fused_prefix:  # FSDP reduces the gradients of a unit together: every rank gives every one
+            zero = zero + 0.0 * sum(p.sum() for n, p in self.named_parameters() if p.requires_grad
+                                    and not n.startswith(LLM_LAYERS))
         losses = {k: zero for k in WEIGHTS}
 
         region_tokens = {}
@@ -100,6 +107,8 @@ class TrainModule(nn.Module):
             region_tokens = {int(s): rt[row] for row, s in enumerate(batch["prompt_rows"])}
 
         seg_hidden = {}
+        if self.fused_prefix and not len(batch["text_rows"]):  # keep this rank's collectives in step
+            zero = zero + 0.0 * self._prefix_hidden().sum()
         if len(batch["text_rows"]):
             hidden, labels, offset = self._llm(batch, image_tokens, region_tokens)
             target = labels[:, 1:]
@@ -150,7 +159,7 @@ class TrainModule(nn.Module):
             p, t = torch.sigmoid(dense).flatten(1), t.flatten(1)
             dice = 1.0 - (2.0 * (p * t).sum(1) + 1.0) / (p.sum(1) + t.sum(1) + 1.0)
             losses["aux_dense"] = (2.0 * bce + dice).sum() / counts["images"]
-        losses["loss"] = sum(WEIGHTS[k] * losses[k] for k in WEIGHTS)
+        losses["loss"] = sum(WEIGHTS[k] * losses[k] for k in WEIGHTS) + zero  # zero: ties in unused parts
         return losses
 
     def _llm(self, batch: dict, image_tokens: torch.Tensor, region_tokens: dict) -> tuple:
@@ -176,11 +185,21 @@ class TrainModule(nn.Module):
         fill = torch.full((len(rows), n), IGNORE, dtype=labels.dtype, device=labels.device)
         labels = torch.cat([labels[:, :p], fill, labels[:, p + 1:]], dim=1)
         valid = torch.cat([valid[:, :p], torch.ones_like(fill), valid[:, p + 1:]], dim=1)
-        past = self.prefix_kv()
-        P = past[0].shape[2]
         b = emb.shape[0]
-        past = tuple(t.expand(b, -1, -1, -1) for t in past)
+        P = self.prefix_ids.shape[0]
         mask = torch.cat([torch.ones(b, P, dtype=valid.dtype, device=valid.device), valid], dim=1)
+        if self.fused_prefix:
+            prefix = self.embed(self.prefix_ids)[None].expand(b, -1, -1).to(emb.dtype)
+            pos = torch.arange(P + emb.shape[1], device=emb.device)[None].expand(b, -1)
+            hidden, _ = self.model.llm.decoder(torch.cat([prefix, emb], dim=1), mask, pos)
+            return hidden[:, P:], labels, n - 1
+        past = tuple(t.expand(b, -1, -1, -1) for t in self.prefix_kv())
         pos = (P + torch.arange(emb.shape[1], device=emb.device))[None].expand(b, -1)
         hidden, _ = self.model.llm.decoder(emb, mask, pos, past)
         return hidden, labels, n - 1
+
+    def _prefix_hidden(self) -> torch.Tensor:
+        ids = self.prefix_ids[None]
+        pos = torch.arange(ids.shape[1], device=ids.device)[None]
+        hidden, _ = self.model.llm.decoder(self.embed(ids), torch.ones_like(ids), pos)
+        return hidden
