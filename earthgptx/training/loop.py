@@ -148,10 +148,13 @@ class _Dist:
             dist.destroy_process_group()
 
 
-def _progress(step: int, total: int, start_step: int, started: float, row: dict, tty: bool) -> None:
-    done = step + 1 - start_step
+def _progress(step: int, total: int, started: float, row: dict, tty: bool, limit_min: float | None) -> None:
+    """One progress line; ``started`` counts the time of the run before a resume too."""
+    done = step + 1
     elapsed = time.perf_counter() - started
     eta = elapsed / max(done, 1) * (total - step - 1)
+    if limit_min is not None:
+        eta = min(eta, max(0.0, 60 * limit_min - elapsed))
     bar = "#" * int(20 * (step + 1) / total)
     line = (f"train [{bar:<20s}] {step + 1}/{total} loss {row['loss']:.3f} (text {row['text']:.3f}, "
             f"bce {row['mask_bce']:.3f}, dice {row['mask_dice']:.3f}, aux {row['aux_class']:.2f}/{row['aux_dense']:.2f}) "
@@ -285,7 +288,7 @@ def train(cfg: TrainConfig) -> Path:
             if main:
                 with open(log_path, "a", newline="") as f:
                     csv.writer(f).writerow([row[k] for k in LOG_FIELDS])
-                _progress(step, cfg.steps, start, started, row, tty)
+                _progress(step, cfg.steps, started, row, tty, cfg.time_limit_min)
             acc = {k: 0.0 for k in acc}
             acc_n, acc_samples, acc_t = 0, 0, now
         out_of_time = cfg.time_limit_min is not None and time.perf_counter() - started > 60 * cfg.time_limit_min
