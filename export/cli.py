@@ -40,7 +40,9 @@ def add_build_arguments(p: argparse.ArgumentParser) -> None:
 
 def options_from_args(args: argparse.Namespace):
     from .accuracy import Gate
-    from .build import BACKENDS, PRECISIONS, BuildOptions, per_part
+    from runners.manifest import BACKENDS, PRECISIONS
+
+    from .build import BuildOptions, per_part
 
     opts = BuildOptions(
         preset=args.preset, checkpoint=args.checkpoint,

@@ -38,7 +38,7 @@ def sar(data_root):
 
 @pytest.fixture(scope="module")
 def reference(tiny_build):
-    from runtime.engines import open_predictor
+    from runners.engines import open_predictor
 
     return open_predictor(tiny_build[0], "cpu")
 
@@ -347,7 +347,7 @@ def test_curve_serves_listed_clients_only(tiny_build, tmp_path, sar):
 
 
 def egx(*args, timeout=120):
-    return subprocess.run([sys.executable, "-m", "earthgptx.cli", *args], cwd=REPO, capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "egx", *args], cwd=REPO, capture_output=True, text=True,
                           timeout=timeout)
 
 
@@ -369,7 +369,7 @@ def test_serve_refuses_unsafe_binds_and_bad_builds(tiny_build, tmp_path):
 def test_serve_query_and_sigterm_shutdown(tiny_build, tmp_path, sar):
     """egx serve and egx query (streamed, with an overlay); SIGTERM with a request in flight:
     that request is answered or failed explicitly, and the server exits 0."""
-    serve = subprocess.Popen([sys.executable, "-m", "earthgptx.cli", "serve", "--engines", str(tiny_build[0]),
+    serve = subprocess.Popen([sys.executable, "-m", "egx", "serve", "--engines", str(tiny_build[0]),
                               "--bind", ANY_PORT], cwd=REPO, stderr=subprocess.PIPE, text=True)
     try:
         line = ""
