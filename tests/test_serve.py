@@ -326,6 +326,28 @@ def test_cpp_client_gets_the_python_clients_answer(server, cpp_query, sar, sar_p
     assert bad.returncode == 3 and "bad_request" in bad.stderr and "outside" in bad.stderr
 
 
+def test_cpp_client_answers_help_and_names_bad_input(cpp_query, sar_pgm, tmp_path):
+    """``--help`` prints the usage (exit 0); a non-number, a trailing letter or an out-of-range
+    value for a numeric option, and a PNM header that is not numbers, are named (exit 2),
+    before any connection (nothing listens at the address)."""
+    for flag in ("--help", "-h"):
+        proc = subprocess.run([str(cpp_query), flag], capture_output=True, text=True, timeout=30)
+        assert proc.returncode == 0 and proc.stdout.startswith("usage: egx_query --connect ADDR"), proc.stderr
+        assert "--max-new-tokens N" in proc.stdout and not proc.stderr
+    base = [str(cpp_query), "--connect", "tcp://127.0.0.1:1", "--image", str(sar_pgm), "--modality", "sar"]
+    for option, value, expected in (("--max-new-tokens", "abc", "integer"), ("--max-new-tokens", "8x", "integer"),
+                                    ("--retries", "-1", "integer"), ("--retries", "99999999999999999999", "integer"),
+                                    ("--timeout", "soon", "number"), ("--timeout", "nan", "number")):
+        proc = subprocess.run([*base, option, value], capture_output=True, text=True, timeout=30)
+        assert proc.returncode == 2, (option, value, proc.stderr)
+        assert f"{option} expects an {expected}" in proc.stderr or f"{option} expects a {expected}" in proc.stderr
+        assert f"got '{value}'" in proc.stderr and "stoi" not in proc.stderr and "--help" in proc.stderr
+    bad_pgm = tmp_path / "bad.pgm"
+    bad_pgm.write_bytes(b"P5\nwide 10\n255\n" + bytes(100))
+    proc = subprocess.run([*base[:3], str(bad_pgm), *base[4:]], capture_output=True, text=True, timeout=30)
+    assert proc.returncode == 2 and f"{bad_pgm}: width expects an integer" in proc.stderr, proc.stderr
+
+
 def test_curve_serves_listed_clients_only(tiny_build, tmp_path, sar):
     from runtime.security import load_keys, write_keys
 
