@@ -5,6 +5,7 @@ import sys
 from benchmarks.run import add_bench_arguments, main
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(prog="bench.py", description="Benchmark PyTorch and the built engines side by side.")
+    parser = argparse.ArgumentParser(prog="bench.py",
+                                     description="Benchmark PyTorch and the built engines side by side.")
     add_bench_arguments(parser)
     sys.exit(main(parser.parse_args()))
