@@ -344,7 +344,7 @@ def test_cpp_client_answers_help_and_names_bad_input(cpp_query, sar_pgm, tmp_pat
         assert f"got '{value}'" in proc.stderr and "stoi" not in proc.stderr and "--help" in proc.stderr
     bad_pgm = tmp_path / "bad.pgm"
     bad_pgm.write_bytes(b"P5\nwide 10\n255\n" + bytes(100))
-    proc = subprocess.run([*base[:3], str(bad_pgm), *base[4:]], capture_output=True, text=True, timeout=30)
+    proc = subprocess.run([*base[:4], str(bad_pgm), *base[5:]], capture_output=True, text=True, timeout=30)
     assert proc.returncode == 2 and f"{bad_pgm}: width expects an integer" in proc.stderr, proc.stderr
 
 
