@@ -17,7 +17,7 @@ from .dataset import Item, requests
 def record_feeds(predictor, items: list[Item], requests_per_modality: int = 12,
                  max_new_tokens: int = 4, skipped: list | None = None) -> dict[str, dict[str, list[dict]]]:
     """``{part: {modality: [feed, ...]}}`` from running ``predictor`` (the PyTorch reference)."""
-    from export.parity import RecordingRunner
+    from runners.recording import RecordingRunner
 
     feeds: dict[str, dict[str, list[dict]]] = {p: {} for p in PART_NAMES}
     original = predictor.runners

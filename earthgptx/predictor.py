@@ -28,8 +28,8 @@ from .processing import (Letterbox, VisualPrompts, check_modality, component_box
                          parse_text_boxes, preprocess, prompt_encoder_feed)
 from .prompting import IMAGE_TOKEN, SEG_TOKEN, STOP_TOKENS, build_prompt, region_token, splice
 from .rle import mask_to_rle
+from .tasks import TASKS
 
-TASKS = ("auto", "caption", "classify", "vqa", "region", "grounding", "segment", "click")
 _SEGMENT_WORDS = re.compile(r"\b(segment\w*|mask\w*|outline\w*)\b", re.I)
 _GROUND_WORDS = re.compile(r"\b(where|locate\w*|find|ground\w*|detect\w*|bounding box\w*|box of)\b", re.I)
 _CLASSIFY_WORDS = re.compile(r"\b(classify|classification|categor\w*|which class|what (kind|type) of scene)\b", re.I)
@@ -109,7 +109,7 @@ class Predictor:
     def __init__(self, runners: dict, tokenizer, config: ModelConfig, embed_table: np.ndarray,
                  cache_bytes: int = DEFAULT_CACHE_BYTES, text_generator=None) -> None:
         self.runners = runners
-        # optional: an engine that generates text itself (TensorRT-LLM); see runtime/tensorrt_llm_runner.py
+        # optional: an engine that generates text itself (TensorRT-LLM); see runners/tensorrt_llm_runner.py
         self.text_generator = text_generator
         self.tokenizer = tokenizer
         self.config = config

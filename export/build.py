@@ -18,14 +18,11 @@ from pathlib import Path
 import numpy as np
 
 from earthgptx.config import PART_NAMES
+from earthgptx.data import default_data_root
 from earthgptx.errors import EarthGPTXError
-from runtime.manifest import FORMAT, sha256_file, write_manifest
+from runners.manifest import ENGINES_ROOT, FORMAT, sha256_file, write_manifest
 
 from .specs import SPECS, ShapeLimits
-
-PRECISIONS = ("fp32", "fp16", "int8")
-BACKENDS = ("onnxruntime", "tensorrt", "tensorrt-llm")
-REPO = Path(__file__).resolve().parents[1]
 
 
 class BuildError(EarthGPTXError):
@@ -45,7 +42,7 @@ class BuildOptions:
     out: Path | None = None
     limits: ShapeLimits = field(default_factory=ShapeLimits)
     device: str = "cpu"
-    data_root: Path = field(default_factory=lambda: Path(os.environ.get("EGX_DATA", REPO.parent / "shared" / "data")))
+    data_root: Path = field(default_factory=default_data_root)
 
     def __post_init__(self) -> None:
         from earthgptx.checkpoint import DEFAULT_MODEL_DIR, resolve_source
@@ -62,7 +59,7 @@ class BuildOptions:
 
     @property
     def out_dir(self) -> Path:
-        return Path(self.out) if self.out else REPO / "engines" / self.name
+        return Path(self.out) if self.out else ENGINES_ROOT / self.name
 
 
 def per_part(values: list[str], choices: tuple[str, ...], default: str, what: str) -> dict[str, str]:
@@ -106,7 +103,7 @@ def check_options(opts: BuildOptions) -> None:
         if backend == "onnxruntime" and precision == "fp16":
             problems.append(f"{part}: FP16 is built for TensorRT; ONNX Runtime on a CPU runs fp32 (or int8)")
     if any(b == "tensorrt" for b in opts.backends.values()):
-        from .tensorrt_build import tensorrt_problem
+        from runners.tensorrt_device import tensorrt_problem
 
         if (reason := tensorrt_problem()) is not None:
             problems.append(reason)
@@ -211,7 +208,7 @@ def run_build(opts: BuildOptions, console=None) -> list[PartReport]:
         source = sources[part]
         entry = {"file": source.name, "backend": backend, "precision": precision, **quant.get(part, {})}
         if backend == "onnxruntime":
-            from runtime.onnxruntime_runner import OnnxRuntimeRunner
+            from runners.onnxruntime_runner import OnnxRuntimeRunner
 
             runner = OnnxRuntimeRunner(part, source, device=opts.device)
             if source.with_name(source.name + ".data").is_file():

@@ -5,6 +5,7 @@ import argparse
 from pathlib import Path
 
 from earthgptx.errors import EarthGPTXError
+from earthgptx.processing import MODALITIES
 
 from .limits import ShapeLimits
 
@@ -21,7 +22,7 @@ def add_build_arguments(p: argparse.ArgumentParser) -> None:
                    help="fp32 (default), fp16 or int8; for all parts or one (vision_encoder=int8)")
     p.add_argument("--calibration", type=Path, metavar="DIR", help="calibration imagery for INT8 (e.g. ../shared/data)")
     p.add_argument("--calibration-method", choices=("max", "entropy", "percentile"), default="max")
-    p.add_argument("--calibration-modality", choices=("optical", "sar", "infrared"),
+    p.add_argument("--calibration-modality", choices=MODALITIES,
                    help="modality of calibration images whose folders do not say it")
     p.add_argument("--gate-mask-iou", type=float, default=0.98, help="INT8 gate: mean mask IoU per modality")
     p.add_argument("--gate-box-iou", type=float, default=0.98, help="INT8 gate: mean box IoU per modality")
@@ -40,7 +41,9 @@ def add_build_arguments(p: argparse.ArgumentParser) -> None:
 
 def options_from_args(args: argparse.Namespace):
     from .accuracy import Gate
-    from .build import BACKENDS, PRECISIONS, BuildOptions, per_part
+    from runners.manifest import BACKENDS, PRECISIONS
+
+    from .build import BuildOptions, per_part
 
     opts = BuildOptions(
         preset=args.preset, checkpoint=args.checkpoint,

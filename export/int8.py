@@ -17,7 +17,7 @@ from .specs import SPECS
 
 def _predictor(reference, paths: dict[str, Path], device: str):
     from earthgptx.predictor import Predictor
-    from runtime.onnxruntime_runner import OnnxRuntimeRunner
+    from runners.onnxruntime_runner import OnnxRuntimeRunner
 
     runners = {part: OnnxRuntimeRunner(part, path, device=device) for part, path in paths.items()}
     return Predictor(runners, reference.tokenizer, reference.config, reference.embed_table)
@@ -90,7 +90,7 @@ def build_int8(opts, reference, onnx_paths: dict[str, Path], parts: list[str], c
     # per-engine agreement on the evaluation images' real inputs
     eval_feeds = record_feeds(fp32, calset.evaluation, requests_per_modality=3)
     for part in parts:
-        from runtime.onnxruntime_runner import OnnxRuntimeRunner
+        from runners.onnxruntime_runner import OnnxRuntimeRunner
 
         feeds_part = [f for group in eval_feeds[part].values() for f in group]
         with OnnxRuntimeRunner(part, onnx_paths[part], device=opts.device) as ref, \

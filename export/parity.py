@@ -17,29 +17,11 @@ from earthgptx.generation import GenerationConfig
 from earthgptx.imageio import read_image
 from earthgptx.processing import VisualPrompts, inside_point
 from earthgptx.runner import Runner
+from runners.recording import Recording, RecordingRunner
 
 
 class ParityError(EarthGPTXError):
     """An exported part disagrees with its PyTorch part."""
-
-
-@dataclass
-class Recording:
-    feeds: list[dict[str, np.ndarray]]
-    outputs: list[dict[str, np.ndarray]]
-
-
-class RecordingRunner(Runner):
-    def __init__(self, inner: Runner, limit: int) -> None:
-        self.inner, self.name, self.limit = inner, inner.name, limit
-        self.recording = Recording([], [])
-
-    def infer(self, feed):
-        out = self.inner.infer(feed)
-        if len(self.recording.feeds) < self.limit:
-            self.recording.feeds.append({k: np.array(v) for k, v in feed.items()})
-            self.recording.outputs.append({k: np.array(v) for k, v in out.items()})
-        return out
 
 
 def parity_samples(data_root: Path) -> list[Sample]:

@@ -1,8 +1,9 @@
 """Declarative export specs, one per part, in one registry (``SPECS``).
 
-A spec says what the exported graph looks like: input/output names, dtypes and named
-axes, which axes are dynamic, the opset, the adapter that makes the part traceable, how
-to make example inputs, and the parity tolerance per precision. Shape profiles
+A spec says what the exported graph looks like: input/output names (the part module's
+``INPUT_NAMES``/``OUTPUT_NAMES``, declared there once), dtypes and named axes, which axes
+are dynamic, the opset, the adapter that makes the part traceable, how to make example
+inputs, and the parity tolerance per precision. Shape profiles
 (min/opt/max, for TensorRT and for the manifest) derive from the spec and the
 ``ShapeLimits`` of a build. Part-specific tricks live in the part's spec, nowhere else.
 """
@@ -14,6 +15,7 @@ from typing import Callable
 import torch
 from torch import nn
 
+from earthgptx import llm, pixel_decoder, prompt_encoder, vision_encoder
 from earthgptx.config import ModelConfig
 from earthgptx.llm import kv_names
 from earthgptx.prompting import special_tokens
@@ -86,10 +88,11 @@ def vision_encoder_spec(config: ModelConfig) -> ExportSpec:
     from .adapters import identity
 
     v, h = config.vision, config.llm.hidden
+    (pixels,), (tokens, embedding) = vision_encoder.INPUT_NAMES, vision_encoder.OUTPUT_NAMES
     return ExportSpec(
         "vision_encoder",
-        inputs=(_f("pixel_values", "batch", 3, v.image_size, v.image_size),),
-        outputs=(_f("image_tokens", "batch", v.num_tokens, h), _f("image_embedding", "batch", v.embed_dim, v.grid, v.grid)),
+        inputs=(_f(pixels, "batch", 3, v.image_size, v.image_size),),
+        outputs=(_f(tokens, "batch", v.num_tokens, h), _f(embedding, "batch", v.embed_dim, v.grid, v.grid)),
         adapter=identity, example_sizes={"batch": 2},
         tolerance={"fp32": 1e-3, "fp16": 2e-3, "int8": 2e-2},
         # the ViT stem sees raw pixels, the neck makes the dense embedding masks are cut from, and
@@ -103,11 +106,12 @@ def prompt_encoder_spec(config: ModelConfig) -> ExportSpec:
     from .adapters import identity
 
     v, p, h = config.vision, config.prompt, config.llm.hidden
+    (tokens, boxes, types, masks), (regions,) = prompt_encoder.INPUT_NAMES, prompt_encoder.OUTPUT_NAMES
     return ExportSpec(
         "prompt_encoder",
-        inputs=(_f("image_tokens", "batch", v.num_tokens, h), _f("prompt_boxes", "batch", "regions", 4),
-                _i("prompt_types", "batch", "regions"), _f("prompt_masks", "batch", "regions", p.mask_size, p.mask_size)),
-        outputs=(_f("region_tokens", "batch", "regions", h),),
+        inputs=(_f(tokens, "batch", v.num_tokens, h), _f(boxes, "batch", "regions", 4),
+                _i(types, "batch", "regions"), _f(masks, "batch", "regions", p.mask_size, p.mask_size)),
+        outputs=(_f(regions, "batch", "regions", h),),
         adapter=identity, example_sizes={"batch": 2, "regions": 3},
         tolerance={"fp32": 1e-3, "fp16": 2e-3, "int8": 2e-2},
     )
@@ -119,11 +123,12 @@ def llm_spec(config: ModelConfig) -> ExportSpec:
     c = config.llm
     vocab = c.vocab_size + len(special_tokens(config.prompt.max_regions))
     kv = lambda name, axis: _f(name, "batch", c.kv_heads, axis, c.head_dim)  # noqa: E731
+    (embeds, attention, positions), (logits, hidden) = llm.INPUT_NAMES, llm.OUTPUT_NAMES
     return ExportSpec(
         "llm",
-        inputs=(_f("inputs_embeds", "batch", "seq", c.hidden), _i("attention_mask", "batch", "total"),
-                _i("position_ids", "batch", "seq"), *(kv(n, "past") for n in kv_names(c.layers, "past_key_values"))),
-        outputs=(_f("logits", "batch", vocab), _f("last_hidden_state", "batch", "seq", c.hidden),
+        inputs=(_f(embeds, "batch", "seq", c.hidden), _i(attention, "batch", "total"),
+                _i(positions, "batch", "seq"), *(kv(n, "past") for n in kv_names(c.layers, "past_key_values"))),
+        outputs=(_f(logits, "batch", vocab), _f(hidden, "batch", "seq", c.hidden),
                  *(kv(n, "total") for n in kv_names(c.layers, "present"))),
         adapter=identity, example_sizes={"batch": 2, "seq": 3, "past": 4, "total": 7},
         tolerance={"fp32": 2e-3, "fp16": 5e-3, "int8": 5e-2}, external_data=True,
@@ -134,13 +139,15 @@ def pixel_decoder_spec(config: ModelConfig) -> ExportSpec:
     from .adapters import pixel_decoder_adapter
 
     v, h = config.vision, config.llm.hidden
+    embedding, seg, valid, coords, labels = pixel_decoder.INPUT_NAMES
+    masks, scores, boxes = pixel_decoder.OUTPUT_NAMES
     return ExportSpec(
         "pixel_decoder",
-        inputs=(_f("image_embedding", "batch", v.embed_dim, v.grid, v.grid), _f("seg_hidden", "batch", "queries", h),
-                _f("seg_valid", "batch", "queries"), _f("point_coords", "batch", "queries", "points", 2),
-                _i("point_labels", "batch", "queries", "points")),
-        outputs=(_f("masks", "batch", "queries", v.image_size, v.image_size), _f("scores", "batch", "queries"),
-                 _f("boxes", "batch", "queries", 4)),
+        inputs=(_f(embedding, "batch", v.embed_dim, v.grid, v.grid), _f(seg, "batch", "queries", h),
+                _f(valid, "batch", "queries"), _f(coords, "batch", "queries", "points", 2),
+                _i(labels, "batch", "queries", "points")),
+        outputs=(_f(masks, "batch", "queries", v.image_size, v.image_size), _f(scores, "batch", "queries"),
+                 _f(boxes, "batch", "queries", 4)),
         adapter=pixel_decoder_adapter, example_sizes={"batch": 2, "queries": 3, "points": 2},
         tolerance={"fp32": 1e-3, "fp16": 5e-3, "int8": 5e-2},
     )

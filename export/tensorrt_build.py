@@ -7,51 +7,15 @@ and 11.x Python APIs. ``tensorrt`` is imported lazily: this module loads everywh
 * one optimisation profile per engine from the spec's min/opt/max;
 * a timing cache kept beside the engines, a workspace limit (Jetson shares its memory);
 * each engine is tagged with TensorRT version, GPU name and compute capability, and a
-  runner refuses an engine built elsewhere (``check_device_tag``).
+  runner refuses an engine built elsewhere (``runners.tensorrt_device``).
 """
 from __future__ import annotations
 
 from pathlib import Path
 
-from earthgptx.errors import EarthGPTXError
+from runners.tensorrt_device import TensorRTError, current_device_tag
 
 DEFAULT_WORKSPACE = 1 << 30  # 1 GiB: fits an Orin Nano beside the KV and image caches
-
-
-class TensorRTError(EarthGPTXError):
-    """A TensorRT build or engine that cannot be used."""
-
-
-def tensorrt_problem() -> str | None:
-    """Why TensorRT cannot build here, or ``None`` if it can."""
-    try:
-        import tensorrt  # noqa: F401
-    except ImportError:
-        return ("TensorRT is not installed: build TensorRT engines on the target device (Jetson: JetPack ships it; "
-                "GPU servers: pip install -e '.[gpu]'), or use --backend onnxruntime")
-    import torch
-
-    if not torch.cuda.is_available():
-        return "TensorRT needs an NVIDIA GPU and none is visible; use --backend onnxruntime"
-    return None
-
-
-def current_device_tag() -> dict:
-    """``{"tensorrt", "gpu", "compute_capability"}`` of this machine (needs TensorRT and a GPU)."""
-    import tensorrt as trt
-    import torch
-
-    major, minor = torch.cuda.get_device_capability(0)
-    return {"tensorrt": trt.__version__, "gpu": torch.cuda.get_device_name(0), "compute_capability": f"{major}.{minor}"}
-
-
-def check_device_tag(name: str, built: dict, here: dict) -> None:
-    """Refuse an engine whose TensorRT version, GPU or compute capability differ from here."""
-    diffs = [f"{k}: built with {built.get(k)!r}, this device has {here.get(k)!r}"
-             for k in ("tensorrt", "gpu", "compute_capability") if built.get(k) != here.get(k)]
-    if diffs:
-        raise TensorRTError(f"engine {name} was built for another device ({'; '.join(diffs)}). TensorRT engines are "
-                            "not portable: rebuild on this device with python export/build_engines.py --backend tensorrt")
 
 
 def parse_errors(parser) -> list[str]:
@@ -99,7 +63,7 @@ def build_engine(onnx_path: Path, engine_path: Path, profile: dict[str, dict[str
 def build_part(part: str, spec, onnx_path: Path, entry: dict, opts, model, console):
     """Build ``part`` for TensorRT (FP16: from an FP16-cast copy of the ONNX). Returns the
     runner for the parity check and the manifest entry."""
-    from runtime.tensorrt_runner import TensorRTRunner
+    from runners.tensorrt_runner import TensorRTRunner
 
     from .fp16 import cast_fp16
 

@@ -3,8 +3,8 @@
 sized with a prompt-embedding table for the image and region tokens.
 
 In TensorRT-LLM, token ids >= ``vocab_size`` index rows of ``prompt_embedding_table``:
-the runtime gives image and region tokens such ids (``prompt_table_ids``) and passes
-their embeddings as the table. The conversion needs only torch and safetensors, so it is
+the runtime gives image and region tokens such ids and passes their embeddings as the
+table (``runners/prompt_table.py``). The conversion needs only torch and safetensors, so it is
 tested everywhere; building and running need TensorRT-LLM and a GPU."""
 from __future__ import annotations
 
@@ -13,7 +13,6 @@ import shutil
 import subprocess
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from earthgptx.config import ModelConfig
@@ -90,7 +89,7 @@ def build_command(checkpoint: Path, engine_dir: Path, config: ModelConfig, limit
 def build_llm(spec, onnx_path: Path, entry: dict, opts, model, console):
     """Convert and build the LLM with TensorRT-LLM. The ONNX graph stays beside it: it
     gives the ``[SEG]`` hidden states, which TensorRT-LLM's generation does not return."""
-    from runtime.onnxruntime_runner import OnnxRuntimeRunner
+    from runners.onnxruntime_runner import OnnxRuntimeRunner
 
     config = model.config
     ckpt = onnx_path.parent / "llm.trtllm-checkpoint"
@@ -109,27 +108,3 @@ def build_llm(spec, onnx_path: Path, entry: dict, opts, model, console):
                                    "max_rows": opts.limits.max_batch * (config.vision.num_tokens + opts.limits.max_prompts)}})
     # parity of the chain's llm is checked on the ONNX graph the runtime uses for [SEG] states
     return OnnxRuntimeRunner("llm", onnx_path, device=opts.device), entry
-
-
-def prompt_table_ids(ids: np.ndarray, image_id: int, n_image: int, region_ids: list[int], vocab: int) -> np.ndarray:
-    """Text ids with ``<image>`` expanded to ``n_image`` ids ``vocab, vocab+1, ...`` and each
-    ``<regionK>`` to ``vocab + n_image + K - 1``: the rows of the prompt table that
-    ``prompt_table`` below fills."""
-    out = []
-    for t in ids.tolist():
-        if t == image_id:
-            out.extend(range(vocab, vocab + n_image))
-        elif t in region_ids:
-            out.append(vocab + n_image + region_ids.index(t))
-        else:
-            out.append(t)
-    return np.asarray(out, dtype=np.int32)
-
-
-def prompt_table(image_tokens: np.ndarray, region_tokens: np.ndarray | None, max_regions: int) -> np.ndarray:
-    """``(n_image + max_regions, hidden)`` rows for ``prompt_table_ids`` (unused regions zero)."""
-    hidden = image_tokens.shape[-1]
-    regions = np.zeros((max_regions, hidden), dtype=np.float32)
-    if region_tokens is not None:
-        regions[: len(region_tokens)] = region_tokens
-    return np.concatenate([image_tokens.astype(np.float32), regions])

@@ -1,2 +1,3 @@
-"""The runtime: runners for the deployment backends and the chain of the four engines
-read from a build's ``manifest.json``."""
+"""The ZeroMQ runtime: ``egx serve`` (broker, workers, a request through the chain), its
+wire protocol (``docs/protocol.md``), the Python client and CURVE keys. Engines are opened
+by the runners layer (``runners``)."""

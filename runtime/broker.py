@@ -24,9 +24,10 @@ from typing import Callable
 
 import zmq
 
-from .protocol import (DISCONNECT, FINAL, HEARTBEAT, HEARTBEAT_INTERVAL, HEARTBEAT_LIVENESS, MAX_FRAMES,
-                       MAX_HEADER_BYTES, PARTIAL, PROTOCOL, PROTOCOL_FAMILY, READY, REQUEST, SERVICE,
-                       WORKER_PROTOCOL, ErrorCode, ProtocolError, error_header, parse_message)
+from .protocol import (BUSY_TIMEOUT, DEFAULT_MAX_QUEUE, DEFAULT_MAX_REQUEST_BYTES, DISCONNECT, FINAL, HEARTBEAT,
+                       HEARTBEAT_INTERVAL, HEARTBEAT_LIVENESS, MAX_FRAMES, MAX_HEADER_BYTES, PARTIAL, PROTOCOL,
+                       PROTOCOL_FAMILY, READY, REQUEST, SERVICE, WORKER_PROTOCOL, ErrorCode, ProtocolError,
+                       error_header, parse_message)
 from .schema import routing
 
 MAX_ATTEMPTS = 2  # a request whose worker died is run once more, on another worker
@@ -89,7 +90,8 @@ class Broker:
     declared dead by heartbeat (the server kills and replaces it)."""
 
     def __init__(self, frontend: zmq.Socket, backend: zmq.Socket, stages: tuple[str, ...] = ("all",),
-                 max_queue: int = 32, max_request_bytes: int = 256 * 2**20, busy_timeout: float = 120.0,
+                 max_queue: int = DEFAULT_MAX_QUEUE, max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES,
+                 busy_timeout: float = BUSY_TIMEOUT,
                  on_dead: Callable[[int], None] | None = None, log=sys.stderr) -> None:
         self.frontend, self.backend = frontend, backend
         self.stages = stages

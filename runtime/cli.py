@@ -5,7 +5,9 @@ import argparse
 import sys
 from pathlib import Path
 
-from .protocol import DEFAULT_MAX_REQUEST_BYTES
+from earthgptx.image_cache import DEFAULT_CACHE_BYTES
+
+from .protocol import DEFAULT_MAX_QUEUE, DEFAULT_MAX_REQUEST_BYTES
 
 
 def add_serve_arguments(p: argparse.ArgumentParser) -> None:
@@ -17,8 +19,9 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--devices", default="cpu",
                    help="comma list, assigned to workers in turn: cpu, cuda, cuda:K (default: %(default)s)")
     p.add_argument("--threads", type=int, default=None, help="ONNX Runtime threads per worker (default: all cores)")
-    p.add_argument("--cache-mb", type=float, default=256, help="image-embedding cache per worker (MiB)")
-    p.add_argument("--max-queue", type=int, default=32, help="queued requests before 'busy' replies")
+    p.add_argument("--cache-mb", type=float, default=DEFAULT_CACHE_BYTES / 2**20,
+                   help="image-embedding cache per worker (MiB)")
+    p.add_argument("--max-queue", type=int, default=DEFAULT_MAX_QUEUE, help="queued requests before 'busy' replies")
     p.add_argument("--max-request-mb", type=float, default=DEFAULT_MAX_REQUEST_BYTES / 2**20,
                    help="largest request accepted (MiB)")
     p.add_argument("--curve-secret", type=Path, metavar="FILE", help="the server's .key_secret (egx keys)")
@@ -55,7 +58,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 def cmd_query(args: argparse.Namespace) -> int:
     import numpy as np
 
-    from earthgptx.cli import generation_options, preprocess_options, print_answer, text_sink
+    from earthgptx.commands import generation_options, preprocess_options, print_answer, text_sink
     from earthgptx.imageio import read_image, read_mask
 
     from .client import Client

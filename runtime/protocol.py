@@ -30,6 +30,8 @@ import numpy as np
 import pydantic_core
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 
+from earthgptx.tasks import TASKS as MODEL_TASKS  # what the model answers
+
 PROTOCOL = b"EGX/1"
 PROTOCOL_FAMILY = b"EGX/"
 WORKER_PROTOCOL = b"EGXW/1"
@@ -58,6 +60,7 @@ MAX_NAME_CHARS = 64  # a buffer's name
 MAX_DIMS = 4
 MAX_DIM = 2**31 - 1  # one dimension of a buffer
 DEFAULT_MAX_REQUEST_BYTES = 256 * 2**20
+DEFAULT_MAX_QUEUE = 32  # queued requests per stage before clients get ``busy``
 DTYPES = ("|u1", "|b1", "<u2", "<i2", "<u4", "<i4", "<f4", "<f8", "<c8")
 MAX_TEXT_CHARS = 4096  # header["text"], checked by the schema
 MAX_TEXT_TOKENS = 512  # header["text"] after tokenisation, checked before the model runs
@@ -73,7 +76,6 @@ FRONTEND_RCVHWM = 16  # whole messages ZeroMQ queues per client connection befor
 FRONTEND_SNDHWM = 1000  # replies queued per client connection (streamed tokens)
 
 # tasks: the predictor's, plus two the runtime answers itself
-MODEL_TASKS = ("auto", "caption", "classify", "vqa", "region", "grounding", "segment", "click")
 TASKS = MODEL_TASKS + ("upload", "ping")
 
 

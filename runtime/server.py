@@ -15,8 +15,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from earthgptx.errors import EarthGPTXError
+from earthgptx.image_cache import DEFAULT_CACHE_BYTES
 
-from .protocol import (BUSY_TIMEOUT, DEFAULT_MAX_REQUEST_BYTES, FRONTEND_RCVHWM, FRONTEND_SNDHWM,
+from .protocol import (BUSY_TIMEOUT, DEFAULT_MAX_QUEUE, DEFAULT_MAX_REQUEST_BYTES, FRONTEND_RCVHWM, FRONTEND_SNDHWM,
                        MAX_FRAME_FACTOR)
 from .worker import WorkerOptions, run_worker
 
@@ -33,8 +34,8 @@ class ServeOptions:
     staged: bool = False
     devices: tuple[str, ...] = ("cpu",)
     threads: int | None = None
-    cache_bytes: int = 256 * 2**20
-    max_queue: int = 32
+    cache_bytes: int = DEFAULT_CACHE_BYTES
+    max_queue: int = DEFAULT_MAX_QUEUE
     max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES
     curve_secret: Path | None = None
     allow: Path | None = None
@@ -71,7 +72,7 @@ class Server:
         import zmq
 
         from .broker import Broker
-        from .manifest import load_manifest
+        from runners.manifest import load_manifest
         from .security import check_bind, load_keys
 
         opts = self.opts

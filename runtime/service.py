@@ -15,6 +15,7 @@ from typing import Callable
 
 import numpy as np
 
+from earthgptx import vision_encoder
 from earthgptx.errors import InputError
 from earthgptx.generation import GenerationConfig
 from earthgptx.image_cache import image_id
@@ -26,7 +27,7 @@ from .protocol import (MAX_IMAGE_PIXELS, MAX_TEXT_TOKENS, MODEL_TASKS, ErrorCode
 from .schema import RequestHeader, request_header
 
 STAGES = ("all", "vision", "language")
-ENCODING_TENSORS = ("image_tokens", "image_embedding")  # what the vision stage hands on
+ENCODING_TENSORS = vision_encoder.OUTPUT_NAMES  # what the vision stage hands on
 
 Emit = Callable[[Message, bool], None]  # (reply, final)
 

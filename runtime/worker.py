@@ -60,7 +60,7 @@ def run_worker(opts: WorkerOptions) -> int:
     link = _Link(ctx, opts.endpoint)
     try:
         from earthgptx.errors import EarthGPTXError
-        from .engines import open_predictor
+        from runners.engines import open_predictor
         from .service import RequestHandler
 
         try:

@@ -213,7 +213,8 @@ def calibration_root(tmp_path_factory, data_root):
 
 @pytest.fixture(scope="module")
 def int8_build(tmp_path_factory, data_root, calibration_root):
-    from export.build import BuildOptions, per_part, PRECISIONS, run_build
+    from export.build import BuildOptions, per_part, run_build
+    from runners.manifest import PRECISIONS
 
     out = tmp_path_factory.mktemp("int8") / "tiny-int8"
     opts = BuildOptions(preset="tiny", out=out, data_root=data_root, calibration=calibration_root,
@@ -222,7 +223,7 @@ def int8_build(tmp_path_factory, data_root, calibration_root):
 
 
 def test_int8_build_records_accuracy_and_falls_back_honestly(int8_build):
-    from runtime.manifest import load_manifest
+    from runners.manifest import load_manifest
 
     out, reports = int8_build
     m = load_manifest(out)
@@ -249,8 +250,9 @@ def test_int8_build_records_accuracy_and_falls_back_honestly(int8_build):
 def test_int8_build_with_histogram_calibration(tmp_path, data_root, calibration_root):
     """``--calibration-method percentile`` through the whole build: every Q/DQ part (feeds of
     varying shapes included) is calibrated in chunks and the kept parts meet the gate."""
-    from export.build import BuildOptions, per_part, PRECISIONS, run_build
-    from runtime.manifest import load_manifest
+    from export.build import BuildOptions, per_part, run_build
+    from runners.manifest import PRECISIONS
+    from runners.manifest import load_manifest
 
     out = tmp_path / "tiny-int8-pct"
     run_build(BuildOptions(preset="tiny", out=out, data_root=data_root, calibration=calibration_root,
@@ -267,7 +269,7 @@ def test_int8_engines_run_the_chain(int8_build, data_root):
     from earthgptx.generation import GenerationConfig
     from earthgptx.imageio import read_image
     from earthgptx.processing import VisualPrompts
-    from runtime.engines import open_predictor
+    from runners.engines import open_predictor
 
     out, _ = int8_build
     p = open_predictor(out, device="cpu")

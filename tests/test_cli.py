@@ -17,7 +17,7 @@ SAR = "../shared/data/sar/hrsid/P0094_0_800_3000_3800.png"
 
 
 def egx(*args, check=True):
-    proc = subprocess.run([sys.executable, "-m", "earthgptx.cli", *args], cwd=REPO, capture_output=True, text=True,
+    proc = subprocess.run([sys.executable, "-m", "egx", *args], cwd=REPO, capture_output=True, text=True,
                           timeout=600)
     if check:
         assert proc.returncode == 0, proc.stderr

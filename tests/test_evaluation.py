@@ -117,7 +117,7 @@ def test_evaluate_scores_known_answers(data_root):
 
 def test_egx_eval_command(tmp_path, data_root):
     out = tmp_path / "eval.json"
-    r = subprocess.run([sys.executable, "-m", "earthgptx.cli", "eval", "--preset", "tiny", "--data", str(data_root),
+    r = subprocess.run([sys.executable, "-m", "egx", "eval", "--preset", "tiny", "--data", str(data_root),
                         "--dataset", "sirst", "--dataset", "mstar", "--limit", "1", "--json", str(out)],
                        cwd=REPO, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-2000:]

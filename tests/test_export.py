@@ -66,7 +66,7 @@ def test_traceable_mask_decoder_matches_sam_decoder(tiny):
     {"batch": 3, "regions": 4, "queries": 4, "points": 3, "seq": 1, "past": 6, "total": 7},
 ])
 def test_onnx_graphs_match_pytorch_at_other_shapes(built, tiny, sizes):
-    from runtime.onnxruntime_runner import OnnxRuntimeRunner
+    from runners.onnxruntime_runner import OnnxRuntimeRunner
 
     folder, _ = built
     model = tiny[0]
@@ -91,7 +91,7 @@ def test_onnx_graphs_match_pytorch_at_other_shapes(built, tiny, sizes):
 
 def test_llm_graph_left_padding_matches_batch_one(built, tiny):
     from earthgptx.llm import kv_names
-    from runtime.onnxruntime_runner import OnnxRuntimeRunner
+    from runners.onnxruntime_runner import OnnxRuntimeRunner
 
     folder, _ = built
     cfg = tiny[0].config.llm
@@ -119,7 +119,7 @@ def test_llm_graph_left_padding_matches_batch_one(built, tiny):
 
 
 def test_manifest_contract(built):
-    from runtime.manifest import load_manifest
+    from runners.manifest import load_manifest
 
     folder, reports = built
     m = json.loads((folder / "manifest.json").read_text())
@@ -137,7 +137,7 @@ def test_manifest_contract(built):
 
 
 def test_tampered_or_incomplete_builds_are_refused(built, tmp_path):
-    from runtime.manifest import ManifestError, load_manifest
+    from runners.manifest import ManifestError, load_manifest
 
     folder, _ = built
     copy = tmp_path / "copy"
@@ -160,7 +160,7 @@ def test_tampered_or_incomplete_builds_are_refused(built, tmp_path):
 
 def test_parity_failure_names_part_and_tensor(built, tiny_predictor, data_root):
     from export.parity import compare, record_chain
-    from runtime.onnxruntime_runner import OnnxRuntimeRunner
+    from runners.onnxruntime_runner import OnnxRuntimeRunner
 
     folder, _ = built
     recordings = record_chain(tiny_predictor, data_root, max_new_tokens=1, llm_calls=2)
@@ -185,7 +185,7 @@ def test_engines_chain_equals_pytorch(built, data_root):
             "--box", "300,300,500,450", "--max-new-tokens", "6", "--json"]
     outs = []
     for src in (["--preset", "tiny"], ["--engines", str(folder), "--device", "cpu"]):
-        proc = subprocess.run([sys.executable, "-m", "earthgptx.cli", "predict", *src, *args], cwd=REPO,
+        proc = subprocess.run([sys.executable, "-m", "egx", "predict", *src, *args], cwd=REPO,
                               capture_output=True, text=True, timeout=300)
         assert proc.returncode == 0, proc.stderr
         outs.append(json.loads(proc.stdout))
@@ -244,7 +244,7 @@ def test_failed_parity_fails_the_build_and_is_recorded(tmp_path, data_root, monk
 
     import export.build
     from export.cli import add_build_arguments, run
-    from runtime.manifest import ManifestError, load_manifest
+    from runners.manifest import ManifestError, load_manifest
 
     make = SPECS["pixel_decoder"]
     strict = lambda cfg: dataclasses.replace(make(cfg), tolerance={"fp32": -1.0, "fp16": -1.0, "int8": -1.0})  # noqa: E731

@@ -79,7 +79,7 @@ def test_region_prompts_reach_the_llm(tiny_predictor, data_root, kind):
         "box": VisualPrompts([], [(50, 60, 150, 140)], []),
         "freeform": VisualPrompts([], [], [polygon_mask(np.array([[10, 10], [120, 30], [60, 150]]), lb)]),
     }[kind]
-    from export.parity import RecordingRunner
+    from runners.recording import RecordingRunner
 
     p = tiny_predictor
     original = p.runners

@@ -1,4 +1,4 @@
-"""The CPU rewrite of symmetric int8 activation Q/DQ to uint8 (runtime/qdq_cpu.py): lossless
+"""The CPU rewrite of symmetric int8 activation Q/DQ to uint8 (runners/qdq_cpu.py): lossless
 when the Q/DQ nodes run literally, and what lets ONNX Runtime fuse integer MatMuls."""
 import collections
 
@@ -8,7 +8,7 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from runtime.qdq_cpu import has_int8_activations, to_unsigned_activations
+from runners.qdq_cpu import has_int8_activations, to_unsigned_activations
 
 C, N = 64, 50
 
@@ -82,7 +82,7 @@ def test_rewrite_is_lossless_and_enables_integer_kernels(qdq_model, tmp_path):
 
 
 def test_runner_rewrites_for_the_cpu_only(qdq_model):
-    from runtime.onnxruntime_runner import OnnxRuntimeRunner
+    from runners.onnxruntime_runner import OnnxRuntimeRunner
 
     x = {"x": np.random.default_rng(2).normal(size=(1, N, C)).astype(np.float32)}
     runner = OnnxRuntimeRunner("vision_encoder", qdq_model, device="cpu", threads=1)

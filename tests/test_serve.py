@@ -38,7 +38,7 @@ def sar(data_root):
 
 @pytest.fixture(scope="module")
 def reference(tiny_build):
-    from runtime.engines import open_predictor
+    from runners.engines import open_predictor
 
     return open_predictor(tiny_build[0], "cpu")
 
@@ -326,6 +326,28 @@ def test_cpp_client_gets_the_python_clients_answer(server, cpp_query, sar, sar_p
     assert bad.returncode == 3 and "bad_request" in bad.stderr and "outside" in bad.stderr
 
 
+def test_cpp_client_answers_help_and_names_bad_input(cpp_query, sar_pgm, tmp_path):
+    """``--help`` prints the usage (exit 0); a non-number, a trailing letter or an out-of-range
+    value for a numeric option, and a PNM header that is not numbers, are named (exit 2),
+    before any connection (nothing listens at the address)."""
+    for flag in ("--help", "-h"):
+        proc = subprocess.run([str(cpp_query), flag], capture_output=True, text=True, timeout=30)
+        assert proc.returncode == 0 and proc.stdout.startswith("usage: egx_query --connect ADDR"), proc.stderr
+        assert "--max-new-tokens N" in proc.stdout and not proc.stderr
+    base = [str(cpp_query), "--connect", "tcp://127.0.0.1:1", "--image", str(sar_pgm), "--modality", "sar"]
+    for option, value, expected in (("--max-new-tokens", "abc", "integer"), ("--max-new-tokens", "8x", "integer"),
+                                    ("--retries", "-1", "integer"), ("--retries", "99999999999999999999", "integer"),
+                                    ("--timeout", "soon", "number"), ("--timeout", "nan", "number")):
+        proc = subprocess.run([*base, option, value], capture_output=True, text=True, timeout=30)
+        assert proc.returncode == 2, (option, value, proc.stderr)
+        assert f"{option} expects an {expected}" in proc.stderr or f"{option} expects a {expected}" in proc.stderr
+        assert f"got '{value}'" in proc.stderr and "stoi" not in proc.stderr and "--help" in proc.stderr
+    bad_pgm = tmp_path / "bad.pgm"
+    bad_pgm.write_bytes(b"P5\nwide 10\n255\n" + bytes(100))
+    proc = subprocess.run([*base[:4], str(bad_pgm), *base[5:]], capture_output=True, text=True, timeout=30)
+    assert proc.returncode == 2 and f"{bad_pgm}: width expects an integer" in proc.stderr, proc.stderr
+
+
 def test_curve_serves_listed_clients_only(tiny_build, tmp_path, sar):
     from runtime.security import load_keys, write_keys
 
@@ -347,7 +369,7 @@ def test_curve_serves_listed_clients_only(tiny_build, tmp_path, sar):
 
 
 def egx(*args, timeout=120):
-    return subprocess.run([sys.executable, "-m", "earthgptx.cli", *args], cwd=REPO, capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "egx", *args], cwd=REPO, capture_output=True, text=True,
                           timeout=timeout)
 
 
@@ -369,7 +391,7 @@ def test_serve_refuses_unsafe_binds_and_bad_builds(tiny_build, tmp_path):
 def test_serve_query_and_sigterm_shutdown(tiny_build, tmp_path, sar):
     """egx serve and egx query (streamed, with an overlay); SIGTERM with a request in flight:
     that request is answered or failed explicitly, and the server exits 0."""
-    serve = subprocess.Popen([sys.executable, "-m", "earthgptx.cli", "serve", "--engines", str(tiny_build[0]),
+    serve = subprocess.Popen([sys.executable, "-m", "egx", "serve", "--engines", str(tiny_build[0]),
                               "--bind", ANY_PORT], cwd=REPO, stderr=subprocess.PIPE, text=True)
     try:
         line = ""

@@ -51,7 +51,7 @@ def server(tiny_build):
 
 @pytest.fixture(scope="module")
 def reference(tiny_build):
-    from runtime.engines import open_predictor
+    from runners.engines import open_predictor
 
     return open_predictor(tiny_build[0], "cpu")
 

@@ -54,7 +54,7 @@ def test_fp16_cast_keeps_norms_softmax_and_act_matmuls_fp32(tiny_onnx, tmp_path)
 
 
 def test_device_tag_mismatch_is_refused():
-    from export.tensorrt_build import TensorRTError, check_device_tag
+    from runners.tensorrt_device import TensorRTError, check_device_tag
 
     built = {"tensorrt": "10.3.0", "gpu": "Orin", "compute_capability": "8.7"}
     check_device_tag("vision_encoder", built, dict(built))
@@ -93,7 +93,7 @@ def test_tensorrt_llm_checkpoint_layout_and_values(tiny, tmp_path):
 
 def test_prompt_table_reproduces_the_splice(tiny_predictor):
     from earthgptx.prompting import splice
-    from export.tensorrt_llm import prompt_table, prompt_table_ids
+    from runners.prompt_table import prompt_table, prompt_table_ids
 
     p = tiny_predictor
     vocab = p.embed_table.shape[0]
@@ -120,7 +120,8 @@ def test_trtllm_build_command_sizes_the_prompt_table(tmp_path):
 @pytest.mark.gpu
 def test_tensorrt_engines_match_pytorch(tmp_path, data_root):
     """On a machine with TensorRT and a GPU: FP32 and FP16 engines of the tiny model pass parity."""
-    from export.build import BuildOptions, run_build, per_part, PRECISIONS
+    from export.build import BuildOptions, per_part, run_build
+    from runners.manifest import PRECISIONS
 
     for precision in ("fp32", "fp16"):
         opts = BuildOptions(preset="tiny", out=tmp_path / precision, data_root=data_root, device="cuda",
@@ -138,7 +139,7 @@ def test_prompt_table_generator_gives_the_chain_answer(tiny, data_root):
     from earthgptx.imageio import read_image
     from earthgptx.predictor import Predictor
     from earthgptx.processing import VisualPrompts
-    from runtime.tensorrt_llm_runner import PromptTableTextGenerator
+    from runners.tensorrt_llm_runner import PromptTableTextGenerator
 
     model, tok = tiny
     reference = Predictor.from_model(model, tok)

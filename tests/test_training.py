@@ -21,9 +21,9 @@ def _train_cmd(out, data_root, steps, nproc=1, lora=4):
     for d in DATASETS:
         args += ["--dataset", d]
     if nproc == 1:
-        return [sys.executable, "-m", "earthgptx.cli", *args]
+        return [sys.executable, "-m", "egx", *args]
     return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port",
-            str(29500 + os.getpid() % 500), "-m", "earthgptx.cli", *args]
+            str(29500 + os.getpid() % 500), "-m", "egx", *args]
 
 
 def _run(cmd):
@@ -167,7 +167,7 @@ def test_resume_equals_an_uninterrupted_run(tmp_path, data_root):
 
 
 def test_dry_run_prints_instructions(data_root):
-    r = _run([sys.executable, "-m", "earthgptx.cli", "train", "--preset", "tiny", "--data", str(data_root),
+    r = _run([sys.executable, "-m", "egx", "train", "--preset", "tiny", "--data", str(data_root),
               "--out", "/nonexistent/never-written", "--dataset", "mstar", "--batch-size", "4", "--dry-run"])
     assert "validation images held out" in r.stdout and "[classify] mstar:" in r.stdout
     assert not os.path.exists("/nonexistent/never-written")
@@ -183,7 +183,7 @@ def test_ship_writes_the_default_model_with_its_card(tmp_path, data_root):
     from earthgptx.training.ship import ship
 
     run = tmp_path / "run"
-    _run([sys.executable, "-m", "earthgptx.cli", "train", "--preset", "small", "--data", str(data_root),
+    _run([sys.executable, "-m", "egx", "train", "--preset", "small", "--data", str(data_root),
           "--out", str(run), "--steps", "1", "--batch-size", "2", "--dataset", "mstar", "--lora-rank", "2",
           "--threads", "1"])
     report = {"model": str(run / "model"), "rows": [{"task": "classify", "dataset": "mstar", "modality": "sar",

@@ -20,6 +20,8 @@ from earthgptx.errors import EarthGPTXError
 MANIFEST = "manifest.json"
 FORMAT = "earthgptx-engines/1"
 BACKENDS = ("onnxruntime", "tensorrt", "tensorrt-llm")
+PRECISIONS = ("fp32", "fp16", "int8")
+ENGINES_ROOT = Path(__file__).resolve().parents[1] / "engines"  # builds land in engines/<name>/ by default
 
 
 class ManifestError(EarthGPTXError):

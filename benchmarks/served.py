@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .bench import Row, timed
+from .timing import Row, timed
 
 OVERHEAD_IMAGE = (448, 448, 3)
 
@@ -30,7 +30,7 @@ def _throughput(address: str, image: np.ndarray, clients: int, per_client: int,
     """``clients`` threads, each sending ``per_client`` segment requests; on the image each
     client uploaded before the clock starts (by id: cached images are each client's own),
     or each on a new image (the vision encoder runs every time)."""
-    from .client import Client
+    from runtime.client import Client
 
     errors = []
     conns = [Client(address, timeout_s=120, retries=0) for _ in range(clients)]
@@ -68,8 +68,8 @@ def bench_zmq(folder: Path, precision: str, image: np.ndarray, repeats: int, pre
     from earthgptx.generation import GenerationConfig
     from earthgptx.processing import VisualPrompts
 
-    from .client import Client
-    from .server import ServeOptions, serve_in_thread
+    from runtime.client import Client
+    from runtime.server import ServeOptions, serve_in_thread
 
     rows, summary = [], {}
     clients, per_client = 4, max(2, repeats // 2)

@@ -23,7 +23,7 @@ class TensorRTRunner(Runner):
     def activate(self) -> None:
         import tensorrt as trt
 
-        from export.tensorrt_build import TensorRTError, check_device_tag, current_device_tag, tensorrt_problem
+        from .tensorrt_device import TensorRTError, check_device_tag, current_device_tag, tensorrt_problem
 
         if self.engine is not None:
             return

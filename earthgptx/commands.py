@@ -1,6 +1,8 @@
-"""``egx``: the command line. Thin: it parses, checks argument combinations, calls the
-library and prints. Subcommands: ``predict``, ``info``, ``build``, ``bench``, ``checkpoint``,
-``serve``, ``query``, ``keys``, ``data``, ``train``, ``eval``."""
+"""The model's commands, for the ``egx`` dispatcher (``egx/cli.py``): ``predict``, ``info``,
+``checkpoint``, ``data``, ``train`` and ``eval`` on the PyTorch reference, and the request
+arguments and answer printing that ``egx query`` shares. Thin: parse, check argument
+combinations, call the library, print. Built engines (``--engines``) are opened by the
+dispatcher, which hands ``cmd_predict``/``cmd_eval`` a function that opens the predictor."""
 from __future__ import annotations
 
 import argparse
@@ -10,6 +12,8 @@ import sys
 from pathlib import Path
 
 from .errors import EarthGPTXError
+from .processing import MODALITIES
+from .tasks import TASKS
 
 
 def _pair(text: str) -> tuple[float, float]:
@@ -28,20 +32,20 @@ def _box(text: str) -> tuple[float, float, float, float]:
     return x0, y0, x1, y1
 
 
-def _add_model_source(p: argparse.ArgumentParser) -> None:
+def add_model_source(p: argparse.ArgumentParser):
+    """``--preset`` | ``--checkpoint``; returns the group (the dispatcher adds ``--engines``)."""
     src = p.add_mutually_exclusive_group()
     src.add_argument("--preset", choices=("tiny", "small", "edge"),
                      help="untrained built-in architecture, PyTorch (default: the trained model that ships, "
                           "earthgptx/default_model; edge for pretrained vision folders, small/tiny untrained)")
     src.add_argument("--checkpoint", metavar="DIR", help="checkpoint folder (config.json + model.safetensors)")
-    src.add_argument("--engines", metavar="DIR", help="a build folder (manifest.json) from export/build_engines.py")
-    p.add_argument("--device", default="auto", help="for --engines: cpu, cuda or auto")
+    return src
 
 
 def add_prompt_arguments(p: argparse.ArgumentParser) -> None:
     """The request arguments shared by ``egx predict`` and ``egx query``."""
     p.add_argument("--image", required=True, help="PNG, JPEG or (Geo)TIFF")
-    p.add_argument("--modality", required=True, choices=("optical", "sar", "infrared"))
+    p.add_argument("--modality", required=True, choices=MODALITIES)
     p.add_argument("--text", required=True, help="the instruction or question")
     p.add_argument("--point", type=_pair, action="append", default=[], metavar="X,Y",
                    help="point prompt, pixel column,row (repeatable)")
@@ -49,8 +53,7 @@ def add_prompt_arguments(p: argparse.ArgumentParser) -> None:
                    help="box prompt, pixel edges (repeatable)")
     p.add_argument("--scribble", action="append", default=[], metavar="MASK.png",
                    help="free-form prompt: a mask/scribble image of the image's size, non-zero = drawn")
-    p.add_argument("--task", default="auto",
-                   choices=("auto", "caption", "classify", "vqa", "region", "grounding", "segment", "click"))
+    p.add_argument("--task", default="auto", choices=TASKS)
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
     p.add_argument("--temperature", type=float, default=1.0)
@@ -111,12 +114,10 @@ def print_answer(out: dict, args: argparse.Namespace, raster) -> None:
     print("timings (ms): " + ", ".join(f"{k} {v:.1f}" for k, v in out["timings_ms"].items()))
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="egx", description="EarthGPT-X for optical, SAR and infrared imagery.")
-    sub = parser.add_subparsers(dest="command", required=True)
-
+def add_model_parsers(sub, add_source=add_model_source) -> None:
+    """``predict`` and ``info`` (``add_source`` adds the model-source arguments)."""
     p = sub.add_parser("predict", help="answer a text (+ visual) prompt about one image")
-    _add_model_source(p)
+    add_source(p)
     add_prompt_arguments(p)
 
     p = sub.add_parser("info", help="parameter counts of a preset or checkpoint")
@@ -125,34 +126,11 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("--checkpoint", metavar="DIR")
     p.add_argument("--json", action="store_true")
 
-    p = sub.add_parser("build", help="build engines (same as python export/build_engines.py)")
-    from export.cli import add_build_arguments
 
-    add_build_arguments(p)
-
-    p = sub.add_parser("bench", help="benchmark PyTorch and the built engines side by side")
-    p.add_argument("--preset", choices=("tiny", "edge"), default="edge")
-    p.add_argument("--engines", type=Path, action="append", metavar="DIR",
-                   help="build folder, repeatable (default: engines/<preset> and engines/<preset>-int8 if built)")
-    p.add_argument("--no-engines", action="store_true", help="benchmark PyTorch only")
-    p.add_argument("--no-zmq", action="store_true", help="skip the rows through egx serve")
-    p.add_argument("--repeats", type=int, default=10)
-    p.add_argument("--json", metavar="PATH", help="write the report as JSON")
-
-    from runtime.cli import add_keys_arguments, add_query_arguments, add_serve_arguments
-
-    add_serve_arguments(sub.add_parser("serve", help="serve built engines over ZeroMQ (docs/protocol.md)"))
-    p = sub.add_parser("query", help="ask a running `egx serve` (same arguments and JSON as predict)")
-    add_query_arguments(p)
-    add_prompt_arguments(p)
-    add_keys_arguments(sub.add_parser("keys", help="write CURVE key pairs for serve/query"))
-
-    _add_training_parsers(sub)
-
+def add_checkpoint_parser(sub) -> None:
     p = sub.add_parser("checkpoint", help="write a preset's model as a checkpoint folder")
     p.add_argument("--preset", choices=("tiny", "edge"), required=True)
     p.add_argument("--out", required=True, metavar="DIR")
-    return parser
 
 
 def _weights(text: str) -> dict[str, float]:
@@ -163,7 +141,8 @@ def _weights(text: str) -> dict[str, float]:
         raise argparse.ArgumentTypeError(f"expected TASK=WEIGHT,... (e.g. classify=0.3,click=0.2), got {text!r}") from None
 
 
-def _add_training_parsers(sub) -> None:
+def add_training_parsers(sub, add_source=add_model_source) -> None:
+    """``data``, ``train`` and ``eval`` (``add_source`` adds the model-source arguments of ``eval``)."""
     from .data.instructions import TASK_WEIGHTS
 
     p = sub.add_parser("data", help="print instruction samples built from the annotations (what training teaches)")
@@ -204,7 +183,7 @@ def _add_training_parsers(sub) -> None:
     p.add_argument("--dry-run", action="store_true", help="print a step's instructions and stop")
 
     p = sub.add_parser("eval", help="task metrics on the validation split (PyTorch or built engines)")
-    _add_model_source(p)
+    add_source(p)
     p.add_argument("--data", default=None, help="data root in the layout of ../shared/data (default $EGX_DATA)")
     p.add_argument("--split", choices=("train", "val"), default="val")
     p.add_argument("--dataset", action="append", help="only this dataset (repeatable)")
@@ -278,7 +257,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_eval(args: argparse.Namespace) -> int:
+def cmd_eval(args: argparse.Namespace, open_predictor) -> int:
+    """``open_predictor(args)``: the predictor to evaluate (see ``open_reference``)."""
     from .data.readers import dataset_samples
     from .data.split import Splitter
     from .evaluation.run import EvalOptions, evaluate, format_table, select
@@ -286,7 +266,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     root = _data_root(args)
     if not root.is_dir():
         raise EarthGPTXError(f"data folder not found: {root}")
-    predictor = _open_predictor(args)
+    predictor = open_predictor(args)
     split = Splitter(root)
     samples = list(dataset_samples(root, tuple(args.dataset) if args.dataset else None))
     chosen = select([s for s in samples if split(s) == args.split], args.limit)
@@ -301,21 +281,18 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
-def _open_predictor(args: argparse.Namespace):
-    """The predictor of ``--engines``, ``--checkpoint`` or ``--preset`` (default: the trained
+def open_reference(args: argparse.Namespace):
+    """The PyTorch predictor of ``--checkpoint`` or ``--preset`` (default: the trained
     default model, ``checkpoint.resolve_source``)."""
     from .checkpoint import load_reference
     from .predictor import Predictor
 
-    if args.engines:
-        from runtime.engines import open_predictor
-
-        return open_predictor(args.engines, args.device)
     model, tokenizer = load_reference(args.preset, args.checkpoint)
     return Predictor.from_model(model, tokenizer)
 
 
-def cmd_predict(args: argparse.Namespace) -> int:
+def cmd_predict(args: argparse.Namespace, open_predictor) -> int:
+    """``open_predictor(args)``: the predictor that answers (see ``open_reference``)."""
     import numpy as np
 
     from .generation import GenerationConfig
@@ -326,7 +303,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     generation = GenerationConfig(**{k: v for k, v in g.items() if k != "stop"}, stop_strings=tuple(g["stop"]))
     raster = read_image(args.image)
     prompts = VisualPrompts(list(args.point), list(args.box), [read_mask(s) for s in args.scribble])
-    predictor = _open_predictor(args)
+    predictor = open_predictor(args)
     result = predictor.predict(np.asarray(raster.data), args.modality, args.text, prompts, task=args.task,
                                generation=generation, on_text=text_sink(args), **preprocess_options(args))
     print_answer(result.to_json(), args, raster)
@@ -357,29 +334,3 @@ def cmd_checkpoint(args: argparse.Namespace) -> int:
     model, tokenizer = load_reference(args.preset, None)
     print(f"wrote {save_checkpoint(model, tokenizer, args.out)}")
     return 0
-
-
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    if args.command == "build":
-        from export.cli import run
-
-        return run(args)
-    if args.command == "bench":
-        from runtime.bench import main as bench_main
-
-        return bench_main(args)
-    from runtime.cli import cmd_keys, cmd_query, cmd_serve
-
-    handler = {"predict": cmd_predict, "info": cmd_info, "checkpoint": cmd_checkpoint, "serve": cmd_serve,
-               "query": cmd_query, "keys": cmd_keys, "data": cmd_data, "train": cmd_train,
-               "eval": cmd_eval}[args.command]
-    try:
-        return handler(args)
-    except EarthGPTXError as exc:
-        print(f"egx {args.command}: error: {exc}", file=sys.stderr)
-        return 2
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

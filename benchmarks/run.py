@@ -4,7 +4,7 @@ reference). Prints a table of medians and ratios, and writes JSON with ``--json`
 
 Stages: the part names, ``end_to_end_grounding``, ``end_to_end_segmentation``,
 ``end_to_end_region``, ``click_to_mask`` (a new point on an already-encoded image) and
-``decode_per_token``; through ``egx serve`` (backend ``zmq``, runtime/bench_zmq.py):
+``decode_per_token``; through ``egx serve`` (backend ``zmq``, benchmarks/served.py):
 ``zmq_overhead``, ``click_to_mask``, ``end_to_end_segmentation`` and throughput rows. Decode is also reported against this machine's memory bandwidth:
 the bytes a token must read (weights + KV cache) / the measured copy bandwidth."""
 from __future__ import annotations
@@ -13,13 +13,14 @@ import json
 import os
 import platform
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from earthgptx.generation import GenerationConfig, generate
 from earthgptx.processing import VisualPrompts
+
+from .timing import Row, timed
 
 SAR_IMAGE = "sar/hrsid/P0094_0_800_3000_3800.png"
 
@@ -36,32 +37,8 @@ def copy_bandwidth(mb: int = 256, repeats: int = 5) -> float:
     return 2 * src.nbytes / float(np.median(times)) / 1e9
 
 
-def timed(fn, repeats: int, warmup: int = 1) -> list[float]:
-    for _ in range(warmup):
-        fn()
-    out = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        out.append((time.perf_counter() - t) * 1e3)
-    return out
-
-
-@dataclass
-class Row:
-    stage: str
-    backend: str
-    precision: str
-    samples: list[float]
-
-    def to_json(self) -> dict:
-        return {"stage": self.stage, "backend": self.backend, "precision": self.precision,
-                "median_ms": round(float(np.median(self.samples)), 3),
-                "p95_ms": round(float(np.percentile(self.samples, 95)), 3), "n": len(self.samples)}
-
-
 def bench_backend(predictor, backend: str, precision: str, image: np.ndarray, repeats: int) -> list[Row]:
-    from export.parity import RecordingRunner
+    from runners.recording import RecordingRunner
 
     rows = []
     point = VisualPrompts([(400, 400)], [], [])
@@ -135,8 +112,8 @@ def run_bench(preset: str, engines: list[Path], data_root: Path, repeats: int = 
     from earthgptx.checkpoint import load_reference
     from earthgptx.imageio import read_image
     from earthgptx.predictor import Predictor
-    from runtime.engines import open_predictor
-    from runtime.manifest import load_manifest
+    from runners.engines import open_predictor
+    from runners.manifest import load_manifest
 
     image = read_image(data_root / SAR_IMAGE).data
     model, tokenizer = load_reference(preset, None)
@@ -151,7 +128,7 @@ def run_bench(preset: str, engines: list[Path], data_root: Path, repeats: int = 
         rows += bench_backend(predictor, backend, precision, image, repeats)
     served = {}
     if zmq and engines:  # the first build through egx serve, beside the same build in process
-        from .bench_zmq import bench_zmq
+        from .served import bench_zmq
 
         _, precision, predictor = backends[1]
         zmq_rows, served = bench_zmq(engines[0], precision, image, repeats, predictor, log)
@@ -213,17 +190,29 @@ def print_served(report: dict, console) -> None:
                       f"{', %d errors' % t['errors'] if t.get('errors') else ''})")
 
 
+def add_bench_arguments(p) -> None:
+    """``egx bench`` / ``python benchmarks/bench.py``."""
+    p.add_argument("--preset", choices=("tiny", "edge"), default="edge")
+    p.add_argument("--engines", type=Path, action="append", metavar="DIR",
+                   help="build folder, repeatable (default: engines/<preset> and engines/<preset>-int8 if built)")
+    p.add_argument("--no-engines", action="store_true", help="benchmark PyTorch only")
+    p.add_argument("--no-zmq", action="store_true", help="skip the rows through egx serve")
+    p.add_argument("--repeats", type=int, default=10)
+    p.add_argument("--json", metavar="PATH", help="write the report as JSON")
+
+
 def main(args) -> int:
     from rich.console import Console
 
+    from earthgptx.data import default_data_root
     from earthgptx.errors import EarthGPTXError
-    from export.build import REPO
+    from runners.manifest import ENGINES_ROOT, MANIFEST
 
-    data = Path(os.environ.get("EGX_DATA", REPO.parent / "shared" / "data"))
+    data = default_data_root()
     engines = list(args.engines or [])
     if not engines and not args.no_engines:
-        engines = [REPO / "engines" / name for name in (args.preset, f"{args.preset}-int8")
-                   if (REPO / "engines" / name / "manifest.json").is_file()]
+        engines = [ENGINES_ROOT / name for name in (args.preset, f"{args.preset}-int8")
+                   if (ENGINES_ROOT / name / MANIFEST).is_file()]
     console = Console(stderr=True)
     if not engines and not args.no_engines:
         console.print(f"no engines for {args.preset} found: build them with python export/build_engines.py "

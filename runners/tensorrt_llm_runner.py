@@ -23,7 +23,7 @@ class PromptTableTextGenerator:
     def generate(self, predictor, ids: np.ndarray, embeds: np.ndarray, image_tokens: np.ndarray,
                  region_tokens: np.ndarray | None, cfg: GenerationConfig, capture: tuple[int, ...],
                  on_text=None) -> Generated:
-        from export.tensorrt_llm import prompt_table, prompt_table_ids
+        from .prompt_table import prompt_table, prompt_table_ids
 
         vocab = predictor.embed_table.shape[0]
         table_ids = prompt_table_ids(ids, predictor.image_id, len(image_tokens), predictor.region_ids, vocab)
