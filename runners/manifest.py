@@ -10,12 +10,12 @@ named axes, min/opt/max), ``sha256``, ``parity``; the ``llm`` also ``embed_table
 """
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 
 from earthgptx.config import PART_NAMES, ModelConfig
 from earthgptx.errors import EarthGPTXError
+from earthgptx.hashing import sha256_file  # noqa: F401  (re-exported: export and runtime hash with it)
 
 MANIFEST = "manifest.json"
 FORMAT = "earthgptx-engines/1"
@@ -26,14 +26,6 @@ ENGINES_ROOT = Path(__file__).resolve().parents[1] / "engines"  # builds land in
 
 class ManifestError(EarthGPTXError):
     """A build folder that cannot be run: missing, incomplete or mismatched files."""
-
-
-def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 def write_manifest(folder: Path, manifest: dict) -> Path:

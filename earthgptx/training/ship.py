@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import hashlib
 import json
 import shutil
 import subprocess
@@ -17,18 +16,11 @@ from collections import Counter
 from pathlib import Path
 
 from ..checkpoint import DEFAULT_MODEL_DIR, load_checkpoint
+from ..hashing import sha256_file
 from ..config import preset
 from ..errors import InputError
 
 MAX_BYTES = 50 * 2**20  # a committed checkpoint's limit
-
-
-def sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def ship(run: Path, eval_json: Path, out: Path = DEFAULT_MODEL_DIR, command: str | None = None,
@@ -57,7 +49,7 @@ def ship(run: Path, eval_json: Path, out: Path = DEFAULT_MODEL_DIR, command: str
     per_dataset = Counter(s.dataset for s in train)
     val_dataset = Counter(s.dataset for s in val)
     report = json.loads(eval_json.read_text())
-    card = _card(cfg, cfg_dict, last, per_dataset, val_dataset, report, sha256(out / "model.safetensors"), size,
+    card = _card(cfg, cfg_dict, last, per_dataset, val_dataset, report, sha256_file(out / "model.safetensors"), size,
                  command, commit or _commit())
     path = out / "MODEL_CARD.md"
     path.write_text(card)
