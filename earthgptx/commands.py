@@ -162,6 +162,10 @@ def add_training_parsers(sub, add_source=add_model_source) -> None:
     p.add_argument("--preset", choices=("tiny", "small"), default="small")
     p.add_argument("--steps", type=int, default=2000)
     p.add_argument("--batch-size", type=int, default=16, help="global batch (split over torchrun ranks)")
+    p.add_argument("--vision-batch", type=int, default=None, metavar="N",
+                   help="global: images per step that train only the vision encoder (through its training-only "
+                        "class and object heads; no LLM, tens of ms each), beside the --batch-size instructions "
+                        "(default: TrainConfig's)")
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--warmup", type=int, default=100)
     p.add_argument("--seed", type=int, default=0)
@@ -241,7 +245,8 @@ def cmd_train(args: argparse.Namespace) -> int:
                       datasets=tuple(args.dataset) if args.dataset else None,
                       checkpoint_every=args.checkpoint_every, log_every=args.log_every, time_limit_min=args.time_limit,
                       lora_rank=args.lora_rank, lora_lr=args.lora_lr, precision=args.precision, fsdp=args.fsdp,
-                      **({"task_weights": args.task_weights} if args.task_weights else {}))
+                      **({"task_weights": args.task_weights} if args.task_weights else {}),
+                      **({"vision_batch": args.vision_batch} if args.vision_batch is not None else {}))
     if args.dry_run:
         from .data.instructions import InstructionMix
         from .training.loop import load_split

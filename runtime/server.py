@@ -177,8 +177,8 @@ class Server:
         for sock in (self.frontend, self.backend):
             if sock is not None:
                 sock.close(0)
-        if self.ctx is not None:
-            self.ctx.term()
+        if self.ctx is not None:  # destroy, not term: a socket left open anywhere must not hang the shutdown
+            self.ctx.destroy(linger=0)
         if self.tmp:
             shutil.rmtree(self.tmp, ignore_errors=True)
 
@@ -222,7 +222,9 @@ def serve_in_thread(opts: ServeOptions, log=sys.stderr):
 
     thread = threading.Thread(target=main, name="egx-serve", daemon=True)
     thread.start()
-    started.wait()
+    if not started.wait(opts.start_timeout_s + 60):  # start() has its own deadline: this is a safety net
+        server.stop()
+        raise ServeError(f"the server did not start within {opts.start_timeout_s + 60:g} s")
     try:
         if failure:
             raise failure[0]

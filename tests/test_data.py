@@ -5,7 +5,8 @@ import numpy as np
 import pytest
 
 from earthgptx.data import templates as T
-from earthgptx.data.instructions import TASK_WEIGHTS, InstructionMix, applicable_tasks, make_instruction
+from earthgptx.data.instructions import (TASK_WEIGHTS, VISION_TASK, InstructionMix, applicable_tasks, make_instruction,
+                                         teaches_vision)
 from earthgptx.data.readers import READERS, dataset_samples
 from earthgptx.data.split import Splitter
 from earthgptx.processing import Letterbox, parse_text_boxes
@@ -137,6 +138,20 @@ def test_mix_is_seeded_and_covers_tasks(data_root, ir_ship_samples):
     assert set(t for t, _, _ in a) == set(TASK_WEIGHTS)
     with pytest.raises(ValueError, match="unknown tasks"):
         InstructionMix(samples, {"nonsense": 1.0})
+
+
+def test_vision_items_are_images_with_a_class_or_objects(data_root, ir_ship_samples):
+    """``images``: seeded, only images the vision heads can learn from, every such dataset."""
+    roads = _first(data_root, "road-mini", 2)
+    samples = ir_ship_samples + roads + _first(data_root, "aid", 5) + _first(data_root, "mstar", 5)
+    samples += [s for s in _first(data_root, "dota", 3)]  # boxes of many classes: nothing for the heads
+    mix = InstructionMix(samples, seed=3)
+    items = mix.images(4, 80)
+    assert [i.sample.image for i in items] == [i.sample.image for i in InstructionMix(samples, seed=3).images(4, 80)]
+    assert all(i.task == VISION_TASK and not i.text and i.target is None and teaches_vision(i.sample) for i in items)
+    assert {i.sample.dataset for i in items} == {s.dataset for s in samples if teaches_vision(s)}
+    assert "dota" not in {i.sample.dataset for i in items} and teaches_vision(roads[0])
+    assert mix.images(4, 0) == []
 
 
 def test_every_layout_has_a_reader(data_root):

@@ -17,7 +17,7 @@ def _train_cmd(out, data_root, steps, nproc=1, lora=4):
     # fp32: bf16 autocast (the default where the CPU has it) rounds differently per batch split
     args = ["train", "--preset", "tiny", "--data", str(data_root), "--out", str(out), "--steps", str(steps),
             "--batch-size", "6", "--log-every", "1", "--threads", "1", "--lr", "3e-3", "--warmup", "2",
-            "--precision", "fp32", "--lora-rank", str(lora), "--lora-lr", "3e-3"]
+            "--precision", "fp32", "--lora-rank", str(lora), "--lora-lr", "3e-3", "--vision-batch", "4"]
     for d in DATASETS:
         args += ["--dataset", d]
     if nproc == 1:
@@ -70,6 +70,50 @@ def test_text_layout_matches_inference(tiny, encoded):
         assert tokenizer.decode(ids[n:]).strip().startswith(inst.answer.strip()[:8])
         if inst.seg:
             assert ids[seg_pos] == enc.seg_id
+
+
+def test_augment_geometry_moves_masks_with_the_image():
+    """Rotation, mirror and crop act on the image and its masks alike (a mask drawn into the
+    image stays where the image has it), and do change the image."""
+    from earthgptx.training.batches import augment_geometry
+
+    rng = np.random.default_rng(0)
+    image = rng.integers(0, 255, (40, 56, 3), dtype=np.uint8)
+    mask = np.zeros((40, 56), dtype=bool)
+    mask[5:12, 30:50] = True
+    image[..., 0] = mask * 255
+    shapes = set()
+    for seed in range(20):
+        out, (m,) = augment_geometry(image, [mask], np.random.default_rng(seed))
+        assert out.shape[:2] == m.shape and out.flags.c_contiguous
+        np.testing.assert_array_equal(out[..., 0], m * 255)
+        shapes.add(out.shape[:2])
+    assert len(shapes) > 5
+
+
+def test_flipped_scene_items_flip_their_object_map(tiny, data_root):
+    """A geometry-free item (count, presence...) may be mirrored: its object map is mirrored with it."""
+    from earthgptx.data.instructions import make_instruction
+    from earthgptx.data.readers import dataset_samples
+    from earthgptx.imageio import read_image
+    from earthgptx.processing import preprocess
+    from earthgptx.training.batches import Encoder
+
+    model, tokenizer = tiny
+    sample = next(s for s in dataset_samples(data_root, ("sirst",)) if s.masks)
+    inst = make_instruction(sample, "presence", np.random.default_rng(0))
+    enc = Encoder(model.config, tokenizer)
+    draws = {}
+    for seed in range(10):
+        rng = np.random.default_rng(seed)
+        flip = np.random.default_rng(seed).random() < 0.5
+        draws.setdefault(flip, enc(inst, rng=rng))
+    plain, flipped = draws[False], draws[True]
+    lb = preprocess(read_image(sample.image).data, sample.modality, model.config.vision.image_size).letterbox
+    h, w = lb.new_h, lb.new_w
+    np.testing.assert_array_equal(flipped.pixel_values[:, :h, :w], plain.pixel_values[:, :h, :w][:, :, ::-1])
+    np.testing.assert_array_equal(flipped.objects[:h, :w], plain.objects[:h, :w][:, ::-1])
+    assert plain.objects.sum() > 0
 
 
 def test_a_few_steps_lower_the_loss(tiny, encoded):

@@ -29,6 +29,7 @@ from .readers import Sample
 TASK_WEIGHTS = {"classify": 0.22, "caption": 0.10, "modality": 0.03, "count": 0.05, "presence": 0.04,
                 "region": 0.10, "segment": 0.22, "grounding": 0.08, "click": 0.16}
 MAX_TEXT_BOXES = 4  # boxes written in a grounding answer (largest first)
+VISION_TASK = "vision"  # an image for the vision encoder's training-only heads: no text, no LLM
 
 
 @dataclass
@@ -180,6 +181,14 @@ def applicable_tasks(sample: Sample) -> list[str]:
     return sorted(set(tasks))
 
 
+def teaches_vision(sample: Sample) -> bool:
+    """Whether an image can train the vision encoder's training-only heads (``VISION_TASK``):
+    it has a class (AID, MSTAR) or object masks (ships, infrared targets, roads; SIRST-v2's
+    empty images teach "no target here")."""
+    return bool(sample.label) or (sample.noun in ("ship", "target", "road") and bool(sample.masks)) \
+        or sample.dataset.startswith("sirst")
+
+
 def make_instruction(sample: Sample, task: str, rng: np.random.Generator) -> Instruction | None:
     """One instruction of ``task`` from ``sample``, worded at random; None if it does not apply."""
     if task not in applicable_tasks(sample):
@@ -244,7 +253,9 @@ class InstructionMix:
 
     ``epoch(e, n)``: ``n`` instructions; each picks a task by ``weights`` (among tasks some
     sample can teach), a dataset with probability proportional to the square root of its
-    number of images that can teach the task, then an image uniformly.
+    number of images that can teach the task, then an image uniformly. ``images(e, n)``:
+    ``n`` ``VISION_TASK`` items for the vision encoder's training-only heads, a dataset
+    drawn the same way among those that ``teaches_vision``, then an image.
     """
 
     def __init__(self, samples: list[Sample], weights: dict[str, float] | None = None, seed: int = 0) -> None:
@@ -263,17 +274,33 @@ class InstructionMix:
             raise InputError("no sample can teach any task with a positive weight (check --task-weights and --dataset)")
         w = np.array([weights[t] for t in self.tasks], dtype=float)
         self.task_p = w / w.sum()
+        self.vision_pools: dict[str, list[int]] = {}
+        for i, s in enumerate(samples):
+            if teaches_vision(s):
+                self.vision_pools.setdefault(s.dataset, []).append(i)
+
+    def _dataset(self, pools: dict[str, list[int]], rng: np.random.Generator) -> list[int]:
+        names = sorted(pools)
+        size = np.sqrt([len(pools[d]) for d in names])
+        return pools[names[int(rng.choice(len(names), p=size / size.sum()))]]
+
+    def images(self, e: int, n: int) -> list[Instruction]:
+        if n and not self.vision_pools:
+            raise InputError("--vision-batch: no training image has a class or object masks")
+        rng = np.random.default_rng([self.seed, e, 1])
+        out = []
+        for _ in range(n):
+            pool = self._dataset(self.vision_pools, rng)
+            out.append(Instruction(self.samples[pool[int(rng.integers(len(pool)))]], VISION_TASK, "", ""))
+        return out
 
     def epoch(self, e: int, n: int) -> list[Instruction]:
         rng = np.random.default_rng([self.seed, e])
         out: list[Instruction] = []
         while len(out) < n:
             task = self.tasks[int(rng.choice(len(self.tasks), p=self.task_p))]
-            pools = self.pools[task]
-            names = sorted(pools)
-            size = np.sqrt([len(pools[d]) for d in names])
-            d = names[int(rng.choice(len(names), p=size / size.sum()))]
-            idx = pools[d][int(rng.integers(len(pools[d])))]
+            pool = self._dataset(self.pools[task], rng)
+            idx = pool[int(rng.integers(len(pool)))]
             inst = make_instruction(self.samples[idx], task, rng)
             if inst is not None:
                 out.append(inst)

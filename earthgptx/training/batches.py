@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from ..config import ModelConfig
-from ..data.instructions import Instruction
+from ..data.instructions import VISION_TASK, Instruction
 from ..imageio import read_image
 from ..processing import Letterbox, decoder_points, preprocess, prompt_encoder_feed
 from ..prompting import IMAGE_TOKEN, SEG_TOKEN, build_prompt, region_token
@@ -22,6 +22,7 @@ from ..prompting import IMAGE_TOKEN, SEG_TOKEN, build_prompt, region_token
 IGNORE = -100
 END_TOKEN = "<|im_end|>"
 GEOMETRY_FREE = ("classify", "caption", "modality", "count", "presence")  # safe to flip
+NO_TEXT = ("click", VISION_TASK)  # items that never reach the LLM
 
 
 @dataclass
@@ -84,13 +85,17 @@ class Encoder:
         rng = rng if rng is not None else self.rng
         s = inst.sample
         image = read_image(s.image).data
+        masks = s.masks
+        if self.augment and inst.task == VISION_TASK:
+            image, masks = augment_geometry(image, masks, rng)
         prepared = preprocess(image, s.modality, self.size)
         lb: Letterbox = prepared.letterbox
         pv = prepared.pixel_values[0]
-        if self.augment and inst.task in GEOMETRY_FREE and rng.random() < 0.5:
+        flipped = self.augment and inst.task in GEOMETRY_FREE and rng.random() < 0.5
+        if flipped:
             pv = pv.copy()
             pv[:, : lb.new_h, : lb.new_w] = pv[:, : lb.new_h, : lb.new_w][:, :, ::-1]
-        if inst.task == "click":
+        if inst.task in NO_TEXT:
             ids = labels = np.zeros(0, dtype=np.int64)
             seg_pos = -1
         else:
@@ -109,12 +114,34 @@ class Encoder:
                 target = lb.mask_coverage(union)
         label = self.classes.get((s.dataset, s.label), -1) if s.label else -1
         objects = None
-        if s.masks and s.noun in ("ship", "target", "road"):
-            objects = lb.mask_coverage(np.logical_or.reduce(s.masks))
+        if len(masks) and s.noun in ("ship", "target", "road"):
+            objects = lb.mask_coverage(np.logical_or.reduce(masks))
+            if flipped:
+                objects[: lb.new_h, : lb.new_w] = objects[: lb.new_h, : lb.new_w][:, ::-1].copy()
         elif s.dataset.startswith("sirst"):
             objects = np.zeros((self.size, self.size), dtype=np.float32)
         return Encoded(inst.task, np.ascontiguousarray(pv), ids, labels, seg_pos, prompts, points, target, label,
                        objects)
+
+
+def augment_geometry(image: np.ndarray, masks: list[np.ndarray], rng: np.random.Generator,
+                     min_side: float = 0.7) -> tuple[np.ndarray, list[np.ndarray]]:
+    """The same random square-angle rotation, mirror and crop (each side ``min_side``-1 of the
+    image's, 80 % of the time) of an ``(H, W, C)`` image and its ``(H, W)`` bool masks, in the
+    original frame: for ``VISION_TASK`` items, whose labels (a class, where the objects are)
+    survive any of them. Overhead and SAR imagery has no "up"."""
+    k, mirror = int(rng.integers(4)), bool(rng.random() < 0.5)
+    h, w = image.shape[:2]
+    y0, x0, ch, cw = 0, 0, h, w
+    if rng.random() < 0.8:
+        ch, cw = (max(8, int(round(d * rng.uniform(min_side, 1.0)))) for d in (h, w))
+        y0, x0 = int(rng.integers(h - ch + 1)), int(rng.integers(w - cw + 1))
+
+    def apply(a: np.ndarray) -> np.ndarray:
+        a = np.rot90(a[y0:y0 + ch, x0:x0 + cw], k)
+        return np.ascontiguousarray(a[:, ::-1] if mirror else a)
+
+    return apply(image), [apply(m) for m in masks]
 
 
 def collate(items: list[Encoded], pad_id: int) -> dict:

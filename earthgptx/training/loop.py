@@ -31,7 +31,7 @@ from ..data.instructions import TASK_WEIGHTS, InstructionMix
 from ..data.readers import dataset_samples
 from ..data.split import Splitter
 from ..errors import InputError
-from .batches import Encoder, collate
+from .batches import NO_TEXT, Encoder, collate
 from .step import WEIGHTS, TrainModule
 
 LOG_FIELDS = ("step", "seconds", "lr", "loss", *WEIGHTS, "samples_per_s")
@@ -46,6 +46,7 @@ class TrainConfig:
     preset: str = "small"
     steps: int = 2000
     batch_size: int = 16  # global: summed over data-parallel ranks
+    vision_batch: int = 64  # global: images per step for the vision encoder's training-only heads alone
     lr: float = 2e-3
     weight_decay: float = 0.05
     warmup: int = 100
@@ -65,6 +66,8 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if self.steps < 1 or self.batch_size < 1:
             raise InputError("--steps and --batch-size must be at least 1")
+        if self.vision_batch < 0:
+            raise InputError("--vision-batch must be 0 or more")
         if self.lora_rank < 0:
             raise InputError("--lora-rank must be 0 (LLM frozen) or positive")
         if self.precision not in ("auto", "bf16", "fp32"):
@@ -108,8 +111,8 @@ class StepBatches(torch.utils.data.Dataset):
 
     def __getitem__(self, i: int) -> tuple[dict, dict]:
         step = self.first + i
-        insts = self.mix.epoch(step, self.cfg.batch_size)
-        tokens = sum(int((self.encoder.text_ids(x)[1] != -100).sum()) for x in insts if x.task != "click")
+        insts = self.mix.epoch(step, self.cfg.batch_size) + self.mix.images(step, self.cfg.vision_batch)
+        tokens = sum(int((self.encoder.text_ids(x)[1] != -100).sum()) for x in insts if x.task not in NO_TEXT)
         masks = sum(x.target is not None for x in insts)
         images = len(insts)
         items = [self.encoder(x, rng=np.random.default_rng([self.cfg.seed, step, self.rank + k * self.world]))
