@@ -25,14 +25,15 @@ def _predictor(reference, paths: dict[str, Path], device: str):
 
 def build_int8(opts, reference, onnx_paths: dict[str, Path], parts: list[str], console):
     """Returns ``(sources, precisions, per-part quantization info, accuracy report)``."""
-    from calibration.dataset import discover, requests, select
+    from calibration.dataset import requests
+    from calibration.sampling import choose
     from calibration.feeds import balanced, record_feeds, save_feeds
 
     out = opts.out_dir
     gate = opts.gate or Gate()
     with console.status(f"reading calibration imagery in {opts.calibration}"):
-        items, skipped = discover(opts.calibration, opts.calibration_modality)
-        calset = select(items, skipped, seed=0)
+        calset = choose(opts.calibration, opts.calibration_modality, seed=0)
+        skipped = calset.skipped
     summary = calset.summary()
     console.print(f"calibration: {summary['calibration_images']} images, evaluation: {summary['evaluation_images']}, "
                   f"{len(skipped)} skipped")

@@ -8,21 +8,26 @@ import numpy as np
 import onnx
 import pytest
 
-from calibration.dataset import CalibrationError, discover, halves, select
+from calibration.dataset import CalibrationError, halves
+from calibration.listing import discover
+from calibration.sampling import choose
 from earthgptx.config import PART_NAMES
 
 
-def test_shared_data_set_is_balanced_deterministic_and_disjoint(data_root):
-    items, skipped = discover(data_root)
-    assert {i.modality for i in items} == {"optical", "sar", "infrared"}
-    assert any("Misc_111" in p and "mask is" in why for p, why in skipped)  # reported, not fatal
-    a, b, c = select(items, skipped, seed=0), select(items, skipped, seed=0), select(items, skipped, seed=1)
+def test_shared_data_set_is_stratified_deterministic_and_disjoint(data_root):
+    a, b, c = choose(data_root, seed=0), choose(data_root, seed=0), choose(data_root, seed=1)
     assert a.sha256 == b.sha256 and a.sha256 != c.sha256
-    cal = {(i.key) for i in a.calibration}
+    cal = {i.key for i in a.calibration}
     assert not cal & {i.key for i in a.evaluation}  # evaluation images are never calibration images
-    assert {i.modality for i in a.evaluation} == {"optical", "sar", "infrared"}
-    optical = [i for i in a.calibration + a.evaluation if i.modality == "optical"]
-    assert len(optical) == 10 and not any(i.crop for i in optical)  # 8 + 2 whole images (AID, roads, DOTA)
+    s = a.summary()
+    assert s["evaluation_images"] == {"optical": 30, "sar": 30, "infrared": 30} and s["notes"] == {}
+    assert s["calibration_images"] == {"optical": 8, "sar": 8, "infrared": 8}
+    ev = s["evaluation_breakdown"]
+    # every dataset found is in the evaluation, in equal shares where it has the images
+    assert ev["optical"]["datasets"] == {"aid": 15, "dota": 1, "road-mini": 14}
+    assert ev["sar"]["datasets"] == {"hrsid": 3, "hrsid-mini": 14, "mstar": 13}
+    assert ev["infrared"]["datasets"] == {"sirst": 15, "sirst-v2": 15}
+    assert {"small", "large", "none"} <= set(ev["optical"]["sizes"]) and ev["infrared"]["sizes"]["small"] >= 10
 
 
 def test_a_modality_with_one_image_is_split_into_halves(data_root, tmp_path):
@@ -30,8 +35,7 @@ def test_a_modality_with_one_image_is_split_into_halves(data_root, tmp_path):
 
     dota = tmp_path / "optical" / "dota"
     shutil.copytree(data_root / "optical" / "dota", dota)
-    items, skipped = discover(tmp_path)
-    a = select(items, skipped, seed=0)
+    a = choose(tmp_path, seed=0)
     optical = a.calibration + a.evaluation
     assert len(optical) == 2 and all(i.crop for i in optical)  # one image: split into halves
     x = sorted(i.crop for i in optical)
@@ -39,7 +43,7 @@ def test_a_modality_with_one_image_is_split_into_halves(data_root, tmp_path):
 
 
 def test_halves_keep_only_objects_inside(data_root):
-    items, _ = discover(data_root / "optical")
+    items, _ = discover(data_root / "optical" / "dota")
     left, right = halves(items[0])
     w = left.crop[2]
     assert all(b[2] <= w for b in left.boxes) and len(left.boxes) + len(right.boxes) <= len(items[0].boxes)
@@ -62,14 +66,14 @@ def test_bad_calibration_data_is_reported_and_skipped(tmp_path):
     assert len(items) == 3 and all(i.modality == "sar" for i in items)
     reasons = " | ".join(why for _, why in skipped)
     assert "cannot read" in reasons and "needs 3 bands" in reasons and "modality unknown" in reasons
-    assert select(items, skipped).summary()["calibration_images"]["sar"] == 2
+    summary = choose(tmp_path / "set").summary()  # 4 sar candidates: a quarter calibrates, the rest evaluates
+    assert summary["calibration_images"]["sar"] == 1 and summary["evaluation_images"]["sar"] == 2
 
 
 def test_empty_or_too_small_calibration_sets_are_errors(tmp_path):
     (tmp_path / "empty").mkdir()
-    items, skipped = discover(tmp_path / "empty")
     with pytest.raises(CalibrationError, match="no usable calibration image"):
-        select(items, skipped)
+        choose(tmp_path / "empty")
     with pytest.raises(CalibrationError, match="not found"):
         discover(tmp_path / "missing")
 
@@ -308,7 +312,8 @@ def test_voc_only_folder_gives_items_with_prompts_inside_the_boxes(tmp_path):
                 assert any(b[0] <= x <= b[2] and b[1] <= y <= b[3] for b in item.boxes), (item.path, x, y)
             for box in prompts.boxes:
                 assert any(np.allclose(box, b) for b in item.boxes)
-    assert select(items, skipped).summary()["calibration_images"]["optical"] == 2
+    summary = choose(tmp_path / "set").summary()
+    assert summary["calibration_images"]["optical"] == 1 and summary["evaluation_images"]["optical"] == 2
 
 
 def test_bad_voc_xml_is_reported_and_skipped(tmp_path):
