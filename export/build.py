@@ -220,10 +220,9 @@ def run_build(opts: BuildOptions, console=None) -> list[PartReport]:
             from .tensorrt_build import build_part
 
             runner, entry = build_part(part, spec, source, entry, opts, model, console)
-        metric = "max_abs" if precision == "fp32" else "cosine"
         with console.status(f"{part}: comparing with PyTorch on {len(recordings[part].feeds)} recorded inputs"):
             with runner:
-                parity = compare(part, runner, recordings[part], spec.tolerance[precision], metric)
+                parity = compare(part, runner, recordings[part], spec, precision)
         entry.update({
             "inputs": _tensors(spec.inputs, spec.profile(opts.limits, config)),
             "outputs": _tensors(spec.outputs, None),
@@ -260,9 +259,9 @@ def run_build(opts: BuildOptions, console=None) -> list[PartReport]:
     write_manifest(out, manifest)
     failed = [r for r in reports if not r.parity["passed"]]
     if failed:
-        error = ParityError("; ".join(f"{r.part}: output {r.parity['worst_tensor']!r} differs from PyTorch by "
-                                    f"{r.parity['value']:.3e} ({r.parity['metric']}, tolerance {r.parity['tolerance']:.0e})"
-                                    for r in failed))
+        error = ParityError("; ".join(f"{r.part} ({r.precision}): output {r.parity['worst_tensor']!r} differs from "
+                                    f"PyTorch by {r.parity['value']:.3e} ({r.parity['metric']}, tolerance "
+                                    f"{r.parity['tolerance']:.0e})" for r in failed))
         error.reports = reports
         raise error
     return reports
