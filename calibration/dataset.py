@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
+from earthgptx.data.templates import CLASSIFY_SCENE, CLASSIFY_VEHICLE
 from earthgptx.errors import EarthGPTXError
 from earthgptx.imageio import read_image
 from earthgptx.processing import MODALITIES, VisualPrompts, crop_boxes, inside_point
@@ -133,7 +134,8 @@ class CalibrationSet:
         return {"calibration_images": count(self.calibration), "evaluation_images": ev,
                 "evaluation_wanted": self.wanted, "evaluation_breakdown": breakdown(self.evaluation),
                 "calibration_breakdown": breakdown(self.calibration), "available": self.available,
-                "notes": notes, "skipped": len(self.skipped), "sha256": self.sha256, "seed": self.seed}
+                "notes": notes, "skipped": len(self.skipped), "sha256": self.sha256, "seed": self.seed,
+                "images": {"calibration": [i.key for i in self.calibration], "evaluation": [i.key for i in self.evaluation]}}
 
 
 def object_index(item: Item, k: int) -> int | None:
@@ -170,4 +172,22 @@ def requests(item: Item, n: int, shape: tuple[int, int] | None = None) -> list[t
             out.append((text, VisualPrompts([], [box], free), "region"))
         else:
             out.append(("Where is the object nearest the top-left corner?", VisualPrompts([], [], []), "grounding"))
+    return out
+
+
+# a classification question for items with an image-level label, per modality (MSTAR's chips are
+# vehicles; AID's tiles and anything else are scenes): the training templates' first wording
+CLASSIFY_QUESTION = {"sar": CLASSIFY_VEHICLE[0]}
+CLASSIFY_DEFAULT = CLASSIFY_SCENE[0]
+EVALUATION_REQUESTS = 3
+
+
+def evaluation_requests(item: Item, shape: tuple[int, int] | None = None) -> list[tuple[str, VisualPrompts, str, str]]:
+    """``(text, prompts, task, size bucket)`` asked of an evaluation item: a segmentation
+    click, a region question and a grounding request drawn from its objects (``requests``),
+    and a classification question where it has an image-level label."""
+    out = [(*r, request_bucket(item, k)) for k, r in enumerate(requests(item, EVALUATION_REQUESTS, shape))]
+    if item.label is not None:
+        text = CLASSIFY_QUESTION.get(item.modality, CLASSIFY_DEFAULT)
+        out.append((text, VisualPrompts([], [], []), "classify", request_bucket(item, 0)))
     return out

@@ -101,14 +101,17 @@ def _draw(streams: dict[str, _Stream], quota: dict[str, int], stratify: bool) ->
 
 
 def choose(root, modality: str | None = None, evaluation: int = EVALUATION_PER_MODALITY,
-           calibration: int = CALIBRATION_PER_MODALITY, seed: int = 0) -> CalibrationSet:
+           calibration: int = CALIBRATION_PER_MODALITY, seed: int = 0,
+           exclude: frozenset[str] = frozenset()) -> CalibrationSet:
     """The calibration set of folder ``root`` (module docstring). Per modality: ``calibration``
     images (fewer where the modality has fewer than ``4 * calibration``: a quarter of them,
-    at least one) and up to ``evaluation`` others."""
+    at least one) and up to ``evaluation`` others. ``exclude``: image paths never to choose
+    (e.g. the sets of an earlier build, to measure it on images it never saw)."""
     if evaluation < 1 or calibration < 1:
         raise CalibrationError(f"need at least one evaluation and one calibration image per modality, "
                                f"got {evaluation} and {calibration}")
     candidates, skipped = list_candidates(root, modality)
+    candidates = [c for c in candidates if str(c.stub.image) not in exclude]
     cal, ev = [], []
     available: dict[str, dict[str, int]] = {}
     for m in sorted({c.modality for c in candidates}):
