@@ -16,6 +16,8 @@ from typing import Callable
 
 import numpy as np
 
+from earthgptx.evaluation import metrics as evaluation_metrics
+
 
 def max_abs(a: np.ndarray, b: np.ndarray) -> float:
     """Max ``|a - b|`` over all elements (0 for empty tensors)."""
@@ -62,9 +64,8 @@ def box_disagreement(a: np.ndarray, b: np.ndarray) -> float:
 
 
 def mask_iou(a: np.ndarray, b: np.ndarray) -> float:
-    """IoU of two bool masks of one shape: 1 when both are empty."""
-    union = np.logical_or(a, b).sum()
-    return 1.0 if union == 0 else float(np.logical_and(a, b).sum() / union)
+    """IoU of two ``(H, W)`` bool masks: 1 when both are empty (``egx eval``'s definition)."""
+    return float(evaluation_metrics.mask_iou(a, b)[2])
 
 
 def box_set_iou(ref: np.ndarray, test: np.ndarray) -> float:
