@@ -108,8 +108,9 @@ class Evaluation:
     ``(text, prompts, task, bucket)`` per request."""
 
     def __init__(self, ref, items, requests_fn, margin: float = MARGIN, answer_tokens: int = ANSWER_TOKENS,
-                 teacher_forced_steps: int = TEACHER_FORCED_STEPS) -> None:
-        self.ref, self.items, self.requests_fn = ref, items, requests_fn
+                 teacher_forced_steps: int = TEACHER_FORCED_STEPS, progress=None) -> None:
+        """``progress(what, done, total)``, if given, is called after every item."""
+        self.ref, self.items, self.requests_fn, self.progress = ref, items, requests_fn, progress
         self.margin, self.answer_tokens, self.steps = margin, answer_tokens, teacher_forced_steps
         self._reference: list[list[tuple[tuple, _Reference]]] | None = None
 
@@ -148,6 +149,8 @@ class Evaluation:
                 per_item.append((request, r))
             ref.clear_cache()
             out.append(per_item)
+            if self.progress is not None:
+                self.progress("FP32 reference", len(out), len(self.items))
         self._reference = out
         return out
 
@@ -166,7 +169,7 @@ class Evaluation:
     def compare(self, test) -> list[Outcome]:
         """Every request's agreement of predictor ``test`` with FP32."""
         outcomes = []
-        for item, per_item in zip(self.items, self.reference()):
+        for n, (item, per_item) in enumerate(zip(self.items, self.reference()), 1):
             image = item.image()
             for request, r in per_item:
                 text, prompts, task, bucket = request
@@ -193,6 +196,8 @@ class Evaluation:
                             o.box_iou = [box_set_iou(r.boxes, boxes)]
                 outcomes.append(o)
             test.clear_cache()
+            if self.progress is not None:
+                self.progress("comparison", n, len(self.items))
         return outcomes
 
 

@@ -117,7 +117,13 @@ def build_int8(opts, reference, onnx_paths: dict[str, Path], parts: list[str], r
             console.print(f"[yellow]{part}: INT8 fails parity:[/] {p.reason()}", highlight=False)
 
     fp32 = _predictor(reference, onnx_paths, opts.device)
-    evaluation = Evaluation(fp32, calset.evaluation, evaluation_requests)
+    step = max(1, len(calset.evaluation) // 3)
+
+    def progress(what: str, done: int, total: int) -> None:  # a line now and then: builds run for long
+        if done % step == 0 or done == total:
+            console.print(f"  accuracy, {what}: {done}/{total} evaluation images", highlight=False)
+
+    evaluation = Evaluation(fp32, calset.evaluation, evaluation_requests, progress=progress)
     reports: dict[tuple, dict] = {}
 
     def evaluate(int8_parts: list[str]) -> dict:
