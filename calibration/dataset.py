@@ -1,19 +1,9 @@
-"""A calibration set from a folder of real imagery.
+"""The calibration set: items (images or crops with their objects), the disjoint
+calibration and evaluation sets, the object-size buckets the evaluation is reported in,
+and the prompted requests drawn from an item's objects.
 
-Known layouts anywhere under the folder are read with their annotations: SIRST
-(``images/`` + ``masks/*_pixels0.png`` and/or ``masks/*.xml``), HRSID
-(``*_instance_id_RGB.png``), DOTA (``images/`` + ``labelTxt/``). Any other image (PNG, JPEG,
-(Geo)TIFF) is used with the Pascal-VOC boxes of a ``<stem>.xml`` beside it or in an
-``Annotations/`` (``annotations/``, ``masks/``, ``xml/``) folder beside its folder, or else
-without annotations; its modality is read from a folder name on its path (``optical``,
-``sar``, ``infrared``/``ir``/``thermal``) or given by the caller. Where a mask and VOC boxes
-both exist the mask gives the prompts and the boxes must agree with it. Unreadable images,
-images the modality cannot take, masks or xml that do not fit their image, malformed xml and
-annotations that disagree are reported and skipped.
-
-Selection is per modality, seeded and deterministic: disjoint calibration and evaluation
-images (a modality with a single image is split into left/right halves so that the two
-never share pixels), and the same number of prompted requests for every modality."""
+Reading a folder is ``calibration.listing`` (names first, then one image at a time);
+choosing the sets is ``calibration.sampling``."""
 from __future__ import annotations
 
 import hashlib
@@ -22,14 +12,16 @@ from pathlib import Path
 
 import numpy as np
 
-from earthgptx.data.readers import dota_samples, hrsid_samples, sirst_samples, voc_file, voc_sample
-from earthgptx.errors import EarthGPTXError, InputError
+from earthgptx.data.templates import CLASSIFY_SCENE, CLASSIFY_VEHICLE
+from earthgptx.errors import EarthGPTXError
 from earthgptx.imageio import read_image
-from earthgptx.processing import MODALITIES, VisualPrompts, crop_boxes, inside_point, preprocess
+from earthgptx.processing import MODALITIES, VisualPrompts, crop_boxes, inside_point
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff")
 MODALITY_WORDS = {"optical": ("optical", "rgb", "eo"), "sar": ("sar",), "infrared": ("infrared", "ir", "thermal")}
-ANNOTATION_MARKS = ("_pixels0", "_instance_id_RGB", "_instance_color_RGB")
+# COCO's object-size buckets, by object area in pixels of the original image: small < 32x32,
+# medium < 96x96, large above; "none": an image without objects (a centre point/box is prompted)
+SIZE_BUCKETS = (("small", 32 ** 2), ("medium", 96 ** 2), ("large", float("inf")))
+NO_OBJECT = "none"
 
 
 class CalibrationError(EarthGPTXError):
@@ -38,13 +30,17 @@ class CalibrationError(EarthGPTXError):
 
 @dataclass
 class Item:
-    """One image (or a crop of one) with its modality and objects (original frame of the crop)."""
+    """One image (or a crop of one) with its modality and objects (original frame of the crop):
+    ``boxes`` ``(K, 4)`` float64 XYXY edges, ``masks`` ``(H, W)`` bool each (may be empty);
+    ``dataset`` names where it came from, ``label`` is an image-level class where known."""
 
     path: Path
     modality: str
     crop: tuple[int, int, int, int] | None  # x0, y0, x1, y1 of the file, or None for all of it
     boxes: np.ndarray
     masks: list[np.ndarray] = field(default_factory=list)
+    dataset: str = ""
+    label: str | None = None
 
     @property
     def key(self) -> str:
@@ -57,6 +53,24 @@ class Item:
             data = data[y0:y1, x0:x1]
         return data
 
+    def object_area(self, j: int) -> float:
+        """Area in pixels of object ``j`` (its mask where there is one, else its box)."""
+        if self.masks:
+            return float(np.count_nonzero(self.masks[j]))
+        b = self.boxes[j]
+        return float(max(0.0, b[2] - b[0]) * max(0.0, b[3] - b[1]))
+
+    def size_buckets(self) -> set[str]:
+        """The size buckets of the item's objects (``{"none"}`` without objects)."""
+        return {size_bucket(self.object_area(j)) for j in range(len(self.boxes))} or {NO_OBJECT}
+
+
+def size_bucket(area: float) -> str:
+    for name, limit in SIZE_BUCKETS:
+        if area < limit:
+            return name
+    return SIZE_BUCKETS[-1][0]
+
 
 def modality_of(path: Path) -> str | None:
     words = {p.lower() for p in path.parts}
@@ -64,56 +78,6 @@ def modality_of(path: Path) -> str | None:
         if words & set(names):
             return modality
     return None
-
-
-def discover(root: str | Path, modality: str | None = None) -> tuple[list[Item], list[tuple[str, str]]]:
-    """Usable items under ``root`` and the ``(path, reason)`` of everything skipped."""
-    root = Path(root)
-    if not root.is_dir():
-        raise CalibrationError(f"calibration folder not found: {root}")
-    skipped: list[tuple[str, str]] = []
-    items: list[Item] = []
-    claimed: set[Path] = set()
-
-    def add(samples, folder: Path, default: str) -> None:
-        mod = modality or modality_of(folder.relative_to(root.parent)) or default
-        for s in samples:
-            items.append(Item(s.image, mod, None, s.boxes, s.masks))
-        claimed.add(folder)
-
-    for d in sorted([root, *[p for p in root.rglob("*") if p.is_dir()]]):
-        if (d / "images").is_dir() and (d / "masks").is_dir() and any((d / "masks").glob("*_pixels0.png")):
-            add(sirst_samples(d, skipped), d, "infrared")
-        elif any(d.glob("*_instance_id_RGB.png")):
-            add(hrsid_samples(d, skipped), d, "sar")
-        elif (d / "images").is_dir() and (d / "labelTxt").is_dir():
-            add(dota_samples(d, skipped), d, "optical")
-    for f in sorted(root.rglob("*")):
-        if f.suffix.lower() not in IMAGE_SUFFIXES or any(c in f.parents or c == f.parent for c in claimed):
-            continue
-        if any(m in f.stem for m in ANNOTATION_MARKS) or "masks" in f.parts:
-            continue
-        mod = modality or modality_of(f.relative_to(root.parent))
-        if mod is None:
-            skipped.append((str(f), "modality unknown: put it under a folder named optical, sar or infrared"))
-            continue
-        xml = voc_file(f, root)
-        if xml is None:
-            items.append(Item(f, mod, None, np.zeros((0, 4))))
-        elif (sample := voc_sample(f, xml, mod, skipped)) is not None:
-            items.append(Item(sample.image, mod, None, sample.boxes))
-    usable = []
-    for item in items:
-        if item.modality not in MODALITIES:
-            skipped.append((str(item.path), f"unknown modality {item.modality!r}"))
-            continue
-        try:
-            preprocess(item.image(), item.modality, 64)  # readable, and the modality can take it
-        except InputError as exc:
-            skipped.append((str(item.path), str(exc)))
-            continue
-        usable.append(item)
-    return usable, skipped
 
 
 def halves(item: Item) -> list[Item]:
@@ -124,16 +88,22 @@ def halves(item: Item) -> list[Item]:
         keep = [i for i, b in enumerate(item.boxes) if b[0] >= x0 and b[2] <= x1]
         boxes = crop_boxes(item.boxes[keep], x0, 0)
         masks = [item.masks[i][:, x0:x1] for i in keep] if item.masks else []
-        out.append(Item(item.path, item.modality, (x0, 0, x1, h), boxes, masks))
+        out.append(Item(item.path, item.modality, (x0, 0, x1, h), boxes, masks, item.dataset, item.label))
     return out
 
 
 @dataclass
 class CalibrationSet:
+    """Disjoint ``calibration`` and ``evaluation`` items; ``skipped``: ``(path, reason)``;
+    ``wanted``: the evaluation images per modality asked for, ``available``: the candidate
+    images per modality and dataset that the folder holds."""
+
     calibration: list[Item]
     evaluation: list[Item]
     skipped: list[tuple[str, str]]
     seed: int
+    wanted: int = 0
+    available: dict[str, dict[str, int]] = field(default_factory=dict)
 
     @property
     def sha256(self) -> str:
@@ -144,42 +114,51 @@ class CalibrationSet:
         return h.hexdigest()
 
     def summary(self) -> dict:
+        """Counts per modality, per dataset and per size bucket, and a note per modality
+        whose evaluation set is smaller than asked for (the data has fewer images)."""
         count = lambda items: {m: sum(1 for i in items if i.modality == m) for m in MODALITIES}  # noqa: E731
-        return {"calibration_images": count(self.calibration), "evaluation_images": count(self.evaluation),
-                "skipped": len(self.skipped), "sha256": self.sha256, "seed": self.seed}
+
+        def breakdown(items):
+            out: dict[str, dict] = {}
+            for i in items:
+                m = out.setdefault(i.modality, {"datasets": {}, "sizes": {}})
+                m["datasets"][i.dataset] = m["datasets"].get(i.dataset, 0) + 1
+                for b in i.size_buckets():
+                    m["sizes"][b] = m["sizes"].get(b, 0) + 1
+            return out
+
+        ev = count(self.evaluation)
+        notes = {m: f"{ev[m]} evaluation images, fewer than the {self.wanted} asked for: "
+                    f"the folder has {sum(self.available.get(m, {}).values())} usable candidates of this modality"
+                 for m in MODALITIES if m in self.available and ev[m] < self.wanted}
+        return {"calibration_images": count(self.calibration), "evaluation_images": ev,
+                "evaluation_wanted": self.wanted, "evaluation_breakdown": breakdown(self.evaluation),
+                "calibration_breakdown": breakdown(self.calibration), "available": self.available,
+                "notes": notes, "skipped": len(self.skipped), "sha256": self.sha256, "seed": self.seed,
+                "images": {"calibration": [i.key for i in self.calibration], "evaluation": [i.key for i in self.evaluation]}}
 
 
-def select(items: list[Item], skipped, images_per_modality: int = 8, eval_per_modality: int = 2,
-           seed: int = 0, min_images: int = 2) -> CalibrationSet:
-    """Disjoint calibration/evaluation items per modality, chosen by ``seed``."""
-    rng = np.random.default_rng(seed)
-    cal, ev = [], []
-    present = sorted({i.modality for i in items})
-    if not present:
-        raise CalibrationError(f"no usable calibration image ({len(skipped)} skipped); at least {min_images} "
-                               "images of a modality are needed (or one that can be split in halves)")
-    for m in present:
-        pool = [i for i in items if i.modality == m]
-        if len(pool) < min_images:
-            pool = [h for i in pool for h in halves(i)]
-        order = rng.permutation(len(pool))
-        n_eval = min(eval_per_modality, max(1, len(pool) // 3))
-        ev += [pool[j] for j in order[:n_eval]]
-        cal += [pool[j] for j in order[n_eval:n_eval + images_per_modality]]
-        if len(pool) - n_eval < 1:
-            raise CalibrationError(f"{m}: {len(pool)} usable image(s), need at least {min_images}")
-    return CalibrationSet(cal, ev, skipped, seed)
+def object_index(item: Item, k: int) -> int | None:
+    """The object request ``k`` of ``item`` is drawn from (None: the item has none)."""
+    return k % len(item.boxes) if len(item.boxes) else None
 
 
-def requests(item: Item, n: int) -> list[tuple[str, VisualPrompts, str]]:
+def request_bucket(item: Item, k: int) -> str:
+    """The size bucket of request ``k``'s object (``"none"`` without objects)."""
+    j = object_index(item, k)
+    return NO_OBJECT if j is None else size_bucket(item.object_area(j))
+
+
+def requests(item: Item, n: int, shape: tuple[int, int] | None = None) -> list[tuple[str, VisualPrompts, str]]:
     """``n`` (text, prompts, task) requests drawn from the item's objects: a point inside an
     object, its box, its mask as a free-form prompt, and templated grounding text. Items
-    without objects get a centre point and a centre box."""
-    h, w = item.image().shape[:2]
+    without objects get a centre point and a centre box. ``shape``: the item's ``(H, W)``
+    where the caller knows it (else the image is read for it)."""
+    h, w = shape or item.image().shape[:2]
     out = []
     for k in range(n):
-        if len(item.boxes):
-            j = k % len(item.boxes)
+        j = object_index(item, k)
+        if j is not None:
             box = tuple(float(v) for v in item.boxes[j])
             point = inside_point(item.masks[j]) if item.masks else ((box[0] + box[2]) / 2, (box[1] + box[3]) / 2)
             free = [item.masks[j]] if item.masks else []
@@ -193,4 +172,22 @@ def requests(item: Item, n: int) -> list[tuple[str, VisualPrompts, str]]:
             out.append((text, VisualPrompts([], [box], free), "region"))
         else:
             out.append(("Where is the object nearest the top-left corner?", VisualPrompts([], [], []), "grounding"))
+    return out
+
+
+# a classification question for items with an image-level label, per modality (MSTAR's chips are
+# vehicles; AID's tiles and anything else are scenes): the training templates' first wording
+CLASSIFY_QUESTION = {"sar": CLASSIFY_VEHICLE[0]}
+CLASSIFY_DEFAULT = CLASSIFY_SCENE[0]
+EVALUATION_REQUESTS = 3
+
+
+def evaluation_requests(item: Item, shape: tuple[int, int] | None = None) -> list[tuple[str, VisualPrompts, str, str]]:
+    """``(text, prompts, task, size bucket)`` asked of an evaluation item: a segmentation
+    click, a region question and a grounding request drawn from its objects (``requests``),
+    and a classification question where it has an image-level label."""
+    out = [(*r, request_bucket(item, k)) for k, r in enumerate(requests(item, EVALUATION_REQUESTS, shape))]
+    if item.label is not None:
+        text = CLASSIFY_QUESTION.get(item.modality, CLASSIFY_DEFAULT)
+        out.append((text, VisualPrompts([], [], []), "classify", request_bucket(item, 0)))
     return out

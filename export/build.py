@@ -3,7 +3,9 @@
 ``run_build(options)`` is the typed entry point; ``export/build_engines.py`` and
 ``egx build`` are thin command lines over it. Every argument combination is checked
 before any work (``check_options``); every engine is compared with its PyTorch part on
-real imagery, and a failed comparison fails the build after the manifest records it."""
+real imagery: a reduced-precision engine that fails falls back to FP32 (one decision per
+part, the reason in the manifest), and an FP32 engine that fails fails the build after the
+manifest records it."""
 from __future__ import annotations
 
 import datetime
@@ -38,7 +40,9 @@ class BuildOptions:
     calibration: Path | None = None
     calibration_method: str = "max"
     calibration_modality: str | None = None
-    gate: object = None  # accuracy.Gate; None means the defaults
+    calibration_images: int = 8  # per modality, sampled (calibration.sampling)
+    evaluation_images: int = 30  # per modality, held out from calibration, for the INT8 gate
+    gate: object = None  # gate.Gate; None means the defaults
     out: Path | None = None
     limits: ShapeLimits = field(default_factory=ShapeLimits)
     device: str = "cpu"
@@ -116,6 +120,9 @@ def check_options(opts: BuildOptions) -> None:
         problems.append(f"--device {opts.device!r}: use cpu, cuda or cuda:N")
     if config is not None:
         problems += opts.limits.check(config)
+    if opts.calibration_images < 1 or opts.evaluation_images < 1:
+        problems.append(f"--calibration-images {opts.calibration_images} / --evaluation-images "
+                        f"{opts.evaluation_images}: each needs at least 1 image per modality")
     if opts.calibration is not None and not Path(opts.calibration).is_dir():
         problems.append(f"--calibration {opts.calibration}: no such folder")
     if not (opts.data_root / "SOURCES.md").is_file():
@@ -164,14 +171,15 @@ class PartReport:
 
 def run_build(opts: BuildOptions, console=None) -> list[PartReport]:
     """Build, check and record the engines. Raises ``BuildError`` on bad options and
-    ``ParityError`` (after writing the manifest) when an engine disagrees with PyTorch."""
+    ``ParityError`` (after writing the manifest) when an FP32 engine disagrees with PyTorch
+    (a reduced-precision one falls back to FP32 instead)."""
     from rich.console import Console
 
     from earthgptx.checkpoint import load_reference
     from earthgptx.predictor import Predictor
 
     from .onnx_export import export_onnx
-    from .parity import ParityError, compare, record_chain
+    from .parity import ParityError, record_chain
 
     console = console or Console(stderr=True)
     check_options(opts)
@@ -198,29 +206,27 @@ def run_build(opts: BuildOptions, console=None) -> list[PartReport]:
     if int8_parts:
         from .int8 import build_int8
 
-        sources, precisions, quant, accuracy = build_int8(opts, predictor, onnx_paths, int8_parts, console)
+        sources, precisions, quant, accuracy = build_int8(opts, predictor, onnx_paths, int8_parts, recordings, console)
     # 3. per part: the backend's engine, parity with PyTorch, the manifest entry
     reports, engines = [], {}
     for part in PART_NAMES:
         spec = SPECS[part](config)
         backend, precision = opts.backends[part], precisions[part]
         start = time.perf_counter()
-        source = sources[part]
-        entry = {"file": source.name, "backend": backend, "precision": precision, **quant.get(part, {})}
-        if backend == "onnxruntime":
-            from runners.onnxruntime_runner import OnnxRuntimeRunner
-
-            runner = OnnxRuntimeRunner(part, source, device=opts.device)
-            if source.with_name(source.name + ".data").is_file():
-                entry["extra_files"] = [source.name + ".data"]
-        else:
-            from .tensorrt_build import build_part
-
-            runner, entry = build_part(part, spec, source, entry, opts, model, console)
-        metric = "max_abs" if precision == "fp32" else "cosine"
-        with console.status(f"{part}: comparing with PyTorch on {len(recordings[part].feeds)} recorded inputs"):
-            with runner:
-                parity = compare(part, runner, recordings[part], spec.tolerance[precision], metric)
+        runner, entry, parity = _engine_and_parity(part, spec, sources[part], precision, backend, quant.get(part, {}),
+                                                   recordings[part], opts, model, console)
+        if precision != "fp32" and not parity.passed:  # one decision per part: reduced precision falls back
+            why = f"{backend} {precision} engine: {parity.reason()}"
+            console.print(f"[yellow]{part} falls back to FP32:[/] {why}", highlight=False)
+            precision = precisions[part] = "fp32"
+            info = {**quant.get(part, {}), "fallback": {"to": "fp32", "reason": why}}
+            runner, entry, parity = _engine_and_parity(part, spec, onnx_paths[part], precision, backend, info,
+                                                       recordings[part], opts, model, console)
+            if accuracy is not None and part in accuracy["int8_parts"]:
+                accuracy["int8_parts"].remove(part)
+                accuracy["fallback"][part] = why
+                accuracy["decisions"][part].update({"precision": "fp32", "reason": why})
+                accuracy["passed"] = None  # the gate measured this part in INT8; rebuild to measure again
         entry.update({
             "inputs": _tensors(spec.inputs, spec.profile(opts.limits, config)),
             "outputs": _tensors(spec.outputs, None),
@@ -257,12 +263,35 @@ def run_build(opts: BuildOptions, console=None) -> list[PartReport]:
     write_manifest(out, manifest)
     failed = [r for r in reports if not r.parity["passed"]]
     if failed:
-        error = ParityError("; ".join(f"{r.part}: output {r.parity['worst_tensor']!r} differs from PyTorch by "
-                                    f"{r.parity['value']:.3e} ({r.parity['metric']}, tolerance {r.parity['tolerance']:.0e})"
-                                    for r in failed))
+        error = ParityError("; ".join(f"{r.part} ({r.precision}): output {r.parity['worst_tensor']!r} differs from "
+                                    f"PyTorch by {r.parity['value']:.3e} ({r.parity['metric']}, tolerance "
+                                    f"{r.parity['tolerance']:.0e})" for r in failed))
         error.reports = reports
         raise error
     return reports
+
+
+def _engine_and_parity(part, spec, source: Path, precision: str, backend: str, info: dict, recording, opts,
+                       model, console):
+    """The backend's engine of ``part`` from ``source``, its manifest entry, and its parity
+    with the PyTorch ``recording`` (``parity.compare`` with the spec's comparisons)."""
+    from .parity import compare
+
+    entry = {"file": source.name, "backend": backend, "precision": precision, **info}
+    if backend == "onnxruntime":
+        from runners.onnxruntime_runner import OnnxRuntimeRunner
+
+        runner = OnnxRuntimeRunner(part, source, device=opts.device)
+        if source.with_name(source.name + ".data").is_file():
+            entry["extra_files"] = [source.name + ".data"]
+    else:
+        from .tensorrt_build import build_part
+
+        runner, entry = build_part(part, spec, source, entry, opts, model, console)
+    with console.status(f"{part}: comparing with PyTorch on {len(recording.feeds)} recorded inputs"):
+        with runner:
+            parity = compare(part, runner, recording, spec, precision)
+    return runner, entry, parity
 
 
 def _tensors(specs, profile) -> list[dict]:

@@ -11,6 +11,8 @@ from .limits import ShapeLimits
 
 
 def add_build_arguments(p: argparse.ArgumentParser) -> None:
+    from .gate import Gate
+
     src = p.add_mutually_exclusive_group()
     src.add_argument("--preset", choices=("tiny", "small", "edge"),
                      help="untrained built-in architecture (default: the trained model that ships, "
@@ -24,9 +26,20 @@ def add_build_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--calibration-method", choices=("max", "entropy", "percentile"), default="max")
     p.add_argument("--calibration-modality", choices=MODALITIES,
                    help="modality of calibration images whose folders do not say it")
-    p.add_argument("--gate-mask-iou", type=float, default=0.98, help="INT8 gate: mean mask IoU per modality")
-    p.add_argument("--gate-box-iou", type=float, default=0.98, help="INT8 gate: mean box IoU per modality")
-    p.add_argument("--gate-token-agreement", type=float, default=0.99, help="INT8 gate: greedy-token agreement")
+    p.add_argument("--calibration-images", type=int, default=8, metavar="N",
+                   help="INT8: calibration images per modality, sampled from --calibration")
+    p.add_argument("--evaluation-images", type=int, default=30, metavar="N",
+                   help="INT8: held-out evaluation images per modality for the accuracy gate")
+    g = Gate()
+    p.add_argument("--gate-mask-iou", type=float, default=g.mask_iou,
+                   help="INT8 gate: mean mask IoU per modality, dataset and object size")
+    p.add_argument("--gate-box-iou", type=float, default=g.box_iou,
+                   help="INT8 gate: mean box IoU per modality, dataset and object size")
+    p.add_argument("--gate-p5", type=float, default=g.p5, help="INT8 gate: 5th percentile of mask and box IoU")
+    p.add_argument("--gate-token-agreement", type=float, default=g.token_agreement,
+                   help="INT8 gate: greedy-token agreement")
+    p.add_argument("--gate-answer-agreement", type=float, default=g.answer_agreement,
+                   help="INT8 gate: share of (decisive) answers that are the same as FP32's")
     p.add_argument("--out", type=Path, metavar="DIR", help="output folder (default engines/<preset or checkpoint folder name>)")
     p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (where engines run and are checked)")
     p.add_argument("--data", type=Path, metavar="DIR", help="imagery for parity checks (default ../shared/data)")
@@ -40,10 +53,10 @@ def add_build_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def options_from_args(args: argparse.Namespace):
-    from .accuracy import Gate
     from runners.manifest import BACKENDS, PRECISIONS
 
     from .build import BuildOptions, per_part
+    from .gate import Gate
 
     opts = BuildOptions(
         preset=args.preset, checkpoint=args.checkpoint,
@@ -51,7 +64,9 @@ def options_from_args(args: argparse.Namespace):
         precisions=per_part(args.precision, PRECISIONS, "fp32", "precision"),
         calibration=args.calibration, out=args.out, device=args.device,
         calibration_method=args.calibration_method, calibration_modality=args.calibration_modality,
-        gate=Gate(args.gate_mask_iou, args.gate_box_iou, args.gate_token_agreement),
+        calibration_images=args.calibration_images, evaluation_images=args.evaluation_images,
+        gate=Gate(args.gate_mask_iou, args.gate_box_iou, args.gate_p5, args.gate_token_agreement,
+                  args.gate_answer_agreement),
         limits=ShapeLimits(args.max_batch, args.max_prompts, args.max_queries, args.max_points, args.max_seq,
                            args.max_kv),
     )

@@ -1,8 +1,15 @@
-"""INT8 in the build: calibration set -> feeds -> Q/DQ (or weight-only) ONNX -> accuracy
-report on held-out images per modality -> gate with per-part fallback to FP32.
+"""INT8 in the build: calibration set -> feeds -> Q/DQ (or weight-only) ONNX -> one decision
+per part -> accuracy report on held-out images.
 
-A part stays INT8 only if the whole pipeline still agrees with FP32 (``accuracy.Gate``);
-otherwise it falls back and the build says which and why. Never a silent accuracy loss."""
+One decision per part, made here, before any engine is built: a part stays INT8 only if
+1. its INT8 ONNX agrees with its PyTorch part on the recorded parity inputs (``parity.compare``
+   with the spec's INT8 comparisons: the very check the build runs on every engine later), and
+2. the pipeline with it in INT8 still gives the FP32 pipeline's answers on the evaluation
+   images (``gate.Gate``): all parity-clean parts together first; if that fails, each alone
+   (a part failing alone falls back), then, while the rest together still fail, the last in
+   chain order.
+A part failing either falls back to FP32 on its own, with the reason in the manifest's
+``accuracy.decisions``; the build goes on. Never a silent accuracy loss."""
 from __future__ import annotations
 
 import dataclasses
@@ -10,7 +17,8 @@ from pathlib import Path
 
 from earthgptx.errors import EarthGPTXError
 
-from .accuracy import Gate, end_to_end, engine_metrics
+from .accuracy import Evaluation, engine_metrics
+from .gate import Gate, print_report, summarize_outcomes
 from .quantize import quantize_qdq, quantize_weight_only
 from .specs import SPECS
 
@@ -23,26 +31,10 @@ def _predictor(reference, paths: dict[str, Path], device: str):
     return Predictor(runners, reference.tokenizer, reference.config, reference.embed_table)
 
 
-def build_int8(opts, reference, onnx_paths: dict[str, Path], parts: list[str], console):
-    """Returns ``(sources, precisions, per-part quantization info, accuracy report)``."""
-    from calibration.dataset import discover, requests, select
-    from calibration.feeds import balanced, record_feeds, save_feeds
+def _quantize(opts, reference, onnx_paths, parts, feeds, console) -> tuple[dict[str, Path], dict]:
+    from calibration.feeds import balanced
 
-    out = opts.out_dir
-    gate = opts.gate or Gate()
-    with console.status(f"reading calibration imagery in {opts.calibration}"):
-        items, skipped = discover(opts.calibration, opts.calibration_modality)
-        calset = select(items, skipped, seed=0)
-    summary = calset.summary()
-    console.print(f"calibration: {summary['calibration_images']} images, evaluation: {summary['evaluation_images']}, "
-                  f"{len(skipped)} skipped")
-    for path, why in skipped[:10]:
-        console.print(f"  skipped {path}: {why}", highlight=False)
-    with console.status("running the PyTorch reference on the calibration requests"):
-        feeds = record_feeds(reference, calset.calibration, skipped=calset.skipped)
-        save_feeds(out / "calibration", feeds)
-
-    sources, precisions, info = dict(onnx_paths), {p: "fp32" for p in onnx_paths}, {}
+    out, sources, info = opts.out_dir, {}, {}
     for part in parts:
         dst = out / f"{part}.int8.onnx"
         with console.status(f"{part}: INT8 quantization"):
@@ -54,69 +46,121 @@ def build_int8(opts, reference, onnx_paths: dict[str, Path], parts: list[str], c
                     raise EarthGPTXError(f"{part}: no calibration inputs were recorded")
                 q = quantize_qdq(onnx_paths[part], dst, data, opts.calibration_method,
                                  SPECS[part](reference.config).int8_keep_fp32)
-        sources[part], precisions[part] = dst, "int8"
-        info[part] = {"quantization": q}
+        sources[part], info[part] = dst, {"quantization": q}
+    return sources, info
 
-    fp32 = _predictor(reference, onnx_paths, opts.device)
 
-    def evaluate(chosen: dict[str, Path]):
-        return end_to_end(fp32, _predictor(reference, chosen, opts.device), calset.evaluation, requests)
+def parity_of(part: str, path: Path, recording, spec, device: str):
+    """``parity.compare`` of the INT8 file of ``part`` against its PyTorch recording."""
+    from runners.onnxruntime_runner import OnnxRuntimeRunner
 
-    with console.status("accuracy: INT8 pipeline vs FP32 on held-out images"):
-        report = evaluate(sources)
+    from .parity import compare
+
+    with OnnxRuntimeRunner(part, path, device=device) as runner:
+        return compare(part, runner, recording, spec, "int8")
+
+
+def decide(parts: list[str], parity_failures: dict[str, str], evaluate, gate: Gate) -> tuple[dict[str, str], dict]:
+    """Which parts fall back, and why (``{part: reason}``), and the report of what is kept.
+    ``evaluate(int8_parts)`` -> report (``gate.summarize_outcomes``) of the pipeline with those
+    parts in INT8 and the others in FP32."""
+    fallback = {p: f"parity: {why}" for p, why in parity_failures.items()}
+    remaining = [p for p in parts if p not in fallback]
+    report = evaluate(remaining)
     failures = gate.failures(report)
-    fallback: dict[str, str] = {}
-    if failures:
-        console.print("accuracy gate failed with every INT8 part: " + "; ".join(failures))
-        for part in parts:  # which parts break it on their own
-            alone = {**onnx_paths, part: sources[part]}
-            with console.status(f"accuracy: {part} alone in INT8"):
-                f = gate.failures(evaluate(alone))
-            if f:
-                fallback[part] = "; ".join(f)
-        remaining = [p for p in parts if p not in fallback]
-        chosen = {**onnx_paths, **{p: sources[p] for p in remaining}}
-        report = evaluate(chosen) if remaining else evaluate(onnx_paths)
+    if failures and remaining:
+        combined = "; ".join(failures[:4]) + (f"; and {len(failures) - 4} more" if len(failures) > 4 else "")
+        for part in list(remaining):
+            alone = failures if len(remaining) == 1 else gate.failures(evaluate([part]))
+            if alone:
+                fallback[part] = "gate, alone in INT8: " + "; ".join(alone[:4])
+        remaining = [p for p in remaining if p not in fallback]
+        report = evaluate(remaining)
         while remaining and gate.failures(report):  # interactions: drop the last INT8 part in chain order
             dropped = remaining.pop()
-            fallback[dropped] = "the gate still failed with it combined with the other INT8 parts"
-            chosen = {**onnx_paths, **{p: sources[p] for p in remaining}}
-            report = evaluate(chosen)
+            fallback[dropped] = f"gate, combined with the other INT8 parts: {combined}"
+            report = evaluate(remaining)
+    return fallback, report
+
+
+def build_int8(opts, reference, onnx_paths: dict[str, Path], parts: list[str], recordings: dict, console):
+    """Returns ``(sources, precisions, per-part info, accuracy report)``; ``recordings`` are the
+    PyTorch parity recordings (``parity.record_chain``) the build checks every engine on."""
+    from calibration.dataset import evaluation_requests
+    from calibration.feeds import record_feeds, save_feeds
+    from calibration.sampling import choose
+
+    out = opts.out_dir
+    gate = opts.gate or Gate()
+    with console.status(f"listing and sampling calibration imagery in {opts.calibration}"):
+        calset = choose(opts.calibration, opts.calibration_modality, evaluation=opts.evaluation_images,
+                        calibration=opts.calibration_images, seed=0)
+    summary = calset.summary()
+    console.print(f"calibration: {summary['calibration_images']} images, evaluation: {summary['evaluation_images']}, "
+                  f"{len(calset.skipped)} skipped")
+    for note in summary["notes"].values():
+        console.print(f"  [yellow]{note}[/]")
+    for path, why in calset.skipped[:10]:
+        console.print(f"  skipped {path}: {why}", highlight=False)
+    with console.status("running the PyTorch reference on the calibration requests"):
+        feeds = record_feeds(reference, calset.calibration, skipped=calset.skipped)
+        save_feeds(out / "calibration", feeds)
+    int8_paths, info = _quantize(opts, reference, onnx_paths, parts, feeds, console)
+
+    parity_failures = {}
+    for part in parts:
+        with console.status(f"{part}: INT8 parity with PyTorch"):
+            p = parity_of(part, int8_paths[part], recordings[part], SPECS[part](reference.config), opts.device)
+        info[part]["int8_parity"] = p.to_json()
+        if not p.passed:
+            parity_failures[part] = p.reason()
+            console.print(f"[yellow]{part}: INT8 fails parity:[/] {p.reason()}", highlight=False)
+
+    fp32 = _predictor(reference, onnx_paths, opts.device)
+    step = max(1, len(calset.evaluation) // 3)
+
+    def progress(what: str, done: int, total: int) -> None:  # a line now and then: builds run for long
+        if done % step == 0 or done == total:
+            console.print(f"  accuracy, {what}: {done}/{total} evaluation images", highlight=False)
+
+    evaluation = Evaluation(fp32, calset.evaluation, evaluation_requests, progress=progress)
+    reports: dict[tuple, dict] = {}
+
+    def evaluate(int8_parts: list[str]) -> dict:
+        key = tuple(sorted(int8_parts))
+        if key not in reports:
+            chosen = {**onnx_paths, **{p: int8_paths[p] for p in int8_parts}}
+            with console.status(f"accuracy vs FP32 with {', '.join(key) or 'no part'} in INT8"):
+                reports[key] = summarize_outcomes(evaluation.compare(_predictor(reference, chosen, opts.device)))
+        return reports[key]
+
+    fallback, report = decide(parts, parity_failures, evaluate, gate)
+    sources, precisions = dict(onnx_paths), {p: "fp32" for p in onnx_paths}
+    kept = [p for p in parts if p not in fallback]
+    for part in kept:
+        sources[part], precisions[part] = int8_paths[part], "int8"
     for part, why in fallback.items():
-        console.print(f"[yellow]{part} falls back to FP32:[/] {why}")
-        sources[part], precisions[part] = onnx_paths[part], "fp32"
+        console.print(f"[yellow]{part} falls back to FP32:[/] {why}", highlight=False)
         info[part]["fallback"] = {"to": "fp32", "reason": why}
 
-    # per-engine agreement on the evaluation images' real inputs
+    # per-engine agreement on the evaluation images' real inputs (kept and fallen-back parts alike)
     eval_feeds = record_feeds(fp32, calset.evaluation, requests_per_modality=3)
-    for part in parts:
-        from runners.onnxruntime_runner import OnnxRuntimeRunner
+    from runners.onnxruntime_runner import OnnxRuntimeRunner
 
+    for part in parts:
         feeds_part = [f for group in eval_feeds[part].values() for f in group]
         with OnnxRuntimeRunner(part, onnx_paths[part], device=opts.device) as ref, \
-                OnnxRuntimeRunner(part, out / f"{part}.int8.onnx", device=opts.device) as q8:
+                OnnxRuntimeRunner(part, int8_paths[part], device=opts.device) as q8:
             info[part]["int8_vs_fp32"] = engine_metrics(ref, q8, feeds_part)
-    accuracy = {"gate": dataclasses.asdict(gate), "per_modality": report,
-                "passed": not gate.failures(report), "int8_parts": [p for p in parts if p not in fallback],
-                "fallback": fallback, "calibration": summary,
-                "skipped": [{"path": p, "reason": r} for p, r in calset.skipped]}
-    print_accuracy(accuracy, info, console)
+    decisions = {p: {"precision": precisions[p], "int8_parity": info[p]["int8_parity"]["passed"],
+                     "reason": fallback.get(p, "INT8 passed parity and the gate")} for p in parts}
+    accuracy = {"gate": dataclasses.asdict(gate), "per_modality": report, "passed": not gate.failures(report),
+                "int8_parts": kept, "fallback": fallback, "decisions": decisions,
+                "all_int8": reports.get(tuple(sorted(p for p in parts if p not in parity_failures))),
+                "calibration": summary, "skipped": [{"path": p, "reason": r} for p, r in calset.skipped]}
+    print_report(report, console, f"INT8 ({', '.join(kept) or 'no part'}) vs FP32 on held-out images")
+    for part in parts:
+        m = info[part]["int8_vs_fp32"]
+        console.print(f"{part}: INT8 vs FP32 engine cosine {m['cosine']:.5f}, max error {m['max_abs']:.3e}"
+                      + (f"  -> kept FP32 ({fallback[part]})" if part in fallback else "  -> INT8"), highlight=False)
     return sources, precisions, info, accuracy
-
-
-def print_accuracy(accuracy: dict, info: dict, console) -> None:
-    from rich.table import Table
-
-    t = Table(title="INT8 accuracy vs FP32 (held-out images)")
-    for col in ("modality", "images", "mask IoU", "box IoU", "token agreement"):
-        t.add_column(col, no_wrap=True)
-    fmt = lambda v: "-" if v is None else f"{v:.4f}"  # noqa: E731
-    for m, r in accuracy["per_modality"].items():
-        t.add_row(m, str(r["images"]), fmt(r["mask_iou"]), fmt(r["box_iou"]),
-                  f"{fmt(r['token_agreement'])} ({r['tokens_counted']} tokens)")
-    console.print(t)
-    for part, i in info.items():
-        m = i.get("int8_vs_fp32", {})
-        console.print(f"{part}: INT8 vs FP32 engine cosine {m.get('cosine', float('nan')):.5f}, "
-                      f"max error {m.get('max_abs', float('nan')):.3e}"
-                      + (f"  -> kept FP32 ({i['fallback']['reason']})" if "fallback" in i else ""), highlight=False)

@@ -6,7 +6,7 @@ returns, per part, the feeds it received and the outputs it gave. ``compare`` ru
 runner on the same feeds and reports the worst tensor."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -66,26 +66,38 @@ def record_chain(predictor, data_root: Path, max_new_tokens: int = 3, llm_calls:
 
 @dataclass
 class ParityResult:
+    """The worst output of a comparison (``metric``, ``value``, ``tolerance`` are that
+    output's) and, in ``outputs``, every output's worst disagreement with its own metric
+    and tolerance. ``passed``: every output within its tolerance."""
+
     metric: str
     value: float
     tolerance: float
     passed: bool
     worst_tensor: str
     cases: int
+    outputs: dict[str, dict] = field(default_factory=dict)
 
     def to_json(self) -> dict:
         return {"metric": self.metric, "value": self.value, "tolerance": self.tolerance, "passed": self.passed,
-                "worst_tensor": self.worst_tensor, "cases": self.cases}
+                "worst_tensor": self.worst_tensor, "cases": self.cases, "outputs": self.outputs}
+
+    def reason(self) -> str:
+        return (f"output {self.worst_tensor!r} differs from PyTorch by {self.value:.3e} "
+                f"({self.metric}, tolerance {self.tolerance:.0e})")
 
 
-def compare(part: str, runner: Runner, recording: Recording, tolerance: float, metric: str = "max_abs") -> ParityResult:
-    """Worst disagreement of ``runner`` with the recorded reference outputs.
+def compare(part: str, runner: Runner, recording: Recording, spec, precision: str) -> ParityResult:
+    """Worst disagreement of ``runner`` with the recorded reference outputs, each output by
+    the comparison its ``spec`` (``export.specs.ExportSpec``) declares at ``precision``:
+    ``max_abs`` (FP32 by default), ``cosine`` distance (reduced precision by default),
+    ``box_iou`` (``1 - IoU``, for boxes). The worst output is the one furthest over (or
+    nearest to) its tolerance."""
+    from .metrics import PARITY_METRICS
 
-    ``max_abs``: max |a - b| over all elements (FP32). ``cosine``: 1 - cosine similarity
-    of the flattened tensors (FP16/INT8)."""
     if not recording.feeds:
         raise ParityError(f"{part}: no recorded inputs to compare on")
-    worst, worst_name = 0.0, ""
+    worst: dict[str, float] = {}
     for feed, ref in zip(recording.feeds, recording.outputs):
         out = runner.infer(feed)
         for name, expected in ref.items():
@@ -97,13 +109,17 @@ def compare(part: str, runner: Runner, recording: Recording, tolerance: float, m
                 raise ParityError(f"{part}: output {name!r} has shape {got.shape}, the reference {want.shape}")
             if want.size == 0:
                 continue
-            if metric == "max_abs":
-                err = float(np.max(np.abs(got - want)))
-            else:
-                denom = np.linalg.norm(got) * np.linalg.norm(want)
-                err = float(1.0 - (got.ravel() @ want.ravel()) / denom) if denom > 0 else float(np.any(got != want))
+            err = PARITY_METRICS[spec.comparison(name, precision)[0]](got, want)
             if not np.isfinite(err):
                 err = float("inf")
-            if err > worst or not worst_name:
-                worst, worst_name = err, name
-    return ParityResult(metric, worst, tolerance, worst <= tolerance, worst_name, len(recording.feeds))
+            worst[name] = max(worst.get(name, 0.0), err)
+    outputs = {}
+    for name, value in worst.items():
+        metric, tolerance = spec.comparison(name, precision)
+        outputs[name] = {"metric": metric, "value": value, "tolerance": tolerance, "passed": value <= tolerance}
+    if not outputs:
+        raise ParityError(f"{part}: every recorded output is empty; nothing to compare")
+    name = max(outputs, key=lambda n: (not outputs[n]["passed"], outputs[n]["value"] / max(outputs[n]["tolerance"], 1e-30)))
+    w = outputs[name]
+    return ParityResult(w["metric"], w["value"], w["tolerance"], all(o["passed"] for o in outputs.values()), name,
+                        len(recording.feeds), outputs)

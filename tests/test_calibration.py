@@ -8,21 +8,26 @@ import numpy as np
 import onnx
 import pytest
 
-from calibration.dataset import CalibrationError, discover, halves, select
+from calibration.dataset import CalibrationError, halves
+from calibration.listing import discover
+from calibration.sampling import choose
 from earthgptx.config import PART_NAMES
 
 
-def test_shared_data_set_is_balanced_deterministic_and_disjoint(data_root):
-    items, skipped = discover(data_root)
-    assert {i.modality for i in items} == {"optical", "sar", "infrared"}
-    assert any("Misc_111" in p and "mask is" in why for p, why in skipped)  # reported, not fatal
-    a, b, c = select(items, skipped, seed=0), select(items, skipped, seed=0), select(items, skipped, seed=1)
+def test_shared_data_set_is_stratified_deterministic_and_disjoint(data_root):
+    a, b, c = choose(data_root, seed=0), choose(data_root, seed=0), choose(data_root, seed=1)
     assert a.sha256 == b.sha256 and a.sha256 != c.sha256
-    cal = {(i.key) for i in a.calibration}
+    cal = {i.key for i in a.calibration}
     assert not cal & {i.key for i in a.evaluation}  # evaluation images are never calibration images
-    assert {i.modality for i in a.evaluation} == {"optical", "sar", "infrared"}
-    optical = [i for i in a.calibration + a.evaluation if i.modality == "optical"]
-    assert len(optical) == 10 and not any(i.crop for i in optical)  # 8 + 2 whole images (AID, roads, DOTA)
+    s = a.summary()
+    assert s["evaluation_images"] == {"optical": 30, "sar": 30, "infrared": 30} and s["notes"] == {}
+    assert s["calibration_images"] == {"optical": 8, "sar": 8, "infrared": 8}
+    ev = s["evaluation_breakdown"]
+    # every dataset found is in the evaluation, in equal shares where it has the images
+    assert ev["optical"]["datasets"] == {"aid": 15, "dota": 1, "road-mini": 14}
+    assert ev["sar"]["datasets"] == {"hrsid": 3, "hrsid-mini": 14, "mstar": 13}
+    assert ev["infrared"]["datasets"] == {"sirst": 15, "sirst-v2": 15}
+    assert {"small", "large", "none"} <= set(ev["optical"]["sizes"]) and ev["infrared"]["sizes"]["small"] >= 10
 
 
 def test_a_modality_with_one_image_is_split_into_halves(data_root, tmp_path):
@@ -30,8 +35,7 @@ def test_a_modality_with_one_image_is_split_into_halves(data_root, tmp_path):
 
     dota = tmp_path / "optical" / "dota"
     shutil.copytree(data_root / "optical" / "dota", dota)
-    items, skipped = discover(tmp_path)
-    a = select(items, skipped, seed=0)
+    a = choose(tmp_path, seed=0)
     optical = a.calibration + a.evaluation
     assert len(optical) == 2 and all(i.crop for i in optical)  # one image: split into halves
     x = sorted(i.crop for i in optical)
@@ -39,7 +43,7 @@ def test_a_modality_with_one_image_is_split_into_halves(data_root, tmp_path):
 
 
 def test_halves_keep_only_objects_inside(data_root):
-    items, _ = discover(data_root / "optical")
+    items, _ = discover(data_root / "optical" / "dota")
     left, right = halves(items[0])
     w = left.crop[2]
     assert all(b[2] <= w for b in left.boxes) and len(left.boxes) + len(right.boxes) <= len(items[0].boxes)
@@ -62,14 +66,14 @@ def test_bad_calibration_data_is_reported_and_skipped(tmp_path):
     assert len(items) == 3 and all(i.modality == "sar" for i in items)
     reasons = " | ".join(why for _, why in skipped)
     assert "cannot read" in reasons and "needs 3 bands" in reasons and "modality unknown" in reasons
-    assert select(items, skipped).summary()["calibration_images"]["sar"] == 2
+    summary = choose(tmp_path / "set").summary()  # 4 sar candidates: a quarter calibrates, the rest evaluates
+    assert summary["calibration_images"]["sar"] == 1 and summary["evaluation_images"]["sar"] == 2
 
 
 def test_empty_or_too_small_calibration_sets_are_errors(tmp_path):
     (tmp_path / "empty").mkdir()
-    items, skipped = discover(tmp_path / "empty")
     with pytest.raises(CalibrationError, match="no usable calibration image"):
-        select(items, skipped)
+        choose(tmp_path / "empty")
     with pytest.raises(CalibrationError, match="not found"):
         discover(tmp_path / "missing")
 
@@ -200,9 +204,8 @@ def test_balanced_feeds_take_turns_per_modality():
 
 @pytest.fixture(scope="module")
 def calibration_root(tmp_path_factory, data_root):
-    """The three annotated sets these INT8 tests were written on (SIRST, HRSID, DOTA). The whole
-    shared folder (thousands of images since AID, MSTAR and SIRST-v2 joined) makes the tiny build's
-    gate and parity disagree: that is issue #13, not what these tests check."""
+    """The three annotated sets with masks of every modality (SIRST, HRSID, DOTA): a small
+    folder for the builds that test something other than the sampling of a big one."""
     import shutil
 
     root = tmp_path_factory.mktemp("calibration")
@@ -212,12 +215,13 @@ def calibration_root(tmp_path_factory, data_root):
 
 
 @pytest.fixture(scope="module")
-def int8_build(tmp_path_factory, data_root, calibration_root):
+def int8_build(tmp_path_factory, data_root):
+    """The tiny INT8 build over the whole shared folder (thousands of images), as issue #13 asks."""
     from export.build import BuildOptions, per_part, run_build
     from runners.manifest import PRECISIONS
 
     out = tmp_path_factory.mktemp("int8") / "tiny-int8"
-    opts = BuildOptions(preset="tiny", out=out, data_root=data_root, calibration=calibration_root,
+    opts = BuildOptions(preset="tiny", out=out, data_root=data_root, calibration=data_root,
                         precisions=per_part(["int8"], PRECISIONS, "fp32", "precision"))
     return out, run_build(opts)
 
@@ -228,19 +232,33 @@ def test_int8_build_records_accuracy_and_falls_back_honestly(int8_build):
     out, reports = int8_build
     m = load_manifest(out)
     acc = m["accuracy"]
+    gate = acc["gate"]
     assert acc["passed"] is True  # after any fallback, what was kept meets the gate
     assert set(acc["per_modality"]) == {"optical", "sar", "infrared"}
+    cal = acc["calibration"]
+    assert cal["evaluation_images"] == {"optical": 30, "sar": 30, "infrared": 30} and cal["notes"] == {}
+    assert not set(cal["images"]["calibration"]) & set(cal["images"]["evaluation"])
     for mod, r in acc["per_modality"].items():
-        assert r["images"] >= 1 and (r["mask_iou"] is None or r["mask_iou"] >= acc["gate"]["mask_iou"])
-    assert acc["calibration"]["skipped"] >= 1 and len(acc["calibration"]["sha256"]) == 64
+        assert r["images"] == 30
+        # the report's groups add up: every request is in one dataset and one size bucket
+        assert sum(g["images"] for g in r["per_dataset"].values()) == 30
+        assert sum(g["requests"] for g in r["per_dataset"].values()) == r["requests"]
+        assert sum(g["requests"] for g in r["per_size"].values()) == r["requests"]
+        assert set(r["per_dataset"]) == set(cal["evaluation_breakdown"][mod]["datasets"])
+        for key in ("mask_iou", "box_iou"):
+            s = r[key]
+            assert s["n"] >= 30 and s["worst"] <= s["p5"] <= 1.0 and s["worst"] <= s["mean"] <= 1.0
+            assert s["mean"] >= gate[key] and s["p5"] >= gate["p5"]
     for part in PART_NAMES:
-        e = m["engines"][part]
-        assert e["precision"] == ("int8" if part in acc["int8_parts"] else "fp32")
+        e, d = m["engines"][part], acc["decisions"][part]
+        assert e["precision"] == d["precision"] == ("int8" if part in acc["int8_parts"] else "fp32")
         assert "int8_vs_fp32" in e and 0 < e["int8_vs_fp32"]["cosine"] <= 1.0 + 1e-9
+        assert "int8_parity" in e and e["parity"]["passed"]
         if part in acc["fallback"]:
-            assert e["fallback"]["reason"] and e["file"] == f"{part}.onnx"
+            assert e["fallback"]["reason"] == acc["fallback"][part] == d["reason"] and e["file"] == f"{part}.onnx"
+            assert d["reason"].startswith(("parity:", "gate"))
         else:
-            assert e["file"] == f"{part}.int8.onnx"
+            assert e["file"] == f"{part}.int8.onnx" and e["int8_parity"]["passed"]
     assert "weight-only" in m["engines"]["llm"]["quantization"]["method"]
     feeds = np.load(out / "calibration" / "vision_encoder.npz")
     assert any(k.endswith("/pixel_values") for k in feeds.files)
@@ -256,7 +274,7 @@ def test_int8_build_with_histogram_calibration(tmp_path, data_root, calibration_
 
     out = tmp_path / "tiny-int8-pct"
     run_build(BuildOptions(preset="tiny", out=out, data_root=data_root, calibration=calibration_root,
-                           calibration_method="percentile",
+                           calibration_method="percentile", evaluation_images=4,
                            precisions=per_part(["int8"], PRECISIONS, "fp32", "precision")))
     m = load_manifest(out)
     assert m["accuracy"]["passed"] is True
@@ -310,7 +328,8 @@ def test_voc_only_folder_gives_items_with_prompts_inside_the_boxes(tmp_path):
                 assert any(b[0] <= x <= b[2] and b[1] <= y <= b[3] for b in item.boxes), (item.path, x, y)
             for box in prompts.boxes:
                 assert any(np.allclose(box, b) for b in item.boxes)
-    assert select(items, skipped).summary()["calibration_images"]["optical"] == 2
+    summary = choose(tmp_path / "set").summary()
+    assert summary["calibration_images"]["optical"] == 1 and summary["evaluation_images"]["optical"] == 2
 
 
 def test_bad_voc_xml_is_reported_and_skipped(tmp_path):

@@ -15,7 +15,7 @@ import logging
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import numpy as np
 
@@ -181,18 +181,19 @@ def read_dota_polygons(path: Path) -> list[tuple[np.ndarray, str]]:
 
 
 def instance_masks(path: Path) -> list[np.ndarray]:
-    """Instance-colour PNG (one colour per instance, black background) -> masks."""
+    """Instance-colour PNG (one colour per instance, black background) -> masks, in the
+    order of their colours' packed values."""
     rgb = read_image(path).data
     if rgb.ndim == 2:
         rgb = rgb[:, :, None]
-    flat = rgb.reshape(-1, rgb.shape[2])
-    colours = np.unique(flat, axis=0)
-    masks = []
-    for c in colours:
-        if not c.any():
-            continue
-        masks.append(np.all(rgb == c, axis=-1))
-    return masks
+    bits = 8 * rgb.dtype.itemsize
+    if rgb.dtype.kind != "u" or bits * rgb.shape[2] > 62:
+        colours = np.unique(rgb.reshape(-1, rgb.shape[2]), axis=0)
+        return [np.all(rgb == c, axis=-1) for c in colours if c.any()]
+    packed = np.zeros(rgb.shape[:2], dtype=np.int64)
+    for c in range(rgb.shape[2]):  # one integer per colour: np.unique over ints, not rows (10x faster)
+        packed = (packed << bits) | rgb[..., c].astype(np.int64)
+    return [packed == v for v in np.unique(packed) if v != 0]
 
 
 def _skip(skipped: list | None, path: Path, why: str) -> None:
@@ -201,44 +202,57 @@ def _skip(skipped: list | None, path: Path, why: str) -> None:
         skipped.append((str(path), why))
 
 
+def sirst_images(root: Path) -> list[Path]:
+    """SIRST (and SIRST-v2) images, by name only: ``images/*.png``."""
+    return sorted((root / "images").glob("*.png"))
+
+
+def sirst_sample(root: Path, img: Path, skipped: list | None = None, xml_dir: str = "masks",
+                 dataset: str = "sirst") -> Sample | None:
+    """One SIRST image: objects from ``masks/<name>_pixels0.png`` (one per connected component,
+    free-form prompts, points on the target) where there is a mask, checked against the xml
+    boxes of ``<xml_dir>/<name>.xml``; from the xml boxes where there is no mask. An empty mask
+    is an image without targets (SIRST-v2 has some). None, reported in ``skipped``, where the
+    image cannot be used."""
+    import cv2
+
+    mask_path, xml = root / "masks" / f"{img.stem}_pixels0.png", root / xml_dir / f"{img.stem}.xml"
+    if not mask_path.is_file():
+        if not xml.is_file():
+            _skip(skipped, img, "no mask and no VOC xml")
+            return None
+        sample = voc_sample(img, xml, "infrared", skipped)
+        if sample is not None:
+            sample.dataset, sample.noun = dataset, "target"
+        return sample
+    try:
+        mask = read_mask(mask_path)
+        shape = read_image(img).data.shape[:2]
+    except InputError as exc:
+        _skip(skipped, img, str(exc))
+        return None
+    if mask.shape != shape:
+        _skip(skipped, img, f"mask is {mask.shape[1]}x{mask.shape[0]} but image is {shape[1]}x{shape[0]}")
+        return None
+    n, labels = cv2.connectedComponents(mask.astype(np.uint8))
+    masks = [labels == i for i in range(1, n)]
+    boxes = np.asarray([mask_box(m) for m in masks]).reshape(-1, 4)
+    voc = voc_boxes(xml, shape, skipped) if xml.is_file() and masks else None  # unusable xml: reported
+    why = voc_mask_disagreement(voc, boxes) if voc is not None and len(voc) else None
+    if why:
+        _skip(skipped, img, f"{xml.name} and {mask_path.name} disagree: {why}; fix or remove one")
+        return None
+    return Sample(img, "infrared", boxes, masks, dataset=dataset, noun="target")
+
+
 def sirst_samples(root: Path, skipped: list | None = None, xml_dir: str = "masks",
                   dataset: str = "sirst") -> Iterator[Sample]:
     """SIRST layout: ``images/<name>.png`` + ``masks/<name>_pixels0.png`` and/or
-    ``<xml_dir>/<name>.xml`` (SIRST: ``masks``; SIRST-v2: ``boxes``). Objects come from the
-    mask (free-form prompts, points on the target) where there is one, checked against the
-    xml boxes; from the xml boxes where there is no mask. An empty mask is an image without
-    targets (SIRST-v2 has some). Problems go to ``skipped`` as ``(path, reason)``."""
-    import cv2
-
-    for img in sorted((root / "images").glob("*.png")):
-        mask_path, xml = root / "masks" / f"{img.stem}_pixels0.png", root / xml_dir / f"{img.stem}.xml"
-        if not mask_path.is_file():
-            if xml.is_file():
-                sample = voc_sample(img, xml, "infrared", skipped)
-                if sample is not None:
-                    sample.dataset, sample.noun = dataset, "target"
-                    yield sample
-            else:
-                _skip(skipped, img, "no mask and no VOC xml")
-            continue
-        try:
-            mask = read_mask(mask_path)
-            shape = read_image(img).data.shape[:2]
-        except InputError as exc:
-            _skip(skipped, img, str(exc))
-            continue
-        if mask.shape != shape:
-            _skip(skipped, img, f"mask is {mask.shape[1]}x{mask.shape[0]} but image is {shape[1]}x{shape[0]}")
-            continue
-        n, labels = cv2.connectedComponents(mask.astype(np.uint8))
-        masks = [labels == i for i in range(1, n)]
-        boxes = np.asarray([mask_box(m) for m in masks]).reshape(-1, 4)
-        voc = voc_boxes(xml, shape, skipped) if xml.is_file() and masks else None  # unusable xml: reported
-        why = voc_mask_disagreement(voc, boxes) if voc is not None and len(voc) else None
-        if why:
-            _skip(skipped, img, f"{xml.name} and {mask_path.name} disagree: {why}; fix or remove one")
-            continue
-        yield Sample(img, "infrared", boxes, masks, dataset=dataset, noun="target")
+    ``<xml_dir>/<name>.xml`` (SIRST: ``masks``; SIRST-v2: ``boxes``); see ``sirst_sample``.
+    Problems go to ``skipped`` as ``(path, reason)``."""
+    for img in sirst_images(root):
+        if (sample := sirst_sample(root, img, skipped, xml_dir, dataset)) is not None:
+            yield sample
 
 
 def sirst_v2_samples(root: Path, skipped: list | None = None) -> Iterator[Sample]:
@@ -246,90 +260,137 @@ def sirst_v2_samples(root: Path, skipped: list | None = None) -> Iterator[Sample
     return sirst_samples(root, skipped, xml_dir="boxes", dataset="sirst-v2")
 
 
+def sirst_v2_sample(root: Path, img: Path, skipped: list | None = None) -> Sample | None:
+    return sirst_sample(root, img, skipped, xml_dir="boxes", dataset="sirst-v2")
+
+
+def hrsid_images(root: Path) -> list[Path]:
+    """HRSID chips by name: ``<name>.png`` that are not annotation PNGs."""
+    return sorted(p for p in root.glob("*.png") if not p.stem.endswith(("_instance_id_RGB", "_instance_color_RGB")))
+
+
+def hrsid_sample(root: Path, img: Path, skipped: list | None = None) -> Sample | None:
+    """One HRSID chip with its instances from ``<name>_instance_id_RGB.png``."""
+    ann = root / f"{img.stem}_instance_id_RGB.png"
+    try:
+        masks = instance_masks(ann) if ann.is_file() else []
+        shape = read_image(img).data.shape[:2]
+    except InputError as exc:
+        _skip(skipped, img, str(exc))
+        return None
+    if masks and masks[0].shape != shape:
+        _skip(skipped, img, "instance mask size differs from the image")
+        return None
+    return Sample(img, "sar", np.asarray([mask_box(m) for m in masks]).reshape(-1, 4), masks,
+                  dataset="hrsid", noun="ship")
+
+
 def hrsid_samples(root: Path, skipped: list | None = None) -> Iterator[Sample]:
     """HRSID layout: ``<name>.png`` + ``<name>_instance_id_RGB.png``."""
-    for img in sorted(root.glob("*.png")):
-        if img.stem.endswith(("_instance_id_RGB", "_instance_color_RGB")):
-            continue
-        ann = root / f"{img.stem}_instance_id_RGB.png"
-        try:
-            masks = instance_masks(ann) if ann.is_file() else []
-            shape = read_image(img).data.shape[:2]
-        except InputError as exc:
-            _skip(skipped, img, str(exc))
-            continue
-        if masks and masks[0].shape != shape:
-            _skip(skipped, img, "instance mask size differs from the image")
-            continue
-        yield Sample(img, "sar", np.asarray([mask_box(m) for m in masks]).reshape(-1, 4), masks,
-                     dataset="hrsid", noun="ship")
+    for img in hrsid_images(root):
+        if (sample := hrsid_sample(root, img, skipped)) is not None:
+            yield sample
+
+
+def colour_mask_images(root: Path) -> list[Path]:
+    """``images/*.png|jpg|jpeg`` by name."""
+    return sorted(p for p in (root / "images").iterdir() if p.suffix.lower() in (".png", ".jpg", ".jpeg"))
+
+
+def colour_mask_sample(root: Path, img: Path, modality: str, colour: tuple[int, int, int], dataset: str, noun: str,
+                       instances: bool, skipped: list | None = None) -> Sample | None:
+    """One ``images/<name>.*`` with ``masks/<name>.png`` where object pixels have ``colour``
+    (RGB) and the background is black. ``instances``: objects are the mask's connected
+    components (ships); otherwise the mask is one semantic object (roads)."""
+    import cv2
+
+    ann = root / "masks" / f"{img.stem}.png"
+    if not ann.is_file():
+        _skip(skipped, img, f"no mask {ann.name}")
+        return None
+    try:
+        rgb = read_image(ann).data
+        shape = read_image(img).data.shape[:2]
+    except InputError as exc:
+        _skip(skipped, img, str(exc))
+        return None
+    if rgb.ndim != 3 or rgb.shape[:2] != shape:
+        _skip(skipped, img, f"mask {ann.name} is not an RGB image of the image's size")
+        return None
+    # lossy writers blur the colour: nearest to the object colour rather than to black
+    dist_obj = np.abs(rgb[..., :3].astype(np.int16) - np.array(colour, dtype=np.int16)).sum(-1)
+    fg = dist_obj < rgb[..., :3].astype(np.int16).sum(-1)
+    if instances:
+        n, labels = cv2.connectedComponents(fg.astype(np.uint8))
+        masks = [labels == i for i in range(1, n) if (labels == i).sum() >= 4]
+    else:
+        masks = [fg] if fg.any() else []
+    return Sample(img, modality, np.asarray([mask_box(m) for m in masks]).reshape(-1, 4), masks,
+                  dataset=dataset, noun=noun, instances=instances)
 
 
 def colour_mask_samples(root: Path, modality: str, colour: tuple[int, int, int], dataset: str, noun: str,
                         instances: bool, skipped: list | None = None) -> Iterator[Sample]:
-    """``images/<name>.*`` + ``masks/<name>.png`` where object pixels have ``colour`` (RGB)
-    and the background is black. ``instances``: objects are the mask's connected
-    components (ships); otherwise the mask is one semantic object (roads)."""
-    import cv2
+    """Every image of a colour-mask layout (``colour_mask_sample``)."""
+    for img in colour_mask_images(root):
+        if (s := colour_mask_sample(root, img, modality, colour, dataset, noun, instances, skipped)) is not None:
+            yield s
 
-    for img in sorted(p for p in (root / "images").iterdir() if p.suffix.lower() in (".png", ".jpg", ".jpeg")):
-        ann = root / "masks" / f"{img.stem}.png"
-        if not ann.is_file():
-            _skip(skipped, img, f"no mask {ann.name}")
-            continue
-        try:
-            rgb = read_image(ann).data
-            shape = read_image(img).data.shape[:2]
-        except InputError as exc:
-            _skip(skipped, img, str(exc))
-            continue
-        if rgb.ndim != 3 or rgb.shape[:2] != shape:
-            _skip(skipped, img, f"mask {ann.name} is not an RGB image of the image's size")
-            continue
-        # lossy writers blur the colour: nearest to the object colour rather than to black
-        dist_obj = np.abs(rgb[..., :3].astype(np.int16) - np.array(colour, dtype=np.int16)).sum(-1)
-        fg = dist_obj < rgb[..., :3].astype(np.int16).sum(-1)
-        if instances:
-            n, labels = cv2.connectedComponents(fg.astype(np.uint8))
-            masks = [labels == i for i in range(1, n) if (labels == i).sum() >= 4]
-        else:
-            masks = [fg] if fg.any() else []
-        yield Sample(img, modality, np.asarray([mask_box(m) for m in masks]).reshape(-1, 4), masks,
-                     dataset=dataset, noun=noun, instances=instances)
+
+HRSID_MINI_COLOUR, ROAD_COLOUR = (0, 255, 0), (80, 120, 255)
+
+
+def hrsid_mini_sample(root: Path, img: Path, skipped: list | None = None) -> Sample | None:
+    return colour_mask_sample(root, img, "sar", HRSID_MINI_COLOUR, "hrsid-mini", "ship", True, skipped)
+
+
+def road_sample(root: Path, img: Path, skipped: list | None = None) -> Sample | None:
+    return colour_mask_sample(root, img, "optical", ROAD_COLOUR, "road-mini", "road", False, skipped)
 
 
 def hrsid_mini_samples(root: Path, skipped: list | None = None) -> Iterator[Sample]:
     """HRSID chips with green ship masks (``images/*.jpg``, ``masks/*.png``, (0, 255, 0))."""
-    return colour_mask_samples(root, "sar", (0, 255, 0), "hrsid-mini", "ship", True, skipped)
+    return colour_mask_samples(root, "sar", HRSID_MINI_COLOUR, "hrsid-mini", "ship", True, skipped)
 
 
 def road_samples(root: Path, skipped: list | None = None) -> Iterator[Sample]:
     """Aerial road tiles (``images/*.png``, ``masks/*.png``, roads (80, 120, 255)): one semantic mask."""
-    return colour_mask_samples(root, "optical", (80, 120, 255), "road-mini", "road", False, skipped)
+    return colour_mask_samples(root, "optical", ROAD_COLOUR, "road-mini", "road", False, skipped)
+
+
+def dota_images(root: Path) -> list[Path]:
+    """DOTA images by name: ``images/*.png``."""
+    return sorted((root / "images").glob("*.png"))
+
+
+def dota_sample(root: Path, img: Path, skipped: list | None = None) -> Sample | None:
+    """One DOTA image with ``labelTxt/<name>.txt``: oriented boxes rasterised to masks."""
+    import cv2
+
+    label = root / "labelTxt" / f"{img.stem}.txt"
+    polys = read_dota_polygons(label) if label.is_file() else []
+    try:
+        h, w = read_image(img).data.shape[:2]
+    except InputError as exc:
+        _skip(skipped, img, str(exc))
+        return None
+    masks, boxes, classes = [], [], []
+    for corners, name in polys:
+        m = np.zeros((h, w), dtype=np.uint8)
+        cv2.fillPoly(m, [np.round(corners).astype(np.int32)], 1)
+        if m.any():
+            masks.append(m.astype(bool))
+            boxes.append(mask_box(masks[-1]))
+            classes.append(name.replace("-", " "))
+    return Sample(img, "optical", np.asarray(boxes).reshape(-1, 4), masks, dataset="dota", noun="object",
+                  object_classes=tuple(classes))
 
 
 def dota_samples(root: Path, skipped: list | None = None) -> Iterator[Sample]:
     """DOTA layout: ``images/<name>.png`` + ``labelTxt/<name>.txt``."""
-    import cv2
-
-    for img in sorted((root / "images").glob("*.png")):
-        label = root / "labelTxt" / f"{img.stem}.txt"
-        polys = read_dota_polygons(label) if label.is_file() else []
-        try:
-            h, w = read_image(img).data.shape[:2]
-        except InputError as exc:
-            _skip(skipped, img, str(exc))
-            continue
-        masks, boxes, classes = [], [], []
-        for corners, name in polys:
-            m = np.zeros((h, w), dtype=np.uint8)
-            cv2.fillPoly(m, [np.round(corners).astype(np.int32)], 1)
-            if m.any():
-                masks.append(m.astype(bool))
-                boxes.append(mask_box(masks[-1]))
-                classes.append(name.replace("-", " "))
-        yield Sample(img, "optical", np.asarray(boxes).reshape(-1, 4), masks, dataset="dota", noun="object",
-                     object_classes=tuple(classes))
+    for img in dota_images(root):
+        if (sample := dota_sample(root, img, skipped)) is not None:
+            yield sample
 
 
 def aid_samples(root: Path, skipped: list | None = None) -> Iterator[Sample]:
@@ -375,6 +436,52 @@ READERS = {
     "hrsid-mini": ("sar/hrsid-mini", hrsid_mini_samples),
     "sirst": ("infrared/sirst", sirst_samples),
     "sirst-v2": ("infrared/sirst-v2", sirst_v2_samples),
+}
+
+
+@dataclass(frozen=True)
+class Layout:
+    """One dataset layout, read in two steps so that a caller can sample before reading.
+    ``names(root, skipped)``: the dataset's samples from file names (and a jsonl index) only,
+    objects not yet read (``boxes`` empty, ``masks`` empty); no image or mask is opened.
+    ``load(root, stub, skipped)``: the full sample of one stub (its annotations read, its
+    image opened where the annotations need its size), or None, reported in ``skipped``."""
+
+    folder: str  # under the data root
+    modality: str
+    names: Callable[[Path, list | None], list[Sample]]
+    load: Callable[[Path, Sample, list | None], Sample | None]
+
+
+def _stubs(images: Callable[[Path], list[Path]], modality: str, dataset: str):
+    def names(root: Path, skipped: list | None = None) -> list[Sample]:
+        return [Sample(p, modality, np.zeros((0, 4)), dataset=dataset) for p in images(root)]
+    return names
+
+
+def _per_image(one: Callable[[Path, Path, list | None], Sample | None]):
+    def load(root: Path, stub: Sample, skipped: list | None = None) -> Sample | None:
+        return one(root, stub.image, skipped)
+    return load
+
+
+def _as_listed(root: Path, stub: Sample, skipped: list | None = None) -> Sample:
+    return stub  # image-level labels only: the listing is the whole sample
+
+
+# dataset name -> layout; the same folders as READERS
+LAYOUTS = {
+    "aid": Layout("optical/aid", "optical", lambda r, s=None: list(aid_samples(r, s)), _as_listed),
+    "road-mini": Layout("optical/road-mini", "optical", _stubs(colour_mask_images, "optical", "road-mini"),
+                        _per_image(road_sample)),
+    "dota": Layout("optical/dota", "optical", _stubs(dota_images, "optical", "dota"), _per_image(dota_sample)),
+    "mstar": Layout("sar/mstar", "sar", lambda r, s=None: list(mstar_samples(r, s)), _as_listed),
+    "hrsid": Layout("sar/hrsid", "sar", _stubs(hrsid_images, "sar", "hrsid"), _per_image(hrsid_sample)),
+    "hrsid-mini": Layout("sar/hrsid-mini", "sar", _stubs(colour_mask_images, "sar", "hrsid-mini"),
+                         _per_image(hrsid_mini_sample)),
+    "sirst": Layout("infrared/sirst", "infrared", _stubs(sirst_images, "infrared", "sirst"), _per_image(sirst_sample)),
+    "sirst-v2": Layout("infrared/sirst-v2", "infrared", _stubs(sirst_images, "infrared", "sirst-v2"),
+                       _per_image(sirst_v2_sample)),
 }
 
 
