@@ -21,11 +21,11 @@ import numpy as np
 
 from earthgptx.data.readers import LAYOUTS, Layout, Sample, voc_file, voc_sample
 from earthgptx.errors import InputError
+from earthgptx.imageio import IMAGE_SUFFIXES
 from earthgptx.processing import MODALITIES, preprocess
 
 from .dataset import CalibrationError, Item, modality_of
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff")
 ANNOTATION_MARKS = ("_pixels0", "_instance_id_RGB", "_instance_color_RGB")
 ANNOTATION_FOLDERS = ("masks", "labelTxt", "boxes", "Annotations", "annotations", "xml")
 

@@ -11,7 +11,7 @@ import os
 import sys
 from pathlib import Path
 
-from .errors import EarthGPTXError
+from .errors import EarthGPTXError, InputError
 from .processing import MODALITIES
 from .tasks import TASKS
 
@@ -46,7 +46,7 @@ def add_prompt_arguments(p: argparse.ArgumentParser) -> None:
     """The request arguments shared by ``egx predict`` and ``egx query``."""
     p.add_argument("--image", required=True, help="PNG, JPEG or (Geo)TIFF")
     p.add_argument("--modality", required=True, choices=MODALITIES)
-    p.add_argument("--text", required=True, help="the instruction or question")
+    p.add_argument("--text", default=None, help="the instruction or question (not needed with --task click)")
     p.add_argument("--point", type=_pair, action="append", default=[], metavar="X,Y",
                    help="point prompt, pixel column,row (repeatable)")
     p.add_argument("--box", type=_box, action="append", default=[], metavar="X0,Y0,X1,Y1",
@@ -66,7 +66,11 @@ def add_prompt_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--speckle-filter", action="store_true", help="Lee filter on SAR before scaling")
     p.add_argument("--stream", action="store_true", help="print text as it is generated (stderr with --json)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
-    p.add_argument("--overlay", metavar="OUT.png", help="also draw the masks and boxes over the image")
+    p.add_argument("--overlay", metavar="OUT.png",
+                   help="also draw the masks, boxes and the prompt's points and boxes over the image")
+    p.add_argument("--masks", default="rle", metavar="rle|none|DIR",
+                   help="masks in the output: COCO RLE in the JSON (default); none (only their pixel counts); "
+                        "or a folder to write them to as PNGs (the JSON lists the files)")
 
 
 def generation_options(args: argparse.Namespace) -> dict:
@@ -86,8 +90,51 @@ def text_sink(args: argparse.Namespace):
     return lambda s: (stream_to.write(s), stream_to.flush())
 
 
-def print_answer(out: dict, args: argparse.Namespace, raster) -> None:
-    """Print the JSON of a prediction (``egx predict``/``egx query``), write ``--overlay``."""
+def request_text(args: argparse.Namespace) -> str:
+    """``--text``, which every task but ``click`` needs."""
+    if args.text is None:
+        if args.task != "click":
+            raise InputError("--text is needed (the instruction or question); only --task click works without it")
+        return ""
+    return args.text
+
+
+def warn_if_scaled_down(shape: tuple[int, ...], input_size: int) -> None:
+    """A line on stderr when the model will see the image at a small fraction of its size."""
+    side = max(shape[:2])
+    if side > 4 * input_size:
+        print(f"warning: the image is {shape[1]}x{shape[0]} px and the model sees it at {input_size} px, "
+              f"{side / input_size:.0f}x smaller: objects under ~{side // input_size} px vanish. Crop a window "
+              f"of about {2 * input_size} px around what matters, or tile the scene.", file=sys.stderr)
+
+
+def _masks_output(out: dict, how: str) -> None:
+    """``--masks``: keep the RLEs, drop them (pixel counts stay), or write PNGs to a folder."""
+    from .rle import rle_to_mask
+
+    if how == "rle":
+        return
+    masks = [rle_to_mask(m) for m in out.pop("masks")]
+    out["mask_pixels"] = [int(m.sum()) for m in masks]
+    if how == "none":
+        return
+    import cv2
+    import numpy as np
+
+    folder = Path(how)
+    folder.mkdir(parents=True, exist_ok=True)
+    files = []
+    for i, m in enumerate(masks):
+        path = folder / f"mask_{i}.png"
+        if not cv2.imwrite(str(path), m.astype(np.uint8) * 255):
+            raise InputError(f"--masks {how}: cannot write {path}; name a writable folder")
+        files.append(str(path))
+    out["mask_files"] = files
+
+
+def print_answer(out: dict, args: argparse.Namespace, raster, prompts=None) -> None:
+    """Print the JSON of a prediction (``egx predict``/``egx query``), write ``--overlay``
+    (with ``prompts``, a ``processing.VisualPrompts``, marked) and ``--masks``."""
     from .rle import rle_to_mask
 
     if args.stream:
@@ -100,7 +147,8 @@ def print_answer(out: dict, args: argparse.Namespace, raster) -> None:
         from .processing import display_image
 
         rgb = display_image(raster.data, args.modality, sar_scaling=args.sar_scaling, sar_kind=args.sar_kind)
-        print(f"wrote {write_overlay(args.overlay, rgb, out)}", file=sys.stderr)
+        print(f"wrote {write_overlay(args.overlay, rgb, out, prompts)}", file=sys.stderr)
+    _masks_output(out, args.masks)
     if args.json:
         print(json.dumps(out))
         return
@@ -109,8 +157,10 @@ def print_answer(out: dict, args: argparse.Namespace, raster) -> None:
     print(f"task: {out['task']}")
     for box, src in zip(out["boxes"], out["box_sources"]):
         print(f"box ({src}): {box}")
-    for i, (m, s) in enumerate(zip(out["masks"], out["scores"])):
-        print(f"mask {i}: {int(rle_to_mask(m).sum())} pixels, score {s:.3f}")
+    pixels = out.get("mask_pixels") or [int(rle_to_mask(m).sum()) for m in out.get("masks", [])]
+    files = out.get("mask_files", [None] * len(pixels))
+    for i, (n, s, f) in enumerate(zip(pixels, out["scores"], files)):
+        print(f"mask {i}: {n} pixels, score {s:.3f}" + (f", {f}" if f else ""))
     print("timings (ms): " + ", ".join(f"{k} {v:.1f}" for k, v in out["timings_ms"].items()))
 
 
@@ -306,12 +356,14 @@ def cmd_predict(args: argparse.Namespace, open_predictor) -> int:
 
     g = generation_options(args)
     generation = GenerationConfig(**{k: v for k, v in g.items() if k != "stop"}, stop_strings=tuple(g["stop"]))
+    text = request_text(args)
     raster = read_image(args.image)
     prompts = VisualPrompts(list(args.point), list(args.box), [read_mask(s) for s in args.scribble])
     predictor = open_predictor(args)
-    result = predictor.predict(np.asarray(raster.data), args.modality, args.text, prompts, task=args.task,
+    warn_if_scaled_down(raster.data.shape, predictor.config.vision.image_size)
+    result = predictor.predict(np.asarray(raster.data), args.modality, text, prompts, task=args.task,
                                generation=generation, on_text=text_sink(args), **preprocess_options(args))
-    print_answer(result.to_json(), args, raster)
+    print_answer(result.to_json(), args, raster, prompts)
     return 0
 
 

@@ -14,6 +14,7 @@ import numpy as np
 from .errors import InputError
 
 TIFF_SUFFIXES = (".tif", ".tiff")
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", *TIFF_SUFFIXES)  # what read_image reads
 
 
 @dataclass(frozen=True)

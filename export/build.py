@@ -46,7 +46,15 @@ class BuildOptions:
     out: Path | None = None
     limits: ShapeLimits = field(default_factory=ShapeLimits)
     device: str = "cpu"
-    data_root: Path = field(default_factory=default_data_root)
+    data_root: Path | None = None  # images for the parity checks; None: the shared imagery, else the samples
+
+    def parity_root(self) -> Path | None:
+        """What ``parity.parity_images`` reads: ``data_root``; without it the shared imagery
+        (``$EGX_DATA`` or ``../shared/data``) where it exists, else ``None`` (the package's samples)."""
+        if self.data_root is not None:
+            return Path(self.data_root)
+        shared = default_data_root()
+        return shared if (shared / "SOURCES.md").is_file() else None
 
     def __post_init__(self) -> None:
         from earthgptx.checkpoint import DEFAULT_MODEL_DIR, resolve_source
@@ -125,8 +133,9 @@ def check_options(opts: BuildOptions) -> None:
                         f"{opts.evaluation_images}: each needs at least 1 image per modality")
     if opts.calibration is not None and not Path(opts.calibration).is_dir():
         problems.append(f"--calibration {opts.calibration}: no such folder")
-    if not (opts.data_root / "SOURCES.md").is_file():
-        problems.append(f"parity checks need the shared imagery; not found at {opts.data_root} (set EGX_DATA)")
+    if opts.data_root is not None and not Path(opts.data_root).is_dir():
+        problems.append(f"--data {opts.data_root}: no such folder (name a folder of images, or leave --data out: "
+                        "the shared imagery ($EGX_DATA or ../shared/data) or the package's sample images are used)")
     if problems:
         raise BuildError("cannot build:\n  - " + "\n  - ".join(problems))
 
@@ -179,7 +188,7 @@ def run_build(opts: BuildOptions, console=None) -> list[PartReport]:
     from earthgptx.predictor import Predictor
 
     from .onnx_export import export_onnx
-    from .parity import ParityError, record_chain
+    from .parity import ParityError, parity_images, record_chain
 
     console = console or Console(stderr=True)
     check_options(opts)
@@ -190,7 +199,9 @@ def run_build(opts: BuildOptions, console=None) -> list[PartReport]:
     config = model.config
     with console.status("running the PyTorch reference on real imagery (parity inputs)"):
         predictor = Predictor.from_model(model, tokenizer)
-        recordings = record_chain(predictor, opts.data_root)
+        images, parity_source = parity_images(opts.parity_root())
+        recordings = record_chain(predictor, images)
+    console.print(f"parity images: {parity_source}", highlight=False)
 
     # 1. the FP32 ONNX of every part: what every backend and precision starts from
     onnx_paths, export_s = {}, {}
@@ -256,7 +267,7 @@ def run_build(opts: BuildOptions, console=None) -> list[PartReport]:
         "format": FORMAT, "preset": config.preset, "checkpoint_sha256": checkpoint_sha256(model),
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "builder": builder_info(opts.device), "config": config.to_dict(), "tokenizer": "tokenizer",
-        "limits": vars(opts.limits), "engines": engines,
+        "limits": vars(opts.limits), "parity_images": parity_source, "engines": engines,
     }
     if accuracy is not None:
         manifest["accuracy"] = accuracy

@@ -42,7 +42,10 @@ def add_build_arguments(p: argparse.ArgumentParser) -> None:
                    help="INT8 gate: share of (decisive) answers that are the same as FP32's")
     p.add_argument("--out", type=Path, metavar="DIR", help="output folder (default engines/<preset or checkpoint folder name>)")
     p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (where engines run and are checked)")
-    p.add_argument("--data", type=Path, metavar="DIR", help="imagery for parity checks (default ../shared/data)")
+    p.add_argument("--data", type=Path, metavar="DIR",
+                   help="images for the parity checks: a folder in the shared layout, or any folder whose sub-folder "
+                        "or file names say the modality (sar/, optical/, infrared/); default $EGX_DATA or "
+                        "../shared/data, else the sample images shipped with the package")
     d = ShapeLimits()
     p.add_argument("--max-batch", type=int, default=d.max_batch)
     p.add_argument("--max-prompts", type=int, default=d.max_prompts, help="visual prompts per image")

@@ -58,8 +58,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
 def cmd_query(args: argparse.Namespace) -> int:
     import numpy as np
 
-    from earthgptx.commands import generation_options, preprocess_options, print_answer, text_sink
+    from earthgptx.commands import generation_options, preprocess_options, print_answer, request_text, text_sink
     from earthgptx.imageio import read_image, read_mask
+    from earthgptx.processing import VisualPrompts
 
     from .client import Client
     from .security import SecurityError, load_keys
@@ -68,13 +69,14 @@ def cmd_query(args: argparse.Namespace) -> int:
         raise SecurityError("CURVE needs both --server-key (the server's .key) and --client-key (your .key_secret)")
     server_key = load_keys(args.server_key, need_secret=False)[0] if args.server_key else None
     client_keys = load_keys(args.client_key, need_secret=True) if args.client_key else None
+    text = request_text(args)
     raster = read_image(args.image)
     scribbles = [read_mask(s) for s in args.scribble]
     with Client(args.connect, args.timeout, args.retries, server_key, client_keys) as client:
-        out = client.predict(np.asarray(raster.data), args.modality, args.text, args.point, args.box, scribbles,
+        out = client.predict(np.asarray(raster.data), args.modality, text, args.point, args.box, scribbles,
                              args.task, generation_options(args), stream=args.stream, on_text=text_sink(args),
                              preprocess=preprocess_options(args))
-    print_answer(out, args, raster)
+    print_answer(out, args, raster, VisualPrompts(list(args.point), list(args.box), scribbles))
     return 0
 
 

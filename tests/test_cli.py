@@ -44,6 +44,53 @@ def test_predict_json_contract(data_root):
     assert {"vision_encoder", "prompt_encoder", "llm", "pixel_decoder"} <= set(out["timings_ms"])
 
 
+def test_click_needs_no_text_and_masks_can_be_counts_or_files(tmp_path, data_root):
+    """``--task click`` without ``--text``; ``--masks none`` keeps only pixel counts; ``--masks
+    DIR`` writes PNGs equal to the RLE masks; any other task without ``--text`` is refused."""
+    import cv2
+
+    base = ["predict", "--preset", "tiny", "--image", SAR, "--modality", "sar", "--point", "346,323", "--task",
+            "click", "--json"]
+    rle = json.loads(egx(*base).stdout)
+    counts = json.loads(egx(*base, "--masks", "none").stdout)
+    files = json.loads(egx(*base, "--masks", str(tmp_path / "m")).stdout)
+    assert "masks" not in counts and "masks" not in files and rle["masks"]
+    want = [coco.decode(m).astype(bool) for m in rle["masks"]]
+    assert counts["mask_pixels"] == files["mask_pixels"] == [int(m.sum()) for m in want]
+    for path, m in zip(files["mask_files"], want):
+        np.testing.assert_array_equal(cv2.imread(path, cv2.IMREAD_GRAYSCALE) > 0, m)
+    proc = egx("predict", "--preset", "tiny", "--image", SAR, "--modality", "sar", check=False)
+    assert proc.returncode == 2 and "--text is needed" in proc.stderr and "--task click" in proc.stderr
+
+
+def test_a_far_larger_image_is_warned_about(tmp_path, data_root):
+    import cv2
+
+    big = cv2.resize(cv2.imread(SAR), (2400, 2400))
+    cv2.imwrite(str(tmp_path / "big.png"), big)
+    proc = egx("predict", "--preset", "tiny", "--image", str(tmp_path / "big.png"), "--modality", "sar", "--task",
+               "click", "--point", "1000,1000", "--masks", "none", "--json")
+    assert "warning: the image is 2400x2400 px" in proc.stderr and "smaller" in proc.stderr
+    cv2.imwrite(str(tmp_path / "crop.png"), big[:500, :500])  # within 4x the tiny model's 128 px input
+    proc = egx("predict", "--preset", "tiny", "--image", str(tmp_path / "crop.png"), "--modality", "sar", "--task",
+               "click", "--point", "300,300", "--masks", "none", "--json")
+    assert "warning" not in proc.stderr
+
+
+def test_overlay_marks_the_prompts():
+    from earthgptx.overlay import PROMPT_COLOUR, draw_overlay
+    from earthgptx.processing import VisualPrompts
+
+    rgb = np.full((200, 300, 3), 60, np.uint8)
+    plain = draw_overlay(rgb, {"masks": [], "boxes": []})
+    np.testing.assert_array_equal(plain, rgb)
+    marked = draw_overlay(rgb, {"masks": [], "boxes": []}, VisualPrompts([(50, 60)], [(120, 30, 260, 150)], []))
+    assert tuple(marked[60, 50]) == PROMPT_COLOUR  # the point's cross
+    white = (marked == PROMPT_COLOUR).all(-1)
+    assert 0.4 < white[30, 120:260].mean() < 1 and 0.4 < white[30:150, 259].mean() < 1  # dashed box edges
+    assert (marked[100:140, 150:230] == 60).all()  # inside the box: untouched
+
+
 def test_scribble_prompt(tmp_path, data_root):
     import cv2
 

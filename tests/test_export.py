@@ -159,11 +159,11 @@ def test_tampered_or_incomplete_builds_are_refused(built, tmp_path):
 
 
 def test_parity_failure_names_part_and_tensor(built, tiny_predictor, data_root):
-    from export.parity import compare, record_chain
+    from export.parity import compare, parity_images, record_chain
     from runners.onnxruntime_runner import OnnxRuntimeRunner
 
     folder, _ = built
-    recordings = record_chain(tiny_predictor, data_root, max_new_tokens=1, llm_calls=2)
+    recordings = record_chain(tiny_predictor, parity_images(data_root)[0], max_new_tokens=1, llm_calls=2)
 
     class Noisy(OnnxRuntimeRunner):
         def infer(self, feed):
