@@ -182,15 +182,14 @@ def run_build(opts: BuildOptions, console=None) -> list[PartReport]:
     """Build, check and record the engines. Raises ``BuildError`` on bad options and
     ``ParityError`` (after writing the manifest) when an FP32 engine disagrees with PyTorch
     (a reduced-precision one falls back to FP32 instead)."""
-    from rich.console import Console
-
     from earthgptx.checkpoint import load_reference
     from earthgptx.predictor import Predictor
 
     from .onnx_export import export_onnx
     from .parity import ParityError, parity_images, record_chain
+    from .progress import BuildConsole
 
-    console = console or Console(stderr=True)
+    console = console or BuildConsole()
     check_options(opts)
     out = opts.out_dir
     out.mkdir(parents=True, exist_ok=True)

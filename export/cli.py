@@ -82,8 +82,9 @@ def run(args: argparse.Namespace) -> int:
     from rich.console import Console
 
     from .build import print_table, run_build
+    from .progress import BuildConsole
 
-    console = Console(stderr=True)
+    console = BuildConsole()
     reports = None
     try:
         reports = run_build(options_from_args(args), console)

@@ -53,7 +53,7 @@ def export_onnx(spec: ExportSpec, module: nn.Module, path: str | Path) -> Path:
                 axes[i] = torch.export.Dim.AUTO if d == "total" else dims.setdefault(d, torch.export.Dim(d))
         dynamic.append(axes)
     shapes = _group_varargs(adapter, tuple(dynamic))
-    with torch.no_grad(), warnings.catch_warnings(), eager_attention(adapter):
+    with torch.no_grad(), warnings.catch_warnings(), eager_attention(adapter), _no_torchvision_notes():
         warnings.simplefilter("ignore")  # the exporter's notes on axis names and deprecations
         program = torch.onnx.export(
             adapter, args, dynamo=True, input_names=spec.input_names, output_names=spec.output_names,
@@ -71,6 +71,19 @@ def export_onnx(spec: ExportSpec, module: nn.Module, path: str | Path) -> Path:
     onnx.checker.check_model(str(path), full_check=False)
     onnx.shape_inference.infer_shapes_path(str(path), check_type=True, strict_mode=False)
     return path
+
+
+@contextmanager
+def _no_torchvision_notes():
+    """The exporter logs "torchvision is not installed. Skipping torchvision::nms" (and three
+    more) at every export: no part uses torchvision ops, so those lines only alarm users."""
+    registry = logging.getLogger("torch.onnx._internal.exporter._registration")
+    level = registry.level
+    registry.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        registry.setLevel(level)
 
 
 def _group_varargs(module: nn.Module, dynamic: tuple) -> tuple:

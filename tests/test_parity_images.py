@@ -59,13 +59,16 @@ def test_a_users_folder_names_modalities_by_folder_or_file(tmp_path, data_root):
         parity_images(empty)
 
 
-def test_build_without_shared_imagery_uses_the_samples(tmp_path, monkeypatch):
-    """No ../shared and no --data: the tiny build still checks parity (on the samples) and passes."""
+def test_build_without_shared_imagery_uses_the_samples(tmp_path, monkeypatch, capfd):
+    """No ../shared and no --data: the tiny build still checks parity (on the samples) and
+    passes; its output has no foreign notes (the exporter's torchvision lines)."""
     from export.build import BuildError, BuildOptions, run_build
 
     monkeypatch.setenv("EGX_DATA", str(tmp_path / "absent"))
     out = tmp_path / "tiny"
     reports = run_build(BuildOptions(preset="tiny", out=out))
+    printed = capfd.readouterr().err
+    assert "parity images: the sample images shipped" in printed and "torchvision" not in printed
     assert all(r.parity["passed"] for r in reports)
     manifest = json.loads((out / "manifest.json").read_text())
     assert "sample images shipped" in manifest["parity_images"]
