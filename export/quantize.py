@@ -95,6 +95,27 @@ def nodes_in_modules(model, modules: tuple[str, ...]) -> list[str]:
     return out
 
 
+class _PreprocessAdvice(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "pre-processing before quantization" not in record.getMessage()
+
+
+@contextlib.contextmanager
+def _without_preprocess_advice():
+    """``quantize_static`` logs "Please consider to run pre-processing before quantization"
+    unless the model carries ONNX Runtime's pre-processing tag. What that pre-processing does
+    (shape inference, constant folding) ``onnx_export`` already did: the dynamo exporter runs
+    with ``optimize=True`` and every file is shape-inferred after saving. The line is advice
+    for other graphs, so it is not shown to users of this one."""
+    quiet = _PreprocessAdvice()
+    root = logging.getLogger()
+    root.addFilter(quiet)
+    try:
+        yield
+    finally:
+        root.removeFilter(quiet)
+
+
 def quantize_qdq(src: Path, dst: Path, feeds: list[dict], method: str = "max",
                  keep_fp32: tuple[str, ...] = (), chunk: int = CHUNK) -> dict:
     """Static QDQ INT8 of ``src`` calibrated on ``feeds`` (``chunk`` feeds per calibrator
@@ -115,7 +136,7 @@ def quantize_qdq(src: Path, dst: Path, feeds: list[dict], method: str = "max",
     names = [i.name for i in model.graph.input]
     stride = chunk_size(feeds, chunk)
     chatter = io.StringIO()  # the histogram collector prints a line per chunk
-    with contextlib.redirect_stdout(chatter):
+    with contextlib.redirect_stdout(chatter), _without_preprocess_advice():
         quantize_static(
             str(src), str(dst), FeedReader(feeds, names), quant_format=QuantFormat.QDQ, per_channel=True,
             activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
