@@ -3,10 +3,12 @@ for each backend side by side in one run on the same machine (PyTorch eager FP32
 reference). Prints a table of medians and ratios, and writes JSON with ``--json``.
 
 Stages: the part names, ``end_to_end_grounding``, ``end_to_end_segmentation``,
-``end_to_end_region``, ``click_to_mask`` (a new point on an already-encoded image) and
-``decode_per_token``; through ``egx serve`` (backend ``zmq``, benchmarks/served.py):
-``zmq_overhead``, ``click_to_mask``, ``end_to_end_segmentation`` and throughput rows. Decode is also reported against this machine's memory bandwidth:
-the bytes a token must read (weights + KV cache) / the measured copy bandwidth."""
+``end_to_end_region`` (a new image each time), ``prefix_cached_segmentation`` (a new prompt
+on an image whose embedding and prompt-prefix KV are cached), ``click_to_mask`` (a new point
+on an already-encoded image) and ``decode_per_token``; through ``egx serve`` (backend ``zmq``,
+benchmarks/served.py): ``zmq_overhead``, ``click_to_mask``, ``end_to_end_segmentation`` and
+throughput rows. Decode is also reported against this machine's memory bandwidth: the bytes a
+token must read (weights + KV cache) / the measured copy bandwidth."""
 from __future__ import annotations
 
 import json
@@ -70,7 +72,12 @@ def bench_backend(predictor, backend: str, precision: str, image: np.ndarray, re
     rows.append(Row("end_to_end_region", backend, precision,
                     timed(end_to_end("What is in <region1>?", VisualPrompts([], [(300, 300, 500, 450)], []), "region"),
                           e2e_repeats)))
-    predictor.encode_image(image, "sar")
+    # a new prompt on an image seen before: its embedding and prompt-prefix KV are cached
+    predictor.clear_cache()
+    predictor.predict(image, "sar", "Describe the image.", generation=GenerationConfig(max_new_tokens=1))
+    rows.append(Row("prefix_cached_segmentation", backend, precision,
+                    timed(lambda: predictor.predict(image, "sar", "Segment the ship.", point, task="segment",
+                                                    generation=gen), e2e_repeats)))
     rng = np.random.default_rng(0)
     clicks = [VisualPrompts([(float(x), float(y))], [], []) for x, y in rng.integers(0, 800, (repeats + 1, 2))]
     it = iter(clicks)

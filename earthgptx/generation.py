@@ -47,15 +47,35 @@ class Generated:
     seg_hidden: list[np.ndarray] = field(default_factory=list)  # (hidden,) of each generated [SEG]
     prefill_ms: float = 0.0
     decode_ms: list[float] = field(default_factory=list)
+    prefix: "PrefixKV | None" = None  # the prompt's first positions' KV, when asked for (keep_prefix)
 
 
-def prefill_feed(embeds: np.ndarray, llm_cfg: LLMConfig) -> dict[str, np.ndarray]:
-    """The ``llm`` feed for a prompt ``(T, hidden)``, batch 1, with a zero-length past KV."""
+@dataclass
+class PrefixKV:
+    """The KV of a prompt's first ``length`` positions (the system prompt, the modality tag
+    and the image tokens: the same for every prompt on one image), kept so that a later
+    prompt on that image prefills only its own tokens. ``kv``: ``past_key_values.*`` name ->
+    ``(1, kv_heads, length, head_dim)`` float32."""
+
+    length: int
+    kv: dict[str, np.ndarray]
+
+    @property
+    def nbytes(self) -> int:
+        return int(sum(a.nbytes for a in self.kv.values()))
+
+
+def prefill_feed(embeds: np.ndarray, llm_cfg: LLMConfig, prefix: PrefixKV | None = None) -> dict[str, np.ndarray]:
+    """The ``llm`` feed for a prompt ``(T, hidden)``, batch 1: every position after a zero-length
+    past KV, or, with ``prefix``, the positions after ``prefix.length`` on top of its KV."""
     t = embeds.shape[0]
+    start = prefix.length if prefix is not None else 0
+    if not 0 <= start < t:
+        raise ValueError(f"a prefix of {start} positions leaves nothing to prefill in a prompt of {t}")
     empty = np.zeros((1, llm_cfg.kv_heads, 0, llm_cfg.head_dim), dtype=np.float32)
-    return {"inputs_embeds": embeds[None].astype(np.float32), "attention_mask": np.ones((1, t), dtype=np.int64),
-            "position_ids": np.arange(t, dtype=np.int64)[None],
-            **{name: empty for name in kv_names(llm_cfg.layers, "past_key_values")}}
+    past = prefix.kv if prefix is not None else dict.fromkeys(kv_names(llm_cfg.layers, "past_key_values"), empty)
+    return {"inputs_embeds": embeds[None, start:].astype(np.float32), "attention_mask": np.ones((1, t), dtype=np.int64),
+            "position_ids": np.arange(start, t, dtype=np.int64)[None], **past}
 
 
 def step_feed(token_embed: np.ndarray, position: int, out: dict[str, np.ndarray], llm_cfg: LLMConfig) -> dict:
@@ -91,22 +111,30 @@ def choose_token(logits: np.ndarray, cfg: GenerationConfig, rng: np.random.Gener
 
 def generate(llm, inputs_embeds: np.ndarray, embed_table: np.ndarray, llm_cfg: LLMConfig, cfg: GenerationConfig,
              stop_ids: set[int], seg_id: int, decode: Callable[[list[int]], str],
-             capture: tuple[int, ...] = (), on_text: Callable[[str], None] | None = None) -> Generated:
+             capture: tuple[int, ...] = (), on_text: Callable[[str], None] | None = None,
+             prefix: PrefixKV | None = None, keep_prefix: int = 0) -> Generated:
     """Prefill ``inputs_embeds`` ``(1, T, hidden)`` then decode.
 
     ``llm`` is a runner: ``llm(feed) -> outputs`` with the names of ``llm.py``; the past
     KV is always fed (zero-length at prefill), so one graph serves both phases.
     ``capture``: prompt positions whose last hidden state to return (the forced ``[SEG]``).
     ``on_text``: called with each new piece of text as it is generated.
+    ``prefix``: the KV of the prompt's first positions, computed before (only the rest is
+    prefilled); else, with ``keep_prefix`` > 0, the KV of the first ``keep_prefix`` positions
+    is returned in ``Generated.prefix`` for later prompts.
     """
     import time
 
     rng = np.random.default_rng(cfg.seed)
     t = inputs_embeds.shape[1]
+    first = prefix.length if prefix is not None else 0
     start = time.perf_counter()
-    out = llm(prefill_feed(inputs_embeds[0], llm_cfg))
+    out = llm(prefill_feed(inputs_embeds[0], llm_cfg, prefix))
     result = Generated([], "", "length", prefill_ms=(time.perf_counter() - start) * 1e3)
-    result.prompt_hidden = [out["last_hidden_state"][0, p].copy() for p in capture]
+    result.prompt_hidden = [out["last_hidden_state"][0, p - first].copy() for p in capture]
+    if prefix is None and 0 < keep_prefix < t:
+        names = zip(kv_names(llm_cfg.layers, "past_key_values"), kv_names(llm_cfg.layers, "present"))
+        result.prefix = PrefixKV(keep_prefix, {p: np.ascontiguousarray(out[n][:, :, :keep_prefix]) for p, n in names})
     emitted = ""
     for step in range(cfg.max_new_tokens):
         tok = choose_token(out["logits"][0], cfg, rng)

@@ -23,7 +23,7 @@ import numpy as np
 from .config import ModelConfig
 from .errors import InputError
 from .generation import GenerationConfig, generate
-from .image_cache import DEFAULT_CACHE_BYTES, ImageCache, encoding_key, image_id
+from .image_cache import DEFAULT_CACHE_BYTES, DEFAULT_PREFIX_CACHE_BYTES, ImageCache, encoding_key, image_id
 from .processing import (Letterbox, VisualPrompts, check_modality, component_boxes, decoder_points,
                          parse_text_boxes, preprocess, prompt_encoder_feed)
 from .prompting import IMAGE_TOKEN, SEG_TOKEN, STOP_TOKENS, build_prompt, region_token, splice
@@ -107,7 +107,8 @@ class Predictor:
     in, feed dict out); ``embed_table`` ``(vocab, hidden)`` float32 embeds text ids."""
 
     def __init__(self, runners: dict, tokenizer, config: ModelConfig, embed_table: np.ndarray,
-                 cache_bytes: int = DEFAULT_CACHE_BYTES, text_generator=None) -> None:
+                 cache_bytes: int = DEFAULT_CACHE_BYTES, text_generator=None,
+                 prefix_cache_bytes: int = DEFAULT_PREFIX_CACHE_BYTES) -> None:
         self.runners = runners
         # optional: an engine that generates text itself (TensorRT-LLM); see runners/tensorrt_llm_runner.py
         self.text_generator = text_generator
@@ -115,6 +116,9 @@ class Predictor:
         self.config = config
         self.embed_table = embed_table
         self.cache = ImageCache(cache_bytes)
+        # per encoded image: the LLM's KV of the system prompt, modality tag and image tokens
+        # (generation.PrefixKV), so a second prompt on an image prefills only its own tokens
+        self.prefix_cache = ImageCache(prefix_cache_bytes)
         ids = tokenizer.convert_tokens_to_ids
         self.image_id = ids(IMAGE_TOKEN)
         self.seg_id = ids(SEG_TOKEN)
@@ -144,8 +148,10 @@ class Predictor:
 
     # -- image --------------------------------------------------------------------
     def clear_cache(self) -> None:
-        """Forget encoded images (the next request runs the vision encoder again)."""
+        """Forget encoded images and their prompt prefixes (the next request runs the vision
+        encoder and the whole prefill again)."""
         self.cache.clear()
+        self.prefix_cache.clear()
 
     def cached(self, image_key: str, modality: str, **options) -> EncodedImage | None:
         """The cached encoding of the image whose ``image_id`` is ``image_key``, or None."""
@@ -226,8 +232,14 @@ class Predictor:
             embeds = splice(ids, self.embed_table, enc.image_tokens[0], region_tokens, self.image_id, self.region_ids)
             capture = (embeds.shape[0] - 1,) if force_seg else ()
             if self.text_generator is None:
+                # the positions up to the last image token are the same for every prompt on this image
+                prefix_len = int(np.flatnonzero(ids == self.image_id)[0]) + enc.image_tokens.shape[1]
+                prefix = self.prefix_cache.get(enc.key) if enc.key else None
                 gen = generate(self.runners["llm"], embeds[None], self.embed_table, self.config.llm, generation,
-                               self.stop_ids, self.seg_id, self.decode_tokens, capture, on_text)
+                               self.stop_ids, self.seg_id, self.decode_tokens, capture, on_text,
+                               prefix=prefix, keep_prefix=prefix_len if enc.key else 0)
+                if gen.prefix is not None:
+                    self.prefix_cache.put(enc.key, gen.prefix, gen.prefix.nbytes)
             else:
                 gen = self.text_generator.generate(self, ids, embeds, enc.image_tokens[0], region_tokens, generation,
                                                    capture, on_text)

@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 
 from earthgptx.config import PART_NAMES
-from earthgptx.image_cache import DEFAULT_CACHE_BYTES
+from earthgptx.image_cache import DEFAULT_CACHE_BYTES, DEFAULT_PREFIX_CACHE_BYTES
 from earthgptx.predictor import Predictor
 
 from .manifest import ManifestError, load_manifest, manifest_config
@@ -31,10 +31,12 @@ def make_runner(name: str, entry: dict, folder: Path, device: str, threads: int 
 
 
 def open_predictor(folder: str | Path, device: str = "auto", threads: int | None = None,
-                   cache_bytes: int = DEFAULT_CACHE_BYTES) -> Predictor:
+                   cache_bytes: int = DEFAULT_CACHE_BYTES,
+                   prefix_cache_bytes: int = DEFAULT_PREFIX_CACHE_BYTES) -> Predictor:
     """A ``Predictor`` over the engines in ``folder`` (read from its manifest alone).
     ``threads``: ONNX Runtime intra-op threads per engine (None: all cores);
-    ``cache_bytes``: the image-embedding cache's bound."""
+    ``cache_bytes``: the image-embedding cache's bound; ``prefix_cache_bytes``: the bound of
+    the cache of each image's prompt-prefix KV (``Predictor.prefix_cache``)."""
     from transformers import AutoTokenizer
 
     folder = Path(folder)
@@ -57,4 +59,5 @@ def open_predictor(folder: str | Path, device: str = "auto", threads: int | None
         from .tensorrt_llm_runner import PromptTableTextGenerator, TensorRTLLMEngine
 
         generator = PromptTableTextGenerator(TensorRTLLMEngine(folder / engines["llm"]["trtllm_engine_dir"]))
-    return Predictor(runners, tokenizer, config, table, cache_bytes=cache_bytes, text_generator=generator)
+    return Predictor(runners, tokenizer, config, table, cache_bytes=cache_bytes, text_generator=generator,
+                     prefix_cache_bytes=prefix_cache_bytes)

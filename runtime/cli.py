@@ -5,7 +5,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from earthgptx.image_cache import DEFAULT_CACHE_BYTES
+from earthgptx.image_cache import DEFAULT_CACHE_BYTES, DEFAULT_PREFIX_CACHE_BYTES
 
 from .protocol import DEFAULT_MAX_QUEUE, DEFAULT_MAX_REQUEST_BYTES
 
@@ -21,6 +21,9 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=int, default=None, help="ONNX Runtime threads per worker (default: all cores)")
     p.add_argument("--cache-mb", type=float, default=DEFAULT_CACHE_BYTES / 2**20,
                    help="image-embedding cache per worker (MiB)")
+    p.add_argument("--prefix-cache-mb", type=float, default=DEFAULT_PREFIX_CACHE_BYTES / 2**20,
+                   help="per worker: the LLM KV of each image's prompt prefix, so a later prompt on a cached "
+                        "image prefills only its own tokens (MiB)")
     p.add_argument("--max-queue", type=int, default=DEFAULT_MAX_QUEUE, help="queued requests before 'busy' replies")
     p.add_argument("--max-request-mb", type=float, default=DEFAULT_MAX_REQUEST_BYTES / 2**20,
                    help="largest request accepted (MiB)")
@@ -49,7 +52,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     opts = ServeOptions(engines=args.engines, bind=args.bind, workers=args.workers, staged=args.staged,
                         devices=tuple(d.strip() for d in args.devices.split(",") if d.strip()), threads=args.threads,
-                        cache_bytes=int(args.cache_mb * 2**20), max_queue=args.max_queue,
+                        cache_bytes=int(args.cache_mb * 2**20), prefix_cache_bytes=int(args.prefix_cache_mb * 2**20),
+                        max_queue=args.max_queue,
                         max_request_bytes=int(args.max_request_mb * 2**20), curve_secret=args.curve_secret,
                         allow=args.allow, insecure=args.insecure, grace_s=args.grace)
     return serve(opts)

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from earthgptx.errors import EarthGPTXError
-from earthgptx.image_cache import DEFAULT_CACHE_BYTES
+from earthgptx.image_cache import DEFAULT_CACHE_BYTES, DEFAULT_PREFIX_CACHE_BYTES
 
 from .protocol import (BUSY_TIMEOUT, DEFAULT_MAX_QUEUE, DEFAULT_MAX_REQUEST_BYTES, FRONTEND_RCVHWM, FRONTEND_SNDHWM,
                        MAX_FRAME_FACTOR)
@@ -35,6 +35,7 @@ class ServeOptions:
     devices: tuple[str, ...] = ("cpu",)
     threads: int | None = None
     cache_bytes: int = DEFAULT_CACHE_BYTES
+    prefix_cache_bytes: int = DEFAULT_PREFIX_CACHE_BYTES
     max_queue: int = DEFAULT_MAX_QUEUE
     max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES
     curve_secret: Path | None = None
@@ -112,7 +113,7 @@ class Server:
         for i in range(opts.workers):
             for stage in opts.stages:
                 self._spawn(WorkerOptions(str(opts.engines), endpoint, stage, opts.devices[i % len(opts.devices)],
-                                          opts.threads, opts.cache_bytes))
+                                          opts.threads, opts.cache_bytes, opts.prefix_cache_bytes))
         self._wait_ready()
 
     def _spawn(self, wopts: WorkerOptions) -> None:

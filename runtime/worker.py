@@ -10,6 +10,8 @@ import sys
 import time
 from dataclasses import dataclass
 
+from earthgptx.image_cache import DEFAULT_CACHE_BYTES, DEFAULT_PREFIX_CACHE_BYTES
+
 from .protocol import (DISCONNECT, FINAL, HEARTBEAT, HEARTBEAT_INTERVAL, HEARTBEAT_LIVENESS, PARTIAL, READY,
                        REQUEST, WORKER_PROTOCOL, Message)
 
@@ -21,7 +23,8 @@ class WorkerOptions:
     stage: str = "all"
     device: str = "cpu"  # cpu, cuda, cuda:K (K is made the only visible GPU)
     threads: int | None = None
-    cache_bytes: int = 256 * 2**20
+    cache_bytes: int = DEFAULT_CACHE_BYTES
+    prefix_cache_bytes: int = DEFAULT_PREFIX_CACHE_BYTES
 
 
 class _Link:
@@ -65,7 +68,8 @@ def run_worker(opts: WorkerOptions) -> int:
 
         try:
             handler = RequestHandler(open_predictor(opts.engines, device, threads=opts.threads,
-                                                    cache_bytes=opts.cache_bytes), opts.stage)
+                                                    cache_bytes=opts.cache_bytes,
+                                                    prefix_cache_bytes=opts.prefix_cache_bytes), opts.stage)
         except EarthGPTXError as exc:
             link.send(DISCONNECT, json.dumps({"error": f"worker {os.getpid()} ({opts.device}): {exc}"}).encode())
             time.sleep(0.2)  # let the message leave before the socket closes

@@ -225,7 +225,8 @@ def test_bench_writes_the_table_and_json(built, tmp_path):
     assert proc.returncode == 0, proc.stderr
     report = json.loads(out.read_text())
     stages = {"vision_encoder", "prompt_encoder", "llm", "pixel_decoder", "end_to_end_grounding",
-              "end_to_end_segmentation", "end_to_end_region", "click_to_mask", "decode_per_token"}
+              "end_to_end_segmentation", "end_to_end_region", "prefix_cached_segmentation", "click_to_mask",
+              "decode_per_token"}
     served = {"zmq_overhead", "click_to_mask", "end_to_end_segmentation", "throughput_1_worker",
               "throughput_2_workers", "throughput_new_images_1_worker", "throughput_new_images_staged"}
     for backend, expected in (("pytorch", stages), ("onnxruntime", stages | {"throughput_in_process"}),

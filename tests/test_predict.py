@@ -209,3 +209,56 @@ def test_predictor_cache_skips_the_vision_encoder_and_evicts(tiny, sar):
     assert p.cache.stats().entries == 1 and p.cache.stats().evictions == 1
     assert p.predict(sar, "sar", "", click, task="click").timings_ms["vision_encoder"] > 0
     assert p.predict(sar, "optical", "", click, task="click").timings_ms["vision_encoder"] > 0  # per modality
+
+
+def _predictors(tiny, tiny_build):
+    from earthgptx.predictor import Predictor
+    from runners.engines import open_predictor
+
+    yield "pytorch", lambda: Predictor.from_model(*tiny)
+    yield "onnxruntime", lambda: open_predictor(tiny_build[0], "cpu")
+
+
+def test_prefill_on_a_cached_prefix_equals_the_whole_prefill(tiny, tiny_build):
+    """The ``llm`` part (PyTorch and its ONNX engine): the positions after a prefix, fed on
+    top of the prefix's KV, get the hidden states and logits the whole prompt gets."""
+    from earthgptx.generation import PrefixKV, prefill_feed
+    from earthgptx.llm import kv_names
+
+    cfg = tiny[0].config.llm
+    embeds = np.random.default_rng(0).normal(0, 0.05, (23, cfg.hidden)).astype(np.float32)
+    for name, make in _predictors(tiny, tiny_build):
+        llm = make().runners["llm"]
+        whole = llm(prefill_feed(embeds, cfg))
+        names = zip(kv_names(cfg.layers, "past_key_values"), kv_names(cfg.layers, "present"))
+        prefix = PrefixKV(9, {p: whole[n][:, :, :9] for p, n in names})
+        rest = llm(prefill_feed(embeds, cfg, prefix))
+        np.testing.assert_allclose(rest["last_hidden_state"][0], whole["last_hidden_state"][0, 9:], atol=2e-5, err_msg=name)
+        np.testing.assert_allclose(rest["logits"], whole["logits"], atol=2e-4, err_msg=name)
+        np.testing.assert_allclose(rest["present.0.key"], whole["present.0.key"], atol=2e-5, err_msg=name)
+        with pytest.raises(ValueError, match="nothing to prefill"):
+            prefill_feed(embeds[:9], cfg, prefix)
+
+
+def test_prompts_on_a_cached_image_give_the_uncached_answers(tiny, tiny_build, sar):
+    """Four prompts on one image: the first fills the prefix cache, the others prefill only
+    their own tokens; every answer (tokens, masks, scores) equals a fresh predictor's."""
+    reqs = [("Describe the image.", VisualPrompts([], [], []), "caption"),
+            ("Segment the ship.", VisualPrompts([(346, 323)], [], []), "segment"),
+            ("Where is the ship?", VisualPrompts([], [], []), "grounding"),
+            ("What is in <region1>?", VisualPrompts([], [(300, 300, 400, 400)], []), "region")]
+    for name, make in _predictors(tiny, tiny_build):
+        cached = make()
+        answers = [cached.predict(sar, "sar", text, p, task=task, generation=GEN) for text, p, task in reqs]
+        stats = cached.prefix_cache.stats()
+        assert (stats.entries, stats.misses, stats.hits) == (1, 1, 3), name
+        for (text, p, task), got in zip(reqs, answers):
+            fresh = make().predict(sar, "sar", text, p, task=task, generation=GEN)
+            assert got.token_ids == fresh.token_ids and got.text == fresh.text, (name, task)
+            assert got.to_json()["masks"] == fresh.to_json()["masks"], (name, task)
+            np.testing.assert_allclose(got.scores, fresh.scores, atol=1e-5, err_msg=f"{name} {task}")
+            np.testing.assert_allclose(got.boxes, fresh.boxes, atol=1e-3, err_msg=f"{name} {task}")
+        cached.predict(sar, "optical", "Describe the image.", generation=GEN)  # another modality: its own prefix
+        assert cached.prefix_cache.stats().entries == 2
+        cached.clear_cache()
+        assert cached.prefix_cache.stats().entries == 0
