@@ -105,7 +105,7 @@ def warn_if_scaled_down(shape: tuple[int, ...], input_size: int) -> None:
     if side > 4 * input_size:
         print(f"warning: the image is {shape[1]}x{shape[0]} px and the model sees it at {input_size} px, "
               f"{side / input_size:.0f}x smaller: objects under ~{side // input_size} px vanish. Crop a window "
-              f"of about {2 * input_size} px around what matters, or tile the scene.", file=sys.stderr)
+              f"of about {2 * input_size} px around what matters, or run `egx scene`, which tiles it.", file=sys.stderr)
 
 
 def _masks_output(out: dict, how: str) -> None:

@@ -1,5 +1,5 @@
 """``egx``: parse, dispatch to the layer that owns the command, print typed errors.
-Subcommands: ``predict``, ``info``, ``build``, ``bench``, ``serve``, ``query``, ``keys``,
+Subcommands: ``predict``, ``scene``, ``info``, ``build``, ``bench``, ``serve``, ``query``, ``keys``,
 ``data``, ``train``, ``eval``, ``checkpoint``."""
 from __future__ import annotations
 
@@ -32,11 +32,15 @@ def open_predictor(args: argparse.Namespace):
 def build_parser() -> argparse.ArgumentParser:
     from benchmarks.run import add_bench_arguments
     from export.cli import add_build_arguments
+    from earthgptx.scene.cli import add_scene_arguments
     from runtime.cli import add_keys_arguments, add_query_arguments, add_serve_arguments
 
     parser = argparse.ArgumentParser(prog="egx", description="EarthGPT-X for optical, SAR and infrared imagery.")
     sub = parser.add_subparsers(dest="command", required=True)
     add_model_parsers(sub, _add_model_source)
+    p = sub.add_parser("scene", help="a whole scene (GeoTIFF of any size): zoom-out answer + objects over tiles")
+    _add_model_source(p)
+    add_scene_arguments(p)
     add_build_arguments(sub.add_parser("build", help="build engines (same as python export/build_engines.py)"))
     add_bench_arguments(sub.add_parser("bench", help="benchmark PyTorch and the built engines side by side"))
     add_serve_arguments(sub.add_parser("serve", help="serve built engines over ZeroMQ (docs/protocol.md)"))
@@ -61,7 +65,10 @@ def main(argv: list[str] | None = None) -> int:
         return bench_main(args)
     from runtime.cli import cmd_keys, cmd_query, cmd_serve
 
+    from earthgptx.scene.cli import cmd_scene
+
     handler = {"predict": partial(cmd_predict, open_predictor=open_predictor), "info": cmd_info,
+               "scene": partial(cmd_scene, open_predictor=open_predictor),
                "checkpoint": cmd_checkpoint, "serve": cmd_serve, "query": cmd_query, "keys": cmd_keys,
                "data": cmd_data, "train": cmd_train, "eval": partial(cmd_eval, open_predictor=open_predictor)
                }[args.command]

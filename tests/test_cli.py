@@ -128,8 +128,8 @@ def _readme_commands():
 
 def _readme_folder(tmp_path, data_root) -> tuple:
     """(cwd, env, ports) for the README's commands: a temporary folder laid out like the
-    repository for their relative paths (``engines/`` and ``export/`` link to the
-    repository's, ``../shared`` to the data), so that what they write (``keys/``, the
+    repository for their relative paths (``engines/``, ``export/`` and ``earthgptx/`` (the
+    sample images) link to the repository's, ``../shared`` to the data), so that what they write (``keys/``, the
     overlay) stays out of the repository; this checkout's code first on the path; and
     free ports in place of the README's 5555 and 5556 (another suite may run beside)."""
     import os
@@ -137,7 +137,7 @@ def _readme_folder(tmp_path, data_root) -> tuple:
 
     work = tmp_path / "repo"
     work.mkdir()
-    for name in ("engines", "export"):
+    for name in ("engines", "export", "earthgptx"):
         (work / name).symlink_to(REPO / name)
     (tmp_path / "shared").symlink_to(data_root.parent)
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])))
@@ -195,7 +195,9 @@ def test_readme_commands_run_as_written(data_root, tmp_path):
                 assert proc.returncode == 0, (part, proc.stderr[-2000:])
                 if "--json" in argv and argv[1] in ("predict", "query"):
                     out = json.loads(proc.stdout)
-                    if "engines/edge" in argv or "query" in argv:
+                    if "--masks" in argv:  # the sample image: counts only
+                        assert "masks" not in out and len(out["mask_pixels"]) == len(out["scores"])
+                    elif "engines/edge" in argv or "query" in argv:
                         assert out["masks"][0]["size"] == [800, 800] and out["boxes"] and "text" in out
                 ran += 1
     finally:

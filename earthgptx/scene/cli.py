@@ -1,0 +1,75 @@
+"""``egx scene``: the command line over ``run.run_scene`` (the dispatcher adds the model source)."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+from ..processing import MODALITIES
+
+
+def add_scene_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--image", required=True, help="the scene: GeoTIFF, COG or any GDAL format (PNG/TIFF too)")
+    p.add_argument("--modality", required=True, choices=MODALITIES)
+    p.add_argument("--text", required=True, help="what to find in every tile, e.g. \"Segment all ships.\"")
+    p.add_argument("--task", choices=("segment", "grounding"), default="segment",
+                   help="per tile: masks (merged as polygons) or boxes (merged by NMS)")
+    p.add_argument("--tile", type=int, default=512, help="tile side in model-input pixels (default 512)")
+    p.add_argument("--overlap", type=int, default=64, help="pixels neighbouring tiles share (>= the largest object)")
+    p.add_argument("--gsd", type=float, default=None, metavar="M",
+                   help="resample tiles to this ground-sample distance (CRS units a pixel; GeoTIFFs only)")
+    p.add_argument("--overview-text", default="Describe this image.",
+                   help="the zoom-out question, answered on an overview of the whole scene")
+    p.add_argument("--no-overview", action="store_true", help="skip the zoom-out answer")
+    p.add_argument("--max-new-tokens", type=int, default=32)
+    p.add_argument("--geojson", metavar="OUT.geojson", help="objects as GeoJSON (the scene's CRS; --wgs84: EPSG:4326)")
+    p.add_argument("--wgs84", action="store_true", help="GeoJSON in longitude/latitude (EPSG:4326)")
+    p.add_argument("--simplify", type=float, default=0.5, help="GeoJSON polygon tolerance in scene pixels")
+    p.add_argument("--coco", metavar="OUT.json", help="objects as COCO JSON in scene pixels")
+
+
+class _Progress:
+    """Tiles done, rate and ETA on stderr: one updating line on a terminal, else a line per 10 %."""
+
+    def __init__(self) -> None:
+        self.start = time.monotonic()
+        self.tty = sys.stderr.isatty()
+        self.last = -1
+
+    def __call__(self, done: int, total: int) -> None:
+        t = time.monotonic() - self.start
+        rate = done / t if t > 0 else 0.0
+        eta = (total - done) / rate if rate > 0 else 0.0
+        line = f"tiles {done}/{total}  {rate:.2f} tiles/s  ETA {eta:.0f} s"
+        if self.tty:
+            print("\r" + line, end="\n" if done == total else "", file=sys.stderr, flush=True)
+        elif done * 10 // total != self.last or done == total:
+            self.last = done * 10 // total
+            print(line, file=sys.stderr, flush=True)
+
+
+def cmd_scene(args: argparse.Namespace, open_predictor) -> int:
+    from .outputs import to_coco, to_geojson, write_json
+    from .run import SceneOptions, run_scene
+    from .source import SceneSource
+
+    opts = SceneOptions(tile=args.tile, overlap=args.overlap, gsd=args.gsd,
+                        overview_text=None if args.no_overview else args.overview_text,
+                        max_new_tokens=args.max_new_tokens)
+    with SceneSource(args.image) as source:
+        predictor = open_predictor(args)
+        print(f"scene {source.width}x{source.height} px, {source.bands} band(s) {source.dtype}, "
+              f"{source.crs.to_string() if source.crs else 'no CRS'}", file=sys.stderr)
+        result = run_scene(predictor, source, args.modality, args.text, args.task, opts, _Progress())
+        summary = {"task": result.task, "objects": len(result.objects), "overview": result.overview,
+                   "tiles": result.tiles, "seconds": round(result.seconds, 2),
+                   "boxes_px": [[round(v, 2) for v in o.box] for o in result.objects],
+                   "scores": [round(o.score, 4) for o in result.objects]}
+        if args.geojson:
+            summary["geojson"] = str(write_json(args.geojson, to_geojson(result, source, args.wgs84, args.simplify)))
+        if args.coco:
+            summary["coco"] = str(write_json(args.coco, to_coco(result, source, Path(args.image).name)))
+    print(json.dumps(summary))
+    return 0

@@ -1,0 +1,107 @@
+"""``run_scene``: zoom out, then zoom in tile by tile, through one ``Predictor``.
+
+Memory: one tile at a time is read and answered (its pixels, the pre-processing at the
+model's input size and the masks of one tile), plus the polygons found so far; the scene
+itself is never read whole (the overview is a decimated read). So peak memory is bounded by
+the tile size, not the scene's."""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+
+from ..errors import InputError
+from ..generation import GenerationConfig
+from .source import SceneSource, Window
+from .tiling import SceneObject, merge_boxes, merge_masks, mask_polygons, plan_tiles, tile_affine
+
+SCENE_TASKS = ("segment", "grounding")
+
+
+@dataclass(frozen=True)
+class SceneOptions:
+    """``tile``: tile side in model-input pixels; ``overlap``: pixels shared by neighbouring
+    tiles (at least the size of the largest object, so each one is whole in some tile);
+    ``gsd``: resample tiles to this ground-sample distance (CRS units per pixel; None: the
+    scene's own); ``overview_text``: the zoom-out question (None: no zoom-out answer);
+    ``max_tiles``: refuse plans larger than this."""
+
+    tile: int = 512
+    overlap: int = 64
+    gsd: float | None = None
+    overview_text: str | None = "Describe this image."
+    max_tiles: int = 100_000
+    max_new_tokens: int = 32
+
+
+@dataclass
+class SceneResult:
+    """``objects`` in scene pixels; ``overview``: the zoom-out answer's text; ``tiles``:
+    planned / answered / skipped (no data)."""
+
+    objects: list[SceneObject]
+    overview: str | None
+    task: str
+    tiles: dict = field(default_factory=dict)
+    seconds: float = 0.0
+
+
+def run_scene(predictor, source: SceneSource, modality: str, text: str, task: str = "segment",
+              opts: SceneOptions = SceneOptions(), progress: Callable[[int, int], None] | None = None,
+              preprocess_options: dict | None = None) -> SceneResult:
+    """Answer ``text`` over ``source``: per tile ``predictor.predict(tile, modality, text,
+    task=task)``, objects merged across tiles; plus the zoom-out answer on an overview.
+    ``progress(done, total)`` after each tile."""
+    if task not in SCENE_TASKS:
+        raise InputError(f"egx scene answers {' or '.join(SCENE_TASKS)} per tile, not {task!r}")
+    start = time.perf_counter()
+    pre = preprocess_options or {}
+    size = predictor.config.vision.image_size
+    overview = None
+    if opts.overview_text:
+        image, _ = source.overview(2 * size)
+        gen = GenerationConfig(max_new_tokens=opts.max_new_tokens)
+        overview = predictor.predict(image, modality, opts.overview_text, generation=gen, **pre).text
+    step = 1.0
+    if opts.gsd is not None:
+        if not source.georeferenced:
+            raise InputError("--gsd needs a georeferenced scene (its pixel size comes from the GeoTIFF)")
+        step = opts.gsd / source.resolution  # scene pixels per tile pixel
+    tile = max(1, round(opts.tile * step))
+    windows = plan_tiles(source.height, source.width, tile, min(tile - 1, round(opts.overlap * step)))
+    if len(windows) > opts.max_tiles:
+        raise InputError(f"{len(windows)} tiles of {tile} px: more than --max-tiles {opts.max_tiles}; "
+                         "use a larger --tile or a coarser --gsd")
+    pieces, boxes, scores = [], [], []
+    skipped = 0
+    gen = GenerationConfig(max_new_tokens=opts.max_new_tokens)
+    for k, w in enumerate(windows):
+        valid = source.valid(w)
+        if not valid.any():
+            skipped += 1
+        else:
+            out = (round(w.height / step), round(w.width / step)) if step != 1.0 else None
+            pixels = source.read(w, out)
+            pred = predictor.predict(pixels, modality, text, task=task, generation=gen, **pre)
+            to_scene = tile_affine(w, pixels.shape[0], pixels.shape[1])
+            if task == "segment":
+                for m, s in zip(pred.masks, pred.scores):
+                    keep = m if out is not None else m & valid  # nothing is found where there is no data
+                    pieces += [(g, float(s)) for g in mask_polygons(keep, to_scene)]
+            else:
+                for i, b in enumerate(pred.boxes):  # text boxes (after the decoder's) have no score
+                    s = pred.scores[i] if i < len(pred.scores) else 0.0
+                    boxes.append((to_scene.c + to_scene.a * b[0], to_scene.f + to_scene.e * b[1],
+                                  to_scene.c + to_scene.a * b[2], to_scene.f + to_scene.e * b[3]))
+                    scores.append(float(s))
+        if progress is not None:
+            progress(k + 1, len(windows))
+    if task == "segment":
+        objects = merge_masks(pieces)
+    else:
+        objects = merge_boxes(np.asarray(boxes, dtype=np.float64).reshape(-1, 4), np.asarray(scores, dtype=np.float64))
+    tiles = {"planned": len(windows), "answered": len(windows) - skipped, "skipped_no_data": skipped,
+             "tile_scene_px": tile, "tile_model_px": opts.tile}
+    return SceneResult(objects, overview, task, tiles, time.perf_counter() - start)

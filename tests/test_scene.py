@@ -1,0 +1,151 @@
+"""Whole scenes: tiling, windowed reading, merging across tile borders and georeferenced
+output, checked against a scene whose objects are known (a thresholding "model" that finds
+exactly the bright pixels of a tile), and the command on the tiny model."""
+import json
+import subprocess
+import sys
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+
+from conftest import REPO
+
+rasterio = pytest.importorskip("rasterio", reason="the geo extra (rasterio, shapely, pyproj) is not installed")
+from affine import Affine  # noqa: E402
+
+from earthgptx.scene.run import SceneOptions, run_scene  # noqa: E402
+from earthgptx.scene.source import SceneSource, Window  # noqa: E402
+from earthgptx.scene.tiling import merge_boxes, plan_tiles  # noqa: E402
+
+TRANSFORM = Affine(0.5, 0.0, 500000.0, 0.0, -0.5, 4500000.0)  # UTM 33N, 0.5 m pixels
+
+
+def write_scene(path, data, nodata=None, crs="EPSG:32633"):
+    bands = data[None] if data.ndim == 2 else np.moveaxis(data, -1, 0)
+    with rasterio.open(path, "w", driver="GTiff", height=data.shape[0], width=data.shape[1], count=bands.shape[0],
+                       dtype=data.dtype, crs=crs, transform=TRANSFORM, nodata=nodata, tiled=True,
+                       blockxsize=256, blockysize=256) as dst:
+        dst.write(bands)
+    return path
+
+
+class Threshold:
+    """A stand-in predictor that segments exactly the pixels above 128 of what it is given:
+    one mask per request (the union), score 0.9."""
+
+    config = SimpleNamespace(vision=SimpleNamespace(image_size=64))
+
+    def __init__(self):
+        self.calls = []
+
+    def predict(self, image, modality, text, prompts=None, task="auto", generation=None, **kw):
+        self.calls.append((image.shape, task))
+        grey = image if image.ndim == 2 else image.max(-1)
+        mask = grey > 128
+        ys, xs = np.nonzero(mask)
+        boxes = np.array([[xs.min(), ys.min(), xs.max() + 1, ys.max() + 1]], float) if len(xs) else np.zeros((0, 4))
+        return SimpleNamespace(masks=[mask] if task == "segment" else [], scores=[0.9] * len(boxes), boxes=boxes,
+                               text="a scene")
+
+
+def test_tiles_cover_the_scene_flush_with_its_edges():
+    for h, w, tile, overlap in ((1000, 700, 256, 32), (256, 256, 256, 0), (100, 900, 256, 64)):
+        windows = plan_tiles(h, w, tile, overlap)
+        covered = np.zeros((h, w), bool)
+        for win in windows:
+            assert win.row + win.height <= h and win.col + win.width <= w
+            covered[win.row:win.row + win.height, win.col:win.col + win.width] = True
+        assert covered.all()
+        cols = sorted({win.col for win in windows})
+        assert all(b - a <= tile - overlap for a, b in zip(cols, cols[1:]))
+    assert plan_tiles(100, 100, 256, 16) == [Window(0, 0, 100, 100)]
+    with pytest.raises(ValueError):
+        plan_tiles(100, 100, 64, 64)
+
+
+def test_windows_read_what_the_file_holds(tmp_path, data_root):
+    from earthgptx.imageio import read_image
+
+    chip = read_image(data_root / "sar" / "hrsid" / "P0094_0_800_3000_3800.png").data
+    chip = chip if chip.ndim == 2 else chip[..., 0]
+    path = write_scene(tmp_path / "s.tif", chip)
+    with SceneSource(path) as src:
+        assert (src.height, src.width, src.bands, src.georeferenced) == (800, 800, 1, True)
+        np.testing.assert_array_equal(src.read(Window(100, 250, 300, 200)), chip[100:400, 250:450])
+        overview, factor = src.overview(200)
+        assert overview.shape == (200, 200) and factor == 4.0
+        assert src.valid(Window(0, 0, 10, 10)).all()
+
+
+def _known_scene():
+    """2,000 x 1,500 px: four bright rectangles, two of them across tile borders (tiles of 512,
+    overlap 64), on a dark sea; the bottom-right quarter is no-data (0)."""
+    img = np.full((1500, 2000), 40, np.uint8)
+    objects = [(100, 100, 160, 130), (430, 300, 520, 340), (900, 440, 950, 600), (1200, 100, 1240, 110)]
+    for x0, y0, x1, y1 in objects:
+        img[y0:y1, x0:x1] = 220
+    img[750:, 1000:] = 0
+    return img, objects
+
+
+def test_objects_cut_by_tile_borders_are_merged_once_and_georeferenced(tmp_path):
+    img, objects = _known_scene()
+    path = write_scene(tmp_path / "known.tif", img, nodata=0)
+    model = Threshold()
+    with SceneSource(path) as src:
+        result = run_scene(model, src, "sar", "Segment all ships.", "segment", SceneOptions(tile=512, overlap=64))
+        from earthgptx.scene.outputs import to_coco, to_geojson
+
+        geo, coco = to_geojson(result, src), to_coco(result, src, "known.tif")
+        wgs = to_geojson(result, src, wgs84=True)
+    assert [o.box for o in result.objects] == [tuple(map(float, b)) for b in sorted(objects, key=lambda b: (b[1], b[0]))]
+    assert max(o.tiles for o in result.objects) >= 2  # some object was seen in pieces and merged
+    assert result.tiles["skipped_no_data"] >= 1 and result.tiles["answered"] + result.tiles["skipped_no_data"] == \
+        result.tiles["planned"]
+    assert result.overview == "a scene" and model.calls[0][0] == (96, 128)  # the overview: 2 x input, aspect kept
+    # GeoJSON in the scene's CRS: a box's corners through the geotransform
+    x0, y0, x1, y1 = result.objects[0].box
+    xs, ys = zip(*geo["features"][0]["geometry"]["coordinates"][0])
+    assert (min(xs), max(ys)) == (500000 + 0.5 * x0, 4500000 - 0.5 * y0)
+    assert (max(xs), min(ys)) == (500000 + 0.5 * x1, 4500000 - 0.5 * y1)
+    assert geo["properties"]["crs"] == "EPSG:32633" and len(geo["features"]) == 4
+    lon, lat = wgs["features"][0]["geometry"]["coordinates"][0][0]
+    assert 14.9 < lon < 15.1 and 40.6 < lat < 40.7  # 500 km E, 4,500 km N in UTM 33N
+    assert [a["bbox"] for a in coco["annotations"]][0] == [x0, y0, x1 - x0, y1 - y0]
+    assert coco["annotations"][0]["area"] == (x1 - x0) * (y1 - y0)
+
+
+def test_grounding_boxes_are_merged_by_nms(tmp_path):
+    img, objects = _known_scene()
+    path = write_scene(tmp_path / "known.tif", img)
+    with SceneSource(path) as src:
+        result = run_scene(Threshold(), src, "sar", "Where are the ships?", "grounding",
+                           SceneOptions(tile=700, overlap=200, overview_text=None))
+    assert len(result.objects) >= 1 and result.overview is None
+    kept = merge_boxes(np.array([[0, 0, 100, 100], [5, 5, 100, 100], [0, 0, 40, 100], [200, 200, 300, 300.]]),
+                       np.array([0.9, 0.8, 0.95, 0.5]))
+    assert [o.box for o in kept] == [(0, 0, 40, 100), (0, 0, 100, 100), (200, 200, 300, 300)]
+
+
+def test_egx_scene_on_the_tiny_model(tmp_path, data_root):
+    from earthgptx.imageio import read_image
+
+    chip = read_image(data_root / "sar" / "hrsid" / "P0094_0_800_3000_3800.png").data
+    chip = chip if chip.ndim == 2 else chip[..., 0]
+    scene = np.tile(chip, (2, 2))[:1200, :1500]
+    path = write_scene(tmp_path / "big.tif", scene)
+    proc = subprocess.run([sys.executable, "-m", "egx", "scene", "--preset", "tiny", "--image", str(path), "--modality",
+                           "sar", "--text", "Segment all ships.", "--tile", "400", "--overlap", "50",
+                           "--max-new-tokens", "2", "--geojson", str(tmp_path / "o.geojson"), "--wgs84", "--coco",
+                           str(tmp_path / "o.json")], cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    out = json.loads(proc.stdout)
+    assert out["tiles"]["planned"] == 4 * 5 and out["objects"] == len(out["boxes_px"])  # rows 0/350/700/800
+    assert "tiles 20/20" in proc.stderr
+    geo = json.loads((tmp_path / "o.geojson").read_text())
+    assert geo["type"] == "FeatureCollection" and geo["properties"]["crs"] == "EPSG:4326"
+    assert json.loads((tmp_path / "o.json").read_text())["images"][0]["width"] == 1500
+    bad = subprocess.run([sys.executable, "-m", "egx", "scene", "--preset", "tiny", "--image", str(tmp_path / "no.tif"),
+                          "--modality", "sar", "--text", "x"], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and "not found" in bad.stderr
