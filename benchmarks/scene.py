@@ -1,0 +1,112 @@
+"""Whole-scene benchmark: tiles/s and peak memory of ``egx scene``'s loop (``earthgptx.scene``)
+on synthetic GeoTIFFs of N x N pixels, each size in a fresh process so that its peak RSS is
+its own. Prints a table and writes JSON with ``--json``.
+
+    python benchmarks/scene.py --preset tiny --sizes 10000 20000 --json scene.json
+
+The scene is written window by window (deflate-compressed, tiled GeoTIFF; a sea of speckle
+with bright ship-like rectangles), so making it never holds it either. What the numbers mean:
+``peak_rss_mb`` is the process's high-water mark (model and runtime included);
+``scene_raw_mb`` what the scene would take read whole: the loop's memory follows the tile,
+not the scene."""
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+BLOCK = 1024
+
+
+def write_synthetic(path: Path, size: int, seed: int = 0) -> Path:
+    import rasterio
+    from affine import Affine
+    from rasterio.windows import Window
+
+    rng = np.random.default_rng(seed)
+    profile = {"driver": "GTiff", "height": size, "width": size, "count": 1, "dtype": "uint8", "crs": "EPSG:32633",
+               "transform": Affine(1.0, 0, 500000.0, 0, -1.0, 4500000.0), "tiled": True, "blockxsize": 256,
+               "blockysize": 256, "compress": "deflate"}
+    with rasterio.open(path, "w", **profile) as dst:
+        for r in range(0, size, BLOCK):
+            for c in range(0, size, BLOCK):
+                h, w = min(BLOCK, size - r), min(BLOCK, size - c)
+                block = rng.gamma(2.0, 15.0, (h, w)).clip(0, 255).astype(np.uint8)
+                for _ in range(3):
+                    y, x = rng.integers(0, max(1, h - 40)), rng.integers(0, max(1, w - 12))
+                    block[y:y + 30, x:x + 8] = 230
+                dst.write(block[None], window=Window(c, r, w, h))
+    return path
+
+
+def peak_rss_mb() -> float:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmHWM:")) / 1024
+
+
+def one(args) -> dict:
+    from earthgptx.checkpoint import load_reference
+    from earthgptx.predictor import Predictor
+    from earthgptx.scene.run import SceneOptions, run_scene
+    from earthgptx.scene.source import SceneSource
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = write_synthetic(Path(tmp) / "scene.tif", args.one)
+        if args.engines:
+            from runners.engines import open_predictor
+
+            predictor = open_predictor(args.engines, "cpu")
+        else:
+            predictor = Predictor.from_model(*load_reference(args.preset, None))
+        before = peak_rss_mb()
+        with SceneSource(path) as src:
+            start = time.perf_counter()
+            result = run_scene(predictor, src, "sar", "Segment all ships.", "segment",
+                               SceneOptions(tile=args.tile, overlap=args.overlap, max_new_tokens=2))
+            seconds = time.perf_counter() - start
+    return {"size": args.one, "tile": args.tile, "tiles": result.tiles["planned"], "seconds": round(seconds, 1),
+            "tiles_per_s": round(result.tiles["answered"] / seconds, 3), "objects": len(result.objects),
+            "peak_rss_mb": round(peak_rss_mb(), 1), "rss_before_scene_mb": round(before, 1),
+            "scene_raw_mb": round(args.one ** 2 / 2**20, 1)}
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(prog="scene.py", description=__doc__.split("\n\n")[0])
+    p.add_argument("--preset", default="tiny", choices=("tiny", "small", "edge"))
+    p.add_argument("--engines", help="a build folder instead of the PyTorch preset")
+    p.add_argument("--sizes", type=int, nargs="+", default=[10000, 20000])
+    p.add_argument("--tile", type=int, default=512)
+    p.add_argument("--overlap", type=int, default=64)
+    p.add_argument("--json", help="write the rows here")
+    p.add_argument("--one", type=int, help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.one:
+        print(json.dumps(one(args)))
+        return 0
+    rows = []
+    for size in args.sizes:
+        cmd = [sys.executable, __file__, "--preset", args.preset, "--tile", str(args.tile), "--overlap",
+               str(args.overlap), "--one", str(size)] + (["--engines", args.engines] if args.engines else [])
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        if proc.returncode:
+            print(proc.stderr[-3000:], file=sys.stderr)
+            return 1
+        rows.append(json.loads(proc.stdout.strip().splitlines()[-1]))
+        r = rows[-1]
+        print(f"{r['size']:>6} px  {r['tiles']:>5} tiles  {r['tiles_per_s']:7.2f} tiles/s  {r['seconds']:8.1f} s  "
+              f"peak RSS {r['peak_rss_mb']:7.1f} MB (before the scene {r['rss_before_scene_mb']:.1f})  "
+              f"scene read whole {r['scene_raw_mb']:.0f} MB", flush=True)
+    if args.json:
+        Path(args.json).write_text(json.dumps({"backend": args.engines or f"pytorch {args.preset}", "rows": rows},
+                                              indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
