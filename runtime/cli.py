@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 from earthgptx.image_cache import DEFAULT_CACHE_BYTES, DEFAULT_PREFIX_CACHE_BYTES
+from earthgptx.scene.cli import add_tiling_arguments
 
 from .protocol import DEFAULT_MAX_QUEUE, DEFAULT_MAX_REQUEST_BYTES
 
@@ -39,6 +40,11 @@ def add_query_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--retries", type=int, default=2, help="retries (same request id: never run twice)")
     p.add_argument("--server-key", type=Path, metavar="FILE", help="the server's public .key (CURVE)")
     p.add_argument("--client-key", type=Path, metavar="FILE", help="this client's .key_secret (CURVE)")
+    p.add_argument("--scene", action="store_true",
+                   help="--image is a whole scene: tile it here, send the tiles (several at a time), merge the "
+                        "answers as egx scene does (--task segment or grounding)")
+    p.add_argument("--in-flight", type=int, default=4, help="--scene: tiles sent at once")
+    add_tiling_arguments(p)
 
 
 def add_keys_arguments(p: argparse.ArgumentParser) -> None:
@@ -59,6 +65,28 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return serve(opts)
 
 
+def _query_scene(args: argparse.Namespace, server_key, client_keys) -> int:
+    from concurrent.futures import ThreadPoolExecutor
+
+    from earthgptx.errors import InputError
+    from earthgptx.scene.cli import answer_scene
+    from earthgptx.scene.source import SceneSource
+
+    from .scene_client import ServedPredictor
+
+    if args.text is None or args.point or args.box or args.scribble:
+        raise InputError("--scene takes --text and no visual prompts (they would mean a place in one tile)")
+    if args.task == "auto":
+        args.task = "segment"
+    SceneSource(args.image).close()  # a missing or unreadable scene is said before anything is sent
+    predictor = ServedPredictor(args.connect, args.timeout, args.retries, server_key, client_keys)
+    try:
+        with ThreadPoolExecutor(max(1, args.in_flight), thread_name_prefix="egx-tile") as pool:
+            return answer_scene(args, predictor, executor=pool, in_flight=max(1, args.in_flight))
+    finally:
+        predictor.close()
+
+
 def cmd_query(args: argparse.Namespace) -> int:
     import numpy as np
 
@@ -74,6 +102,8 @@ def cmd_query(args: argparse.Namespace) -> int:
     server_key = load_keys(args.server_key, need_secret=False)[0] if args.server_key else None
     client_keys = load_keys(args.client_key, need_secret=True) if args.client_key else None
     text = request_text(args)
+    if args.scene:
+        return _query_scene(args, server_key, client_keys)
     raster = read_image(args.image)
     scribbles = [read_mask(s) for s in args.scribble]
     with Client(args.connect, args.timeout, args.retries, server_key, client_keys) as client:

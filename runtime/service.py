@@ -124,7 +124,8 @@ class RequestHandler:
         try:
             if task == "ping":
                 size = sum(t.nbytes for t in req.tensors.values())
-                emit(Message({"event": "pong", "received_bytes": size, "stage": self.stage}), True)
+                emit(Message({"event": "pong", "received_bytes": size, "stage": self.stage,
+                              "image_size": self.predictor.config.vision.image_size}), True)
                 return
             _check_buffers(req, self.stage)
             if task == "upload" or self.stage == "vision":

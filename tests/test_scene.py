@@ -149,3 +149,38 @@ def test_egx_scene_on_the_tiny_model(tmp_path, data_root):
     bad = subprocess.run([sys.executable, "-m", "egx", "scene", "--preset", "tiny", "--image", str(tmp_path / "no.tif"),
                           "--modality", "sar", "--text", "x"], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and "not found" in bad.stderr
+
+
+def test_a_served_scene_equals_the_scene_in_process(tmp_path, tiny_build, data_root):
+    """``egx query --scene``: tiles answered by ``egx serve`` four at a time give the objects
+    the same engines give in process, and the command prints the same summary."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from earthgptx.imageio import read_image
+    from runners.engines import open_predictor
+    from runtime.scene_client import ServedPredictor
+    from runtime.server import ServeOptions, serve_in_thread
+
+    chip = read_image(data_root / "sar" / "hrsid" / "P0094_0_800_3000_3800.png").data
+    chip = chip if chip.ndim == 2 else chip[..., 0]
+    path = write_scene(tmp_path / "s.tif", np.tile(chip, (1, 2))[:700, :1300])
+    opts = SceneOptions(tile=300, overlap=40, max_new_tokens=2)
+    with SceneSource(path) as src:
+        local = run_scene(open_predictor(tiny_build[0], "cpu"), src, "sar", "Segment all ships.", "segment", opts)
+    with serve_in_thread(ServeOptions(engines=tiny_build[0], bind="tcp://127.0.0.1:*", workers=2, threads=1)) as s:
+        served = ServedPredictor(s.opts.bind, 60, 1)
+        assert served.config.vision.image_size == 128
+        try:
+            with SceneSource(path) as src, ThreadPoolExecutor(4) as pool:
+                remote = run_scene(served, src, "sar", "Segment all ships.", "segment", opts, executor=pool, in_flight=4)
+        finally:
+            served.close()
+        proc = subprocess.run([sys.executable, "-m", "egx", "query", "--connect", s.opts.bind, "--scene", "--image",
+                               str(path), "--modality", "sar", "--text", "Segment all ships.", "--tile", "300",
+                               "--overlap", "40", "--max-new-tokens", "2"], cwd=REPO, capture_output=True, text=True,
+                              timeout=300)
+    assert remote.tiles == local.tiles and remote.overview == local.overview
+    assert [o.box for o in remote.objects] == [o.box for o in local.objects]
+    assert proc.returncode == 0, proc.stderr
+    out = json.loads(proc.stdout)
+    assert out["objects"] == len(local.objects) and out["tiles"]["planned"] == local.tiles["planned"]

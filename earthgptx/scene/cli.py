@@ -11,11 +11,18 @@ from ..processing import MODALITIES
 
 
 def add_scene_arguments(p: argparse.ArgumentParser) -> None:
+    """``egx scene``: the request and the tiling."""
     p.add_argument("--image", required=True, help="the scene: GeoTIFF, COG or any GDAL format (PNG/TIFF too)")
     p.add_argument("--modality", required=True, choices=MODALITIES)
     p.add_argument("--text", required=True, help="what to find in every tile, e.g. \"Segment all ships.\"")
     p.add_argument("--task", choices=("segment", "grounding"), default="segment",
                    help="per tile: masks (merged as polygons) or boxes (merged by NMS)")
+    p.add_argument("--max-new-tokens", type=int, default=32)
+    add_tiling_arguments(p)
+
+
+def add_tiling_arguments(p: argparse.ArgumentParser) -> None:
+    """The scene options ``egx scene`` and ``egx query --scene`` share."""
     p.add_argument("--tile", type=int, default=512, help="tile side in model-input pixels (default 512)")
     p.add_argument("--overlap", type=int, default=64, help="pixels neighbouring tiles share (>= the largest object)")
     p.add_argument("--gsd", type=float, default=None, metavar="M",
@@ -23,7 +30,6 @@ def add_scene_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--overview-text", default="Describe this image.",
                    help="the zoom-out question, answered on an overview of the whole scene")
     p.add_argument("--no-overview", action="store_true", help="skip the zoom-out answer")
-    p.add_argument("--max-new-tokens", type=int, default=32)
     p.add_argument("--geojson", metavar="OUT.geojson", help="objects as GeoJSON (the scene's CRS; --wgs84: EPSG:4326)")
     p.add_argument("--wgs84", action="store_true", help="GeoJSON in longitude/latitude (EPSG:4326)")
     p.add_argument("--simplify", type=float, default=0.5, help="GeoJSON polygon tolerance in scene pixels")
@@ -50,19 +56,30 @@ class _Progress:
             print(line, file=sys.stderr, flush=True)
 
 
-def cmd_scene(args: argparse.Namespace, open_predictor) -> int:
-    from .outputs import to_coco, to_geojson, write_json
-    from .run import SceneOptions, run_scene
-    from .source import SceneSource
+def scene_options(args: argparse.Namespace):
+    from .run import SceneOptions
 
-    opts = SceneOptions(tile=args.tile, overlap=args.overlap, gsd=args.gsd,
+    return SceneOptions(tile=args.tile, overlap=args.overlap, gsd=args.gsd,
                         overview_text=None if args.no_overview else args.overview_text,
                         max_new_tokens=args.max_new_tokens)
+
+
+def answer_scene(args: argparse.Namespace, predictor, executor=None, in_flight: int = 4) -> int:
+    """Run the scene of ``args`` through ``predictor``, write ``--geojson``/``--coco``, print
+    the JSON summary (the shared end of ``egx scene`` and ``egx query --scene``)."""
+    from .outputs import to_coco, to_geojson, write_json
+    from .run import run_scene
+    from .source import SceneSource
+
+    if args.task not in ("segment", "grounding"):
+        from ..errors import InputError
+
+        raise InputError(f"a scene takes --task segment or grounding, not {args.task}")
     with SceneSource(args.image) as source:
-        predictor = open_predictor(args)
         print(f"scene {source.width}x{source.height} px, {source.bands} band(s) {source.dtype}, "
               f"{source.crs.to_string() if source.crs else 'no CRS'}", file=sys.stderr)
-        result = run_scene(predictor, source, args.modality, args.text, args.task, opts, _Progress())
+        result = run_scene(predictor, source, args.modality, args.text, args.task, scene_options(args), _Progress(),
+                           executor=executor, in_flight=in_flight)
         summary = {"task": result.task, "objects": len(result.objects), "overview": result.overview,
                    "tiles": result.tiles, "seconds": round(result.seconds, 2),
                    "boxes_px": [[round(v, 2) for v in o.box] for o in result.objects],
@@ -73,3 +90,10 @@ def cmd_scene(args: argparse.Namespace, open_predictor) -> int:
             summary["coco"] = str(write_json(args.coco, to_coco(result, source, Path(args.image).name)))
     print(json.dumps(summary))
     return 0
+
+
+def cmd_scene(args: argparse.Namespace, open_predictor) -> int:
+    from .source import SceneSource
+
+    SceneSource(args.image).close()  # a missing or unreadable scene is said before the model loads
+    return answer_scene(args, open_predictor(args))

@@ -7,6 +7,7 @@ the tile size, not the scene's."""
 from __future__ import annotations
 
 import time
+from collections import deque
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -50,10 +51,12 @@ class SceneResult:
 
 def run_scene(predictor, source: SceneSource, modality: str, text: str, task: str = "segment",
               opts: SceneOptions = SceneOptions(), progress: Callable[[int, int], None] | None = None,
-              preprocess_options: dict | None = None) -> SceneResult:
+              preprocess_options: dict | None = None, executor=None, in_flight: int = 4) -> SceneResult:
     """Answer ``text`` over ``source``: per tile ``predictor.predict(tile, modality, text,
     task=task)``, objects merged across tiles; plus the zoom-out answer on an overview.
-    ``progress(done, total)`` after each tile."""
+    ``progress(done, total)`` after each tile. ``executor`` (a ``concurrent.futures``
+    executor; None: one tile at a time here): tiles are read here and answered there, at most
+    ``in_flight`` at once (so a server's workers each have one; memory stays bounded)."""
     if task not in SCENE_TASKS:
         raise InputError(f"egx scene answers {' or '.join(SCENE_TASKS)} per tile, not {task!r}")
     start = time.perf_counter()
@@ -75,29 +78,53 @@ def run_scene(predictor, source: SceneSource, modality: str, text: str, task: st
         raise InputError(f"{len(windows)} tiles of {tile} px: more than --max-tiles {opts.max_tiles}; "
                          "use a larger --tile or a coarser --gsd")
     pieces, boxes, scores = [], [], []
-    skipped = 0
     gen = GenerationConfig(max_new_tokens=opts.max_new_tokens)
-    for k, w in enumerate(windows):
+
+    def answer(pixels: np.ndarray):
+        return predictor.predict(pixels, modality, text, task=task, generation=gen, **pre)
+
+    def collect(w: Window, resampled: bool, valid: np.ndarray, shape: tuple, pred) -> None:
+        to_scene = tile_affine(w, shape[0], shape[1])
+        if task == "segment":
+            for m, s in zip(pred.masks, pred.scores):
+                keep = m if resampled else m & valid  # nothing is found where there is no data
+                pieces.extend((g, float(s)) for g in mask_polygons(keep, to_scene))
+        else:
+            for i, b in enumerate(pred.boxes):  # text boxes (after the decoder's) have no score
+                boxes.append((to_scene.c + to_scene.a * b[0], to_scene.f + to_scene.e * b[1],
+                              to_scene.c + to_scene.a * b[2], to_scene.f + to_scene.e * b[3]))
+                scores.append(float(pred.scores[i]) if i < len(pred.scores) else 0.0)
+
+    skipped = done = 0
+    pending: deque = deque()  # tiles sent to the executor, oldest first
+
+    def finished() -> None:
+        nonlocal done
+        done += 1
+        if progress is not None:
+            progress(done, len(windows))
+
+    for w in windows:  # read here, one window at a time (rasterio datasets are not thread-safe)
         valid = source.valid(w)
         if not valid.any():
             skipped += 1
-        else:
-            out = (round(w.height / step), round(w.width / step)) if step != 1.0 else None
-            pixels = source.read(w, out)
-            pred = predictor.predict(pixels, modality, text, task=task, generation=gen, **pre)
-            to_scene = tile_affine(w, pixels.shape[0], pixels.shape[1])
-            if task == "segment":
-                for m, s in zip(pred.masks, pred.scores):
-                    keep = m if out is not None else m & valid  # nothing is found where there is no data
-                    pieces += [(g, float(s)) for g in mask_polygons(keep, to_scene)]
-            else:
-                for i, b in enumerate(pred.boxes):  # text boxes (after the decoder's) have no score
-                    s = pred.scores[i] if i < len(pred.scores) else 0.0
-                    boxes.append((to_scene.c + to_scene.a * b[0], to_scene.f + to_scene.e * b[1],
-                                  to_scene.c + to_scene.a * b[2], to_scene.f + to_scene.e * b[3]))
-                    scores.append(float(s))
-        if progress is not None:
-            progress(k + 1, len(windows))
+            finished()
+            continue
+        out = (round(w.height / step), round(w.width / step)) if step != 1.0 else None
+        pixels = source.read(w, out)
+        if executor is None:
+            collect(w, out is not None, valid, pixels.shape, answer(pixels))
+            finished()
+            continue
+        pending.append((w, out is not None, valid, pixels.shape, executor.submit(answer, pixels)))
+        while len(pending) >= in_flight or (pending and pending[0][-1].done()):
+            *queued, future = pending.popleft()
+            collect(*queued, future.result())
+            finished()
+    while pending:
+        *queued, future = pending.popleft()
+        collect(*queued, future.result())
+        finished()
     if task == "segment":
         objects = merge_masks(pieces)
     else:
