@@ -99,6 +99,20 @@ def test_objects_cut_by_tile_borders_are_merged_once_and_georeferenced(tmp_path)
 
         geo, coco = to_geojson(result, src), to_coco(result, src, "known.tif")
         wgs = to_geojson(result, src, wgs84=True)
+        from earthgptx.scene.outputs import write_mask_geotiff, write_overlay
+
+        write_mask_geotiff(tmp_path / "mask.tif", result, src, block=300)
+        write_overlay(tmp_path / "overlay.png", result, src, "sar", max_side=1000)
+    with rasterio.open(tmp_path / "mask.tif") as m:  # on the scene's grid, a COG with overviews
+        assert (m.width, m.height, m.transform, m.crs.to_string()) == (2000, 1500, TRANSFORM, "EPSG:32633")
+        assert m.overviews(1) and m.profile["tiled"]
+        ids = m.read(1)
+    np.testing.assert_array_equal(ids > 0, img == 220)  # exactly the objects' pixels
+    assert sorted(np.unique(ids)[1:]) == [1, 2, 3, 4]
+    import cv2
+
+    overlay = cv2.imread(str(tmp_path / "overlay.png"))
+    assert overlay.shape == (750, 1000, 3) and (overlay[60, 65] != overlay[10, 10]).any()
     assert [o.box for o in result.objects] == [tuple(map(float, b)) for b in sorted(objects, key=lambda b: (b[1], b[0]))]
     assert max(o.tiles for o in result.objects) >= 2  # some object was seen in pieces and merged
     assert result.tiles["skipped_no_data"] >= 1 and result.tiles["answered"] + result.tiles["skipped_no_data"] == \
@@ -138,7 +152,8 @@ def test_egx_scene_on_the_tiny_model(tmp_path, data_root):
     proc = subprocess.run([sys.executable, "-m", "egx", "scene", "--preset", "tiny", "--image", str(path), "--modality",
                            "sar", "--text", "Segment all ships.", "--tile", "400", "--overlap", "50",
                            "--max-new-tokens", "2", "--geojson", str(tmp_path / "o.geojson"), "--wgs84", "--coco",
-                           str(tmp_path / "o.json")], cwd=REPO, capture_output=True, text=True, timeout=600)
+                           str(tmp_path / "o.json"), "--mask", str(tmp_path / "m.tif"), "--overlay",
+                           str(tmp_path / "o.png")], cwd=REPO, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr
     out = json.loads(proc.stdout)
     assert out["tiles"]["planned"] == 4 * 5 and out["objects"] == len(out["boxes_px"])  # rows 0/350/700/800
@@ -146,6 +161,9 @@ def test_egx_scene_on_the_tiny_model(tmp_path, data_root):
     geo = json.loads((tmp_path / "o.geojson").read_text())
     assert geo["type"] == "FeatureCollection" and geo["properties"]["crs"] == "EPSG:4326"
     assert json.loads((tmp_path / "o.json").read_text())["images"][0]["width"] == 1500
+    with rasterio.open(tmp_path / "m.tif") as m:
+        assert (m.width, m.height) == (1500, 1200) and int(m.read(1).max()) == out["objects"]
+    assert (tmp_path / "o.png").stat().st_size > 0
     bad = subprocess.run([sys.executable, "-m", "egx", "scene", "--preset", "tiny", "--image", str(tmp_path / "no.tif"),
                           "--modality", "sar", "--text", "x"], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and "not found" in bad.stderr

@@ -34,6 +34,8 @@ def add_tiling_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--wgs84", action="store_true", help="GeoJSON in longitude/latitude (EPSG:4326)")
     p.add_argument("--simplify", type=float, default=0.5, help="GeoJSON polygon tolerance in scene pixels")
     p.add_argument("--coco", metavar="OUT.json", help="objects as COCO JSON in scene pixels")
+    p.add_argument("--mask", metavar="OUT.tif", help="objects rasterised on the scene's grid (uint16 ids, a COG)")
+    p.add_argument("--overlay", metavar="OUT.png", help="the scene decimated to 2,048 px with the objects drawn")
 
 
 class _Progress:
@@ -67,7 +69,7 @@ def scene_options(args: argparse.Namespace):
 def answer_scene(args: argparse.Namespace, predictor, executor=None, in_flight: int = 4) -> int:
     """Run the scene of ``args`` through ``predictor``, write ``--geojson``/``--coco``, print
     the JSON summary (the shared end of ``egx scene`` and ``egx query --scene``)."""
-    from .outputs import to_coco, to_geojson, write_json
+    from .outputs import to_coco, to_geojson, write_json, write_mask_geotiff, write_overlay
     from .run import run_scene
     from .source import SceneSource
 
@@ -88,6 +90,10 @@ def answer_scene(args: argparse.Namespace, predictor, executor=None, in_flight: 
             summary["geojson"] = str(write_json(args.geojson, to_geojson(result, source, args.wgs84, args.simplify)))
         if args.coco:
             summary["coco"] = str(write_json(args.coco, to_coco(result, source, Path(args.image).name)))
+        if args.mask:
+            summary["mask"] = str(write_mask_geotiff(args.mask, result, source))
+        if args.overlay:
+            summary["overlay"] = str(write_overlay(args.overlay, result, source, args.modality))
     print(json.dumps(summary))
     return 0
 

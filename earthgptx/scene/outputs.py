@@ -1,8 +1,11 @@
-"""A scene's answer as files: GeoJSON (the scene's CRS, or EPSG:4326) and COCO (pixels)."""
+"""A scene's answer as files: GeoJSON (the scene's CRS, or EPSG:4326), COCO (pixels), a mask
+Cloud-Optimised GeoTIFF on the scene's grid, and a decimated overlay PNG."""
 from __future__ import annotations
 
 import json
 from pathlib import Path
+
+import numpy as np
 
 from .run import SceneResult
 from .source import SceneSource
@@ -13,7 +16,6 @@ def to_geojson(result: SceneResult, source: SceneSource, wgs84: bool = False, to
     CRS (``wgs84``: EPSG:4326 longitude/latitude through pyproj), simplified by ``tolerance``
     scene pixels; properties ``score``, ``box_px`` (XYXY scene pixels), ``tiles``. Without
     georeferencing the coordinates are scene pixels and the collection says so."""
-    import numpy as np
     import shapely
     from shapely import affinity
     from shapely.geometry import box as make_box, mapping
@@ -68,4 +70,80 @@ def write_json(path: str | Path, data: dict) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(data))
+    return path
+
+
+def write_mask_geotiff(path: str | Path, result: SceneResult, source: SceneSource, block: int = 1024) -> Path:
+    """The objects rasterised onto the scene's grid (same size, transform and CRS): ``uint16``,
+    0 background, object ``k`` (1-based, the GeoJSON/COCO order) where its polygon (or box)
+    covers a pixel centre; written block by block into a tiled GeoTIFF, then copied as a
+    Cloud-Optimised GeoTIFF (deflate, with overviews), so neither step holds the scene."""
+    import rasterio
+    import rasterio.shutil
+    from affine import Affine
+    from rasterio.features import rasterize
+    from rasterio.windows import Window as RioWindow
+    from shapely import STRtree
+    from shapely.geometry import box as make_box
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    geoms = [o.geometry if o.geometry is not None else make_box(*o.box) for o in result.objects]
+    if len(geoms) >= 2**16:
+        raise ValueError(f"{len(geoms)} objects do not fit a uint16 mask")
+    tree = STRtree(geoms) if geoms else None
+    profile = {"driver": "GTiff", "height": source.height, "width": source.width, "count": 1, "dtype": "uint16",
+               "crs": source.crs, "transform": source.transform, "tiled": True, "blockxsize": 256, "blockysize": 256,
+               "compress": "deflate", "nodata": None}
+    staging = path.with_name(path.stem + ".staging.tif")
+    with rasterio.open(staging, "w", **profile) as dst:
+        for r in range(0, source.height, block):
+            for c in range(0, source.width, block):
+                h, w = min(block, source.height - r), min(block, source.width - c)
+                data = np.zeros((h, w), dtype=np.uint16)
+                if tree is not None:
+                    hits = tree.query(make_box(c, r, c + w, r + h))
+                    if len(hits):
+                        data = rasterize([(geoms[i], int(i) + 1) for i in sorted(hits)], out_shape=(h, w),
+                                         transform=Affine.translation(c, r), fill=0, dtype="uint16")
+                dst.write(data[None], window=RioWindow(c, r, w, h))
+    try:
+        rasterio.shutil.copy(staging, path, driver="COG", compress="deflate")
+    finally:
+        staging.unlink(missing_ok=True)
+    return path
+
+
+def write_overlay(path: str | Path, result: SceneResult, source: SceneSource, modality: str,
+                  max_side: int = 2048) -> Path:
+    """A PNG of the scene decimated to at most ``max_side`` pixels a side, the objects filled
+    and outlined in colour (the overlay colours of ``egx predict``)."""
+    import cv2
+    from shapely.geometry import MultiPolygon, box as make_box
+
+    from ..overlay import PALETTE
+    from ..processing import display_image
+
+    image, factor = source.overview(max_side)
+    rgb = display_image(image, modality).astype(np.float32)
+    fill = np.zeros(rgb.shape[:2], dtype=np.int32)
+    outlines = []
+    for k, o in enumerate(result.objects):
+        geom = o.geometry if o.geometry is not None else make_box(*o.box)
+        polys = geom.geoms if isinstance(geom, MultiPolygon) else [geom]
+        for poly in polys:
+            ring = np.round(np.asarray(poly.exterior.coords) / factor).astype(np.int32)
+            cv2.fillPoly(fill, [ring], k + 1)
+            outlines.append((ring, k))
+    for k in range(len(result.objects)):
+        where = fill == k + 1
+        rgb[where] = 0.55 * rgb[where] + 0.45 * PALETTE[k % len(PALETTE)]
+    out = np.round(rgb).astype(np.uint8)
+    for ring, k in outlines:
+        cv2.polylines(out, [ring], True, tuple(int(v) for v in PALETTE[k % len(PALETTE)]), 1)
+    path = Path(path)
+    if not cv2.imwrite(str(path), out[:, :, ::-1]):
+        from ..errors import InputError
+
+        raise InputError(f"cannot write {path}: use a .png path in a writable folder")
     return path
