@@ -152,7 +152,7 @@ def test_egx_scene_on_the_tiny_model(tmp_path, data_root):
     proc = subprocess.run([sys.executable, "-m", "egx", "scene", "--preset", "tiny", "--image", str(path), "--modality",
                            "sar", "--text", "Segment all ships.", "--tile", "400", "--overlap", "50",
                            "--max-new-tokens", "2", "--geojson", str(tmp_path / "o.geojson"), "--wgs84", "--coco",
-                           str(tmp_path / "o.json"), "--mask", str(tmp_path / "m.tif"), "--overlay",
+                           str(tmp_path / "o.json"), "--mask-tif", str(tmp_path / "m.tif"), "--overlay",
                            str(tmp_path / "o.png")], cwd=REPO, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr
     out = json.loads(proc.stdout)

@@ -18,11 +18,13 @@ def add_scene_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--task", choices=("segment", "grounding"), default="segment",
                    help="per tile: masks (merged as polygons) or boxes (merged by NMS)")
     p.add_argument("--max-new-tokens", type=int, default=32)
+    p.add_argument("--overlay", metavar="OUT.png", help="the scene decimated to 2,048 px with the objects drawn")
     add_tiling_arguments(p)
 
 
 def add_tiling_arguments(p: argparse.ArgumentParser) -> None:
-    """The scene options ``egx scene`` and ``egx query --scene`` share."""
+    """The scene options ``egx scene`` and ``egx query --scene`` share (``--overlay`` comes
+    with each command's own arguments)."""
     p.add_argument("--tile", type=int, default=512, help="tile side in model-input pixels (default 512)")
     p.add_argument("--overlap", type=int, default=64, help="pixels neighbouring tiles share (>= the largest object)")
     p.add_argument("--gsd", type=float, default=None, metavar="M",
@@ -34,8 +36,7 @@ def add_tiling_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--wgs84", action="store_true", help="GeoJSON in longitude/latitude (EPSG:4326)")
     p.add_argument("--simplify", type=float, default=0.5, help="GeoJSON polygon tolerance in scene pixels")
     p.add_argument("--coco", metavar="OUT.json", help="objects as COCO JSON in scene pixels")
-    p.add_argument("--mask", metavar="OUT.tif", help="objects rasterised on the scene's grid (uint16 ids, a COG)")
-    p.add_argument("--overlay", metavar="OUT.png", help="the scene decimated to 2,048 px with the objects drawn")
+    p.add_argument("--mask-tif", metavar="OUT.tif", help="objects rasterised on the scene's grid (uint16 ids, a COG)")
 
 
 class _Progress:
@@ -90,8 +91,8 @@ def answer_scene(args: argparse.Namespace, predictor, executor=None, in_flight: 
             summary["geojson"] = str(write_json(args.geojson, to_geojson(result, source, args.wgs84, args.simplify)))
         if args.coco:
             summary["coco"] = str(write_json(args.coco, to_coco(result, source, Path(args.image).name)))
-        if args.mask:
-            summary["mask"] = str(write_mask_geotiff(args.mask, result, source))
+        if args.mask_tif:
+            summary["mask_tif"] = str(write_mask_geotiff(args.mask_tif, result, source))
         if args.overlay:
             summary["overlay"] = str(write_overlay(args.overlay, result, source, args.modality))
     print(json.dumps(summary))
