@@ -73,6 +73,30 @@ def _base_tokenizer(source: str):
     return AutoTokenizer.from_pretrained(folder, local_files_only=True)
 
 
+def llm_config_from_folder(folder: str | Path):
+    """The ``config.LLMConfig`` of a Hugging Face Llama checkpoint folder (``config.json``,
+    weights, tokenizer), naming the folder as weights and tokenizer: how a base LLM other
+    than the presets' (a LLaMA-class 7-13B one for the ``paper`` scale) is given to training."""
+    import json
+
+    from .config import LLMConfig
+
+    folder = Path(folder)
+    path = folder / "config.json"
+    if not path.is_file():
+        raise CheckpointError(f"{folder}: no config.json; name a Hugging Face Llama checkpoint folder")
+    c = json.loads(path.read_text())
+    if c.get("model_type") != "llama":
+        raise CheckpointError(f"{path}: model_type {c.get('model_type')!r}; EarthGPT-X's LLM part is a Llama")
+    heads = c["num_attention_heads"]
+    return LLMConfig(hidden=c["hidden_size"], layers=c["num_hidden_layers"], heads=heads,
+                     kv_heads=c.get("num_key_value_heads", heads), intermediate=c["intermediate_size"],
+                     vocab_size=c["vocab_size"], rope_theta=float(c.get("rope_theta", 10000.0)),
+                     rms_eps=float(c.get("rms_norm_eps", 1e-6)), max_positions=c.get("max_position_embeddings", 4096),
+                     tie_embeddings=bool(c.get("tie_word_embeddings", False)), weights=str(folder.resolve()),
+                     tokenizer=str(folder.resolve()))
+
+
 def load_tokenizer(source: str, added: list[str]):
     """A fresh tokenizer from ``source`` with EarthGPT-X's special tokens ``added``."""
     import copy

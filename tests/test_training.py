@@ -190,6 +190,33 @@ def test_fsdp_two_processes_equal_one_and_resume(tmp_path, data_root):
     assert alone.returncode == 2 and "torchrun" in alone.stderr  # sharding needs ranks: said, not a hang
 
 
+def test_fsdp_trains_on_a_named_llama_folder(tmp_path, data_root):
+    """``--llm DIR`` (how a paper-scale base LLM is named): a Hugging Face Llama folder becomes
+    the LLM part; two FSDP ranks train on it and the checkpoint keeps its frozen base."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from earthgptx.checkpoint import load_checkpoint
+    from earthgptx.weights import _base_tokenizer
+
+    folder = tmp_path / "llama"
+    tokenizer = _base_tokenizer("smollm2-gguf")
+    torch.manual_seed(0)
+    base = LlamaForCausalLM(LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128,
+                                        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                        tie_word_embeddings=True))
+    base.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    _run(_train_cmd(tmp_path / "run", data_root, 2, nproc=2) + ["--fsdp", "--llm", str(folder)])
+    model, _ = load_checkpoint(tmp_path / "run" / "model")
+    assert model.config.llm.layers == 2 and model.config.llm.hidden == 64
+    table = model.llm.embed_table.detach()
+    torch.testing.assert_close(table[:len(tokenizer)], base.model.embed_tokens.weight.detach())  # frozen base rows
+    with pytest.raises(Exception, match="config.json"):
+        from earthgptx.weights import llm_config_from_folder
+
+        llm_config_from_folder(tmp_path)
+
+
 def _weights_initial():
     from earthgptx.config import preset
     from earthgptx.model import build_skeleton

@@ -62,6 +62,15 @@ class TrainConfig:
     lora_lr: float = 5e-4
     precision: str = "auto"  # "bf16" autocast, "fp32", or "auto": bf16 where the device computes it natively
     fsdp: bool = False  # shard parameters, gradients and optimizer state over torchrun ranks (fsdp.py)
+    llm: str | None = None  # a Hugging Face Llama folder as the base LLM instead of the preset's
+
+    def model_config(self):
+        """The preset's ``ModelConfig``, with the LLM of ``llm`` where one is named."""
+        from ..config import preset
+        from ..weights import llm_config_from_folder
+
+        config = preset(self.preset)
+        return dataclasses.replace(config, llm=llm_config_from_folder(self.llm)) if self.llm else config
 
     def __post_init__(self) -> None:
         if self.steps < 1 or self.batch_size < 1:
@@ -184,7 +193,6 @@ def train(cfg: TrainConfig) -> Path:
     """Run (or resume) training; returns the folder of the trained checkpoint."""
     from ..checkpoint import save_checkpoint
     from ..lora import merge_lora
-    from ..config import preset
     from ..model import build_model
 
     dist = _Dist(cfg.device)
@@ -198,7 +206,7 @@ def train(cfg: TrainConfig) -> Path:
         out.mkdir(parents=True, exist_ok=True)
         (out / "train_config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
     torch.manual_seed(cfg.seed)
-    model, tokenizer = build_model(preset(cfg.preset))
+    model, tokenizer = build_model(cfg.model_config())
     train_samples, _ = load_split(cfg)
     classes = {key: i for i, key in enumerate(sorted({(s.dataset, s.label) for s in train_samples if s.label}))}
     encoder = Encoder(model.config, tokenizer, augment=True, seed=cfg.seed, classes=classes)
@@ -310,7 +318,7 @@ def train(cfg: TrainConfig) -> Path:
 
         trained, _ = full_state(module, opt)
         if main:
-            model, _ = build_model(preset(cfg.preset))
+            model, _ = build_model(cfg.model_config())
             module = TrainModule(model, torch.from_numpy(encoder.prefix_ids), encoder.image_id, encoder.region_ids,
                                  num_classes=len(classes), lora_rank=cfg.lora_rank)
             module.load_state_dict(trained, strict=False)

@@ -17,7 +17,6 @@ from pathlib import Path
 
 from ..checkpoint import DEFAULT_MODEL_DIR, load_checkpoint
 from ..hashing import sha256_file
-from ..config import preset
 from ..errors import InputError
 
 MAX_BYTES = 50 * 2**20  # a committed checkpoint's limit
@@ -38,7 +37,7 @@ def ship(run: Path, eval_json: Path, out: Path = DEFAULT_MODEL_DIR, command: str
         raise InputError(f"{src} is {size / 2**20:.1f} MiB, over the 50 MiB a committed default may take")
     out.mkdir(parents=True, exist_ok=True)
     config = json.loads((run / "model" / "config.json").read_text())
-    config["llm"]["tokenizer"] = preset(cfg.preset).llm.tokenizer  # rebuilt on load, no files here
+    config["llm"]["tokenizer"] = cfg.model_config().llm.tokenizer  # rebuilt on load, no files here
     (out / "config.json").write_text(json.dumps(config, indent=2))
     shutil.copyfile(src, out / "model.safetensors")
     load_checkpoint(out)  # loads, with the same tokenizer size as the LLM (raises otherwise)
