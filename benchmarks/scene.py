@@ -7,8 +7,8 @@ its own. Prints a table and writes JSON with ``--json``.
 The scene is written window by window (deflate-compressed, tiled GeoTIFF; a sea of speckle
 with bright ship-like rectangles), so making it never holds it either. What the numbers mean:
 ``peak_rss_mb`` is the process's high-water mark (model and runtime included);
-``scene_raw_mb`` what the scene would take read whole: the loop's memory follows the tile,
-not the scene."""
+``scene_raw_mb`` what the scene would take read whole: the loop's memory follows the tile
+and the objects found (their polygons: ``pieces``, ``polygon_vertices``), not the scene."""
 from __future__ import annotations
 
 import argparse
@@ -70,7 +70,10 @@ def one(args) -> dict:
             result = run_scene(predictor, src, "sar", "Segment all ships.", "segment",
                                SceneOptions(tile=args.tile, overlap=args.overlap, max_new_tokens=2))
             seconds = time.perf_counter() - start
+    vertices = sum(len(o.geometry.exterior.coords) if o.geometry.geom_type == "Polygon" else
+                   sum(len(g.exterior.coords) for g in o.geometry.geoms) for o in result.objects)
     return {"size": args.one, "tile": args.tile, "tiles": result.tiles["planned"], "seconds": round(seconds, 1),
+            "pieces": result.tiles["pieces"], "polygon_vertices": vertices,
             "tiles_per_s": round(result.tiles["answered"] / seconds, 3), "objects": len(result.objects),
             "peak_rss_mb": round(peak_rss_mb(), 1), "rss_before_scene_mb": round(before, 1),
             "scene_raw_mb": round(args.one ** 2 / 2**20, 1)}
@@ -101,7 +104,8 @@ def main() -> int:
         r = rows[-1]
         print(f"{r['size']:>6} px  {r['tiles']:>5} tiles  {r['tiles_per_s']:7.2f} tiles/s  {r['seconds']:8.1f} s  "
               f"peak RSS {r['peak_rss_mb']:7.1f} MB (before the scene {r['rss_before_scene_mb']:.1f})  "
-              f"scene read whole {r['scene_raw_mb']:.0f} MB", flush=True)
+              f"scene read whole {r['scene_raw_mb']:.0f} MB  {r['objects']} objects from {r['pieces']} pieces, "
+              f"{r['polygon_vertices']} vertices", flush=True)
     if args.json:
         Path(args.json).write_text(json.dumps({"backend": args.engines or f"pytorch {args.preset}", "rows": rows},
                                               indent=2))

@@ -11,6 +11,8 @@ import numpy as np
 
 from ..errors import InputError
 
+GDAL_CACHE_MB = 64  # GDAL's block cache while a scene is open (its default is 5 % of memory)
+
 
 def _rasterio():
     try:
@@ -42,9 +44,14 @@ class SceneSource:
         self.path = Path(path)
         if not self.path.is_file():
             raise InputError(f"scene file not found: {self.path}")
+        # GDAL keeps decoded blocks in a cache of 5 % of the machine's memory by default: over a
+        # whole scene that fills up and looks like the scene being held; bound it
+        self._env = rasterio.Env(GDAL_CACHEMAX=GDAL_CACHE_MB)
+        self._env.__enter__()
         try:
             self._src = rasterio.open(self.path)
         except rasterio.errors.RasterioError as exc:
+            self._env.__exit__(None, None, None)
             raise InputError(f"cannot open {self.path} with rasterio (GDAL): {exc}") from exc
         s = self._src
         self.height, self.width, self.bands = s.height, s.width, s.count
@@ -61,6 +68,7 @@ class SceneSource:
 
     def close(self) -> None:
         self._src.close()
+        self._env.__exit__(None, None, None)
 
     @property
     def resolution(self) -> float:
