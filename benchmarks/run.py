@@ -171,6 +171,11 @@ def print_report(report: dict, console) -> None:
     for precision, parts in report["part_precisions"].items():
         console.print(f"onnxruntime {precision}: " + ", ".join(f"{p} {v}" for p, v in parts.items()))
     print_served(report, console)
+    for r in report["rows"]:
+        if r["stage"].startswith("scene_"):
+            workers = f", workers {r['worker_peak_rss_mb']} MB" if r.get("worker_peak_rss_mb") else ""
+            console.print(f"{r['stage']} {r['backend']} {r['precision']}: {r['tiles_per_s']:.2f} tiles/s, peak RSS "
+                          f"{r['peak_rss_mb']:.0f} MB{workers} (the scene read whole: {r['scene_raw_mb']:.0f} MB)")
     for backend, d in report["decode_vs_bandwidth"].items():  # backend and precision
         console.print(f"decode {backend}: {d['measured_ms']:.1f} ms/token; reading {d['bytes_per_token'] / 1e6:.0f} MB "
                       f"at {d['bandwidth_gbs']:.1f} GB/s takes {d['ceiling_ms']:.1f} ms: "
@@ -197,6 +202,32 @@ def print_served(report: dict, console) -> None:
                       f"{', %d errors' % t['errors'] if t.get('errors') else ''})")
 
 
+def scene_rows(size: int, preset: str, engines: list[Path], console) -> list[dict]:
+    """``scene_<size>`` rows (``benchmarks/scene.py``, each in its own process): the PyTorch
+    preset and every build in process, and the first build through ``egx serve``. ``median_ms``
+    / ``p95_ms`` per tile (its predict call, or its request through the server, where 4 are
+    in flight); ``tiles_per_s``; ``peak_rss_mb`` of the process that read the scene
+    (and ``worker_peak_rss_mb`` of the server's workers)."""
+    from runners.manifest import load_manifest
+
+    from .scene import measure
+
+    runs = [("pytorch", "fp32", None, False)]
+    runs += [("onnxruntime", precision_of(load_manifest(e))[0], e, False) for e in engines]
+    if engines:
+        runs.append(("zmq", precision_of(load_manifest(engines[0]))[0], engines[0], True))
+    rows = []
+    for backend, precision, folder, served in runs:
+        console.print(f"scene {size} x {size}: {backend} {precision} ...")
+        r = measure(size, preset, folder, served)
+        t = np.asarray(r["tile_ms"])
+        rows.append({"stage": f"scene_{size}", "backend": backend, "precision": precision,
+                     "median_ms": round(float(np.median(t)), 3), "p95_ms": round(float(np.percentile(t, 95)), 3),
+                     "n": len(t), "tiles_per_s": r["tiles_per_s"], "peak_rss_mb": r["peak_rss_mb"],
+                     "worker_peak_rss_mb": r["worker_peak_rss_mb"], "scene_raw_mb": r["scene_raw_mb"]})
+    return rows
+
+
 def add_bench_arguments(p) -> None:
     """``egx bench`` / ``python benchmarks/bench.py``."""
     p.add_argument("--preset", choices=("tiny", "edge"), default="edge")
@@ -205,6 +236,9 @@ def add_bench_arguments(p) -> None:
     p.add_argument("--no-engines", action="store_true", help="benchmark PyTorch only")
     p.add_argument("--no-zmq", action="store_true", help="skip the rows through egx serve")
     p.add_argument("--repeats", type=int, default=10)
+    p.add_argument("--scene-sizes", type=int, nargs="*", default=[], metavar="N",
+                   help="also whole synthetic scenes of N x N pixels (e.g. 10000 20000): rows scene_N with per-tile "
+                        "times, tiles/s and peak RSS, in process and through egx serve (minutes each)")
     p.add_argument("--json", metavar="PATH", help="write the report as JSON")
 
 
@@ -229,6 +263,8 @@ def main(args) -> int:
     except EarthGPTXError as exc:
         console.print(f"bench failed: {exc}")
         return 1
+    for size in args.scene_sizes:
+        report["rows"] += scene_rows(size, args.preset, engines, console)
     print_report(report, Console(width=120))
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=2))

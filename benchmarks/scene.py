@@ -50,15 +50,50 @@ def peak_rss_mb() -> float:
         return next(int(line.split()[1]) for line in f if line.startswith("VmHWM:")) / 1024
 
 
+def _worker_peak_mb(pid: int) -> float:
+    with open(f"/proc/{pid}/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmHWM:")) / 1024
+
+
 def one(args) -> dict:
+    """One scene of ``args.one`` pixels a side, in process (``args.engines`` or the PyTorch
+    preset) or, with ``args.served``, through ``egx serve`` on ``args.engines`` (2 workers,
+    4 tiles in flight)."""
+    from contextlib import ExitStack
+
     from earthgptx.checkpoint import load_reference
     from earthgptx.predictor import Predictor
     from earthgptx.scene.run import SceneOptions, run_scene
     from earthgptx.scene.source import SceneSource
 
-    with tempfile.TemporaryDirectory() as tmp:
+    latencies: list[float] = []  # per tile: the predict call (in process) or the request (served)
+
+    class Timed:
+        def __init__(self, inner) -> None:
+            self.inner, self.config = inner, inner.config
+
+        def predict(self, *a, **kw):
+            t = time.perf_counter()
+            out = self.inner.predict(*a, **kw)
+            latencies.append((time.perf_counter() - t) * 1e3)  # list.append is atomic: threads may share it
+            return out
+
+    with tempfile.TemporaryDirectory() as tmp, ExitStack() as stack:
         path = write_synthetic(Path(tmp) / "scene.tif", args.one)
-        if args.engines:
+        executor, workers = None, []
+        if args.served:
+            from concurrent.futures import ThreadPoolExecutor
+
+            from runtime.scene_client import ServedPredictor
+            from runtime.server import ServeOptions, serve_in_thread
+
+            server = stack.enter_context(serve_in_thread(ServeOptions(engines=Path(args.engines), workers=2, threads=1,
+                                                                      bind="tcp://127.0.0.1:*")))
+            workers = list(server.processes)
+            predictor = ServedPredictor(server.opts.bind, 120, 2)
+            stack.callback(predictor.close)
+            executor = stack.enter_context(ThreadPoolExecutor(4))
+        elif args.engines:
             from runners.engines import open_predictor
 
             predictor = open_predictor(args.engines, "cpu")
@@ -67,22 +102,35 @@ def one(args) -> dict:
         before = peak_rss_mb()
         with SceneSource(path) as src:
             start = time.perf_counter()
-            result = run_scene(predictor, src, "sar", "Segment all ships.", "segment",
-                               SceneOptions(tile=args.tile, overlap=args.overlap, max_new_tokens=2))
+            result = run_scene(Timed(predictor), src, "sar", "Segment all ships.", "segment",
+                               SceneOptions(tile=args.tile, overlap=args.overlap, max_new_tokens=2, overview_text=None),
+                               executor=executor, in_flight=4)
             seconds = time.perf_counter() - start
+        worker_peaks = [_worker_peak_mb(pid) for pid in workers]
     vertices = sum(len(o.geometry.exterior.coords) if o.geometry.geom_type == "Polygon" else
                    sum(len(g.exterior.coords) for g in o.geometry.geoms) for o in result.objects)
     return {"size": args.one, "tile": args.tile, "tiles": result.tiles["planned"], "seconds": round(seconds, 1),
             "pieces": result.tiles["pieces"], "polygon_vertices": vertices,
             "tiles_per_s": round(result.tiles["answered"] / seconds, 3), "objects": len(result.objects),
-            "peak_rss_mb": round(peak_rss_mb(), 1), "rss_before_scene_mb": round(before, 1),
-            "scene_raw_mb": round(args.one ** 2 / 2**20, 1)}
+            "tile_ms": latencies, "peak_rss_mb": round(peak_rss_mb(), 1), "rss_before_scene_mb": round(before, 1),
+            "worker_peak_rss_mb": [round(w, 1) for w in worker_peaks], "scene_raw_mb": round(args.one ** 2 / 2**20, 1)}
+
+
+def measure(size: int, preset: str, engines: str | None, served: bool, tile: int = 512, overlap: int = 64) -> dict:
+    """``one`` in a fresh process (so its peak RSS is its own)."""
+    cmd = [sys.executable, __file__, "--preset", preset, "--tile", str(tile), "--overlap", str(overlap),
+           "--one", str(size)] + (["--engines", str(engines)] if engines else []) + (["--served"] if served else [])
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode:
+        raise RuntimeError(f"{' '.join(cmd)} failed:\n{proc.stderr[-3000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
 def main() -> int:
     p = argparse.ArgumentParser(prog="scene.py", description=__doc__.split("\n\n")[0])
     p.add_argument("--preset", default="tiny", choices=("tiny", "small", "edge"))
     p.add_argument("--engines", help="a build folder instead of the PyTorch preset")
+    p.add_argument("--served", action="store_true", help="through egx serve on --engines (2 workers, 4 tiles in flight)")
     p.add_argument("--sizes", type=int, nargs="+", default=[10000, 20000])
     p.add_argument("--tile", type=int, default=512)
     p.add_argument("--overlap", type=int, default=64)
@@ -94,20 +142,21 @@ def main() -> int:
         return 0
     rows = []
     for size in args.sizes:
-        cmd = [sys.executable, __file__, "--preset", args.preset, "--tile", str(args.tile), "--overlap",
-               str(args.overlap), "--one", str(size)] + (["--engines", args.engines] if args.engines else [])
-        proc = subprocess.run(cmd, capture_output=True, text=True)
-        if proc.returncode:
-            print(proc.stderr[-3000:], file=sys.stderr)
+        try:
+            r = measure(size, args.preset, args.engines, args.served, args.tile, args.overlap)
+        except RuntimeError as exc:
+            print(exc, file=sys.stderr)
             return 1
-        rows.append(json.loads(proc.stdout.strip().splitlines()[-1]))
-        r = rows[-1]
+        r.pop("tile_ms")
+        rows.append(r)
         print(f"{r['size']:>6} px  {r['tiles']:>5} tiles  {r['tiles_per_s']:7.2f} tiles/s  {r['seconds']:8.1f} s  "
-              f"peak RSS {r['peak_rss_mb']:7.1f} MB (before the scene {r['rss_before_scene_mb']:.1f})  "
+              f"peak RSS {r['peak_rss_mb']:7.1f} MB (before the scene {r['rss_before_scene_mb']:.1f}"
+              + (f"; workers {r['worker_peak_rss_mb']}" if r["worker_peak_rss_mb"] else "") + ")  "
               f"scene read whole {r['scene_raw_mb']:.0f} MB  {r['objects']} objects from {r['pieces']} pieces, "
               f"{r['polygon_vertices']} vertices", flush=True)
     if args.json:
-        Path(args.json).write_text(json.dumps({"backend": args.engines or f"pytorch {args.preset}", "rows": rows},
+        backend = ("zmq " if args.served else "") + (args.engines or f"pytorch {args.preset}")
+        Path(args.json).write_text(json.dumps({"backend": backend, "rows": rows},
                                               indent=2))
     return 0
 

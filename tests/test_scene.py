@@ -202,3 +202,14 @@ def test_a_served_scene_equals_the_scene_in_process(tmp_path, tiny_build, data_r
     assert proc.returncode == 0, proc.stderr
     out = json.loads(proc.stdout)
     assert out["objects"] == len(local.objects) and out["tiles"]["planned"] == local.tiles["planned"]
+
+
+def test_scene_benchmark_writes_its_rows(tmp_path):
+    out = tmp_path / "scene.json"
+    proc = subprocess.run([sys.executable, "benchmarks/scene.py", "--preset", "tiny", "--sizes", "900", "--json",
+                           str(out)], cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    (row,) = json.loads(out.read_text())["rows"]
+    assert row["size"] == 900 and row["tiles"] == len(plan_tiles(900, 900, 512, 64)) == 4
+    assert row["tiles_per_s"] > 0 and row["peak_rss_mb"] >= row["rss_before_scene_mb"] > 0
+    assert "tiles/s" in proc.stdout and "peak RSS" in proc.stdout
