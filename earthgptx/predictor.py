@@ -157,15 +157,16 @@ class Predictor:
         """The cached encoding of the image whose ``image_id`` is ``image_key``, or None."""
         return self.cache.get(encoding_key(image_key, modality, options))
 
-    def encode_image(self, image: np.ndarray, modality: str, image_key: str | None = None,
+    def encode_image(self, image: np.ndarray, modality: str, image_key: str | None = None, cache: bool = True,
                      **options) -> tuple[EncodedImage, float]:
         """Preprocess + ``vision_encoder``, cached by content (``image_key`` defaults to
         ``image_id(image)``). Returns the encoding and the vision encoder's time in ms
-        (0 on a cache hit)."""
+        (0 on a cache hit). ``cache=False``: an image seen once (a scene's tile): neither
+        looked up nor kept, and its prompt prefix is not kept either (its ``key`` is empty)."""
         image = np.asarray(image)
         check_modality(modality)
-        key = encoding_key(image_key or image_id(image), modality, options)
-        enc = self.cache.get(key)
+        key = encoding_key(image_key or image_id(image), modality, options) if cache else ""
+        enc = self.cache.get(key) if cache else None
         if enc is not None:
             return enc, 0.0
         prepared = preprocess(image, modality, self.config.vision.image_size, **options)
@@ -173,21 +174,24 @@ class Predictor:
         out = self.runners["vision_encoder"]({"pixel_values": prepared.pixel_values})
         ms = (time.perf_counter() - start) * 1e3
         enc = EncodedImage(prepared.letterbox, modality, out["image_tokens"], out["image_embedding"], key)
-        self.cache.put(key, enc, enc.nbytes)
+        if cache:
+            self.cache.put(key, enc, enc.nbytes)
         return enc, ms
 
     # -- the one entry point --------------------------------------------------------
     def predict(self, image: np.ndarray, modality: str, text: str, prompts: VisualPrompts | None = None,
                 task: str = "auto", generation: GenerationConfig | None = None,
-                on_text: Callable[[str], None] | None = None, **preprocess_options) -> Prediction:
-        """Answer ``text`` about ``image`` (see the module docstring for the tasks)."""
+                on_text: Callable[[str], None] | None = None, cache: bool = True,
+                **preprocess_options) -> Prediction:
+        """Answer ``text`` about ``image`` (see the module docstring for the tasks).
+        ``cache=False`` for images seen once (see ``encode_image``)."""
         prompts = prompts or VisualPrompts([], [], [])
         task = self.check_request(text, prompts, task)
         image = np.asarray(image)
         if image.ndim >= 2 and min(image.shape[:2]) > 0:  # refuse bad prompts before any work
             prompts.check(Letterbox(image.shape[0], image.shape[1], self.config.vision.image_size))
         start = time.perf_counter()
-        enc, vision_ms = self.encode_image(image, modality, **preprocess_options)
+        enc, vision_ms = self.encode_image(image, modality, cache=cache, **preprocess_options)
         timings = {"preprocess": (time.perf_counter() - start) * 1e3 - vision_ms, "vision_encoder": vision_ms}
         return self.predict_encoded(enc, text, prompts, task, generation, on_text, timings)
 

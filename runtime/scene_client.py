@@ -39,7 +39,8 @@ class ServedPredictor:
         return client
 
     def predict(self, image: np.ndarray, modality: str, text: str, prompts=None, task: str = "auto",
-                generation=None, **preprocess) -> SimpleNamespace:
+                generation=None, cache: bool = True, **preprocess) -> SimpleNamespace:
+        """``cache`` is the server's to decide (each worker's caches are bounded LRUs)."""
         gen = {"max_new_tokens": generation.max_new_tokens} if generation is not None else {}
         out = self._client().predict(image, modality, text, task=task, generation=gen, preprocess=preprocess)
         return SimpleNamespace(text=out["text"], masks=[rle_to_mask(m) for m in out["masks"]], scores=out["scores"],

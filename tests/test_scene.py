@@ -39,7 +39,7 @@ class Threshold:
     def __init__(self):
         self.calls = []
 
-    def predict(self, image, modality, text, prompts=None, task="auto", generation=None, **kw):
+    def predict(self, image, modality, text, prompts=None, task="auto", generation=None, cache=True, **kw):
         self.calls.append((image.shape, task))
         grey = image if image.ndim == 2 else image.max(-1)
         mask = grey > 128
@@ -183,8 +183,11 @@ def test_a_served_scene_equals_the_scene_in_process(tmp_path, tiny_build, data_r
     chip = chip if chip.ndim == 2 else chip[..., 0]
     path = write_scene(tmp_path / "s.tif", np.tile(chip, (1, 2))[:700, :1300])
     opts = SceneOptions(tile=300, overlap=40, max_new_tokens=2)
+    predictor = open_predictor(tiny_build[0], "cpu")
     with SceneSource(path) as src:
-        local = run_scene(open_predictor(tiny_build[0], "cpu"), src, "sar", "Segment all ships.", "segment", opts)
+        local = run_scene(predictor, src, "sar", "Segment all ships.", "segment", opts)
+    # tiles are seen once: none is kept in the image or prompt-prefix caches (only the overview is)
+    assert predictor.cache.stats().entries == 1 and predictor.prefix_cache.stats().entries == 1
     with serve_in_thread(ServeOptions(engines=tiny_build[0], bind="tcp://127.0.0.1:*", workers=2, threads=1)) as s:
         served = ServedPredictor(s.opts.bind, 60, 1)
         assert served.config.vision.image_size == 128

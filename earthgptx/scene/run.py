@@ -80,8 +80,8 @@ def run_scene(predictor, source: SceneSource, modality: str, text: str, task: st
     pieces, boxes, scores = [], [], []
     gen = GenerationConfig(max_new_tokens=opts.max_new_tokens)
 
-    def answer(pixels: np.ndarray):
-        return predictor.predict(pixels, modality, text, task=task, generation=gen, **pre)
+    def answer(pixels: np.ndarray):  # a tile is seen once: nothing of it is cached
+        return predictor.predict(pixels, modality, text, task=task, generation=gen, cache=False, **pre)
 
     def collect(w: Window, resampled: bool, valid: np.ndarray, shape: tuple, pred) -> None:
         to_scene = tile_affine(w, shape[0], shape[1])
