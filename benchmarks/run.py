@@ -5,7 +5,7 @@ reference). Prints a table of medians and ratios, and writes JSON with ``--json`
 Stages: the part names, ``end_to_end_grounding``, ``end_to_end_segmentation``,
 ``end_to_end_region`` (a new image each time), ``prefix_cached_segmentation`` (a new prompt
 on an image whose embedding and prompt-prefix KV are cached), ``click_to_mask`` (a new point
-on an already-encoded image) and ``decode_per_token``; through ``egx serve`` (backend ``zmq``,
+on an already-encoded image, up to its COCO RLE at the original size) and ``decode_per_token``; through ``egx serve`` (backend ``zmq``,
 benchmarks/served.py): ``zmq_overhead``, ``click_to_mask``, ``end_to_end_segmentation`` and
 throughput rows. Decode is also reported against this machine's memory bandwidth: the bytes a
 token must read (weights + KV cache) / the measured copy bandwidth."""
@@ -81,8 +81,9 @@ def bench_backend(predictor, backend: str, precision: str, image: np.ndarray, re
     rng = np.random.default_rng(0)
     clicks = [VisualPrompts([(float(x), float(y))], [], []) for x, y in rng.integers(0, 800, (repeats + 1, 2))]
     it = iter(clicks)
+    # a click answered as the user gets it: prompt, pixel decoder, the mask at the original size, COCO RLE
     rows.append(Row("click_to_mask", backend, precision,
-                    timed(lambda: predictor.predict(image, "sar", "", next(it), task="click"), repeats)))
+                    timed(lambda: predictor.predict(image, "sar", "", next(it), task="click").to_json(), repeats)))
     llm_feed = feeds["llm"]
     g = generate(predictor.runners["llm"], llm_feed["inputs_embeds"], predictor.embed_table, predictor.config.llm,
                  GenerationConfig(max_new_tokens=max(16, repeats)), set(), -1, lambda ids: "")

@@ -207,6 +207,44 @@ def test_a_served_scene_equals_the_scene_in_process(tmp_path, tiny_build, data_r
     assert out["objects"] == len(local.objects) and out["tiles"]["planned"] == local.tiles["planned"]
 
 
+def test_a_served_scene_survives_a_worker_restart(tmp_path, tiny_build, data_root):
+    """A worker killed while tiles are in flight: its request is retried on the other worker
+    (and the replacement takes over), and the scene's objects are those of an undisturbed run."""
+    import os
+    import signal
+    from concurrent.futures import ThreadPoolExecutor
+
+    from earthgptx.imageio import read_image
+    from runners.engines import open_predictor
+    from runtime.scene_client import ServedPredictor
+    from runtime.server import ServeOptions, serve_in_thread
+
+    chip = read_image(data_root / "sar" / "hrsid" / "P0094_0_800_3000_3800.png").data
+    chip = chip if chip.ndim == 2 else chip[..., 0]
+    path = write_scene(tmp_path / "s.tif", np.tile(chip, (1, 2))[:600, :1400])
+    opts = SceneOptions(tile=300, overlap=40, max_new_tokens=2, overview_text=None)
+    with SceneSource(path) as src:
+        local = run_scene(open_predictor(tiny_build[0], "cpu"), src, "sar", "Segment all ships.", "segment", opts)
+    with serve_in_thread(ServeOptions(engines=tiny_build[0], bind="tcp://127.0.0.1:*", workers=2, threads=1)) as s:
+        victim = next(iter(s.processes))
+        killed = []
+
+        def progress(done: int, total: int) -> None:
+            if done == 2 and not killed:
+                os.kill(victim, signal.SIGKILL)
+                killed.append(victim)
+
+        served = ServedPredictor(s.opts.bind, 30, 2)
+        try:
+            with SceneSource(path) as src, ThreadPoolExecutor(4) as pool:
+                remote = run_scene(served, src, "sar", "Segment all ships.", "segment", opts, progress,
+                                   executor=pool, in_flight=4)
+        finally:
+            served.close()
+        assert killed and victim not in s.processes  # it died and was replaced
+    assert remote.tiles == local.tiles and [o.box for o in remote.objects] == [o.box for o in local.objects]
+
+
 def test_scene_benchmark_writes_its_rows(tmp_path):
     out = tmp_path / "scene.json"
     proc = subprocess.run([sys.executable, "benchmarks/scene.py", "--preset", "tiny", "--sizes", "900", "--json",
