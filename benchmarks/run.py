@@ -5,9 +5,9 @@ reference). Prints a table of medians and ratios, and writes JSON with ``--json`
 Stages: the part names, ``end_to_end_grounding``, ``end_to_end_segmentation``,
 ``end_to_end_region`` (a new image each time), ``prefix_cached_segmentation`` (a new prompt
 on an image whose embedding and prompt-prefix KV are cached), ``click_to_mask`` (a new point
-on an already-encoded image, up to its COCO RLE at the original size) and ``decode_per_token``; through ``egx serve`` (backend ``zmq``,
-benchmarks/served.py): ``zmq_overhead``, ``click_to_mask``, ``end_to_end_segmentation`` and
-throughput rows. Decode is also reported against this machine's memory bandwidth: the bytes a
+on an already-encoded image, up to its COCO RLE at the original size) and
+``decode_per_token``; through ``egx serve`` (backend ``zmq``, benchmarks/served.py):
+``zmq_overhead``, ``click_to_mask``, ``end_to_end_segmentation`` and throughput rows. Decode is also reported against this machine's memory bandwidth: the bytes a
 token must read (weights + KV cache) / the measured copy bandwidth."""
 from __future__ import annotations
 

@@ -130,7 +130,8 @@ def main() -> int:
     p = argparse.ArgumentParser(prog="scene.py", description=__doc__.split("\n\n")[0])
     p.add_argument("--preset", default="tiny", choices=("tiny", "small", "edge"))
     p.add_argument("--engines", help="a build folder instead of the PyTorch preset")
-    p.add_argument("--served", action="store_true", help="through egx serve on --engines (2 workers, 4 tiles in flight)")
+    p.add_argument("--served", action="store_true",
+                   help="through egx serve on --engines (2 workers, 4 tiles in flight)")
     p.add_argument("--sizes", type=int, nargs="+", default=[10000, 20000])
     p.add_argument("--tile", type=int, default=512)
     p.add_argument("--overlap", type=int, default=64)

@@ -130,5 +130,6 @@ def run_scene(predictor, source: SceneSource, modality: str, text: str, task: st
     else:
         objects = merge_boxes(np.asarray(boxes, dtype=np.float64).reshape(-1, 4), np.asarray(scores, dtype=np.float64))
     tiles = {"planned": len(windows), "answered": len(windows) - skipped, "skipped_no_data": skipped,
-             "tile_scene_px": tile, "tile_model_px": opts.tile, "pieces": len(pieces) if task == "segment" else len(boxes)}
+             "tile_scene_px": tile, "tile_model_px": opts.tile,
+             "pieces": len(pieces) if task == "segment" else len(boxes)}
     return SceneResult(objects, overview, task, tiles, time.perf_counter() - start)
