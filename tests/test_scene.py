@@ -130,6 +130,18 @@ def test_objects_cut_by_tile_borders_are_merged_once_and_georeferenced(tmp_path)
     assert coco["annotations"][0]["area"] == (x1 - x0) * (y1 - y0)
 
 
+def test_tiles_default_to_the_model_input_and_bad_overlaps_are_refused(tmp_path):
+    from earthgptx.errors import InputError
+
+    img, _ = _known_scene()
+    path = write_scene(tmp_path / "known.tif", img[:300, :400])
+    with SceneSource(path) as src:
+        result = run_scene(Threshold(), src, "sar", "Segment.", "segment", SceneOptions(overlap=16, overview_text=None))
+        assert result.tiles["tile_scene_px"] == 64 and result.tiles["planned"] == len(plan_tiles(300, 400, 64, 16))
+        with pytest.raises(InputError, match="smaller than the tile"):
+            run_scene(Threshold(), src, "sar", "Segment.", "segment", SceneOptions(overlap=64, overview_text=None))
+
+
 def test_grounding_boxes_are_merged_by_nms(tmp_path):
     img, objects = _known_scene()
     path = write_scene(tmp_path / "known.tif", img)

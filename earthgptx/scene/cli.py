@@ -25,7 +25,8 @@ def add_scene_arguments(p: argparse.ArgumentParser) -> None:
 def add_tiling_arguments(p: argparse.ArgumentParser) -> None:
     """The scene options ``egx scene`` and ``egx query --scene`` share (``--overlay`` comes
     with each command's own arguments)."""
-    p.add_argument("--tile", type=int, default=512, help="tile side in model-input pixels (default 512)")
+    p.add_argument("--tile", type=int, default=None,
+                   help="tile side in pixels (default: the model's input side, so tiles are not scaled down)")
     p.add_argument("--overlap", type=int, default=64, help="pixels neighbouring tiles share (>= the largest object)")
     p.add_argument("--gsd", type=float, default=None, metavar="M",
                    help="resample tiles to this ground-sample distance (CRS units a pixel; GeoTIFFs only)")

@@ -23,13 +23,15 @@ SCENE_TASKS = ("segment", "grounding")
 
 @dataclass(frozen=True)
 class SceneOptions:
-    """``tile``: tile side in model-input pixels; ``overlap``: pixels shared by neighbouring
-    tiles (at least the size of the largest object, so each one is whole in some tile);
+    """``tile``: tile side in pixels (of the scene, or of the scene resampled to ``gsd``);
+    None: the model's input side, so that no tile is scaled down before the model sees it;
+    ``overlap``: pixels shared by neighbouring tiles (at least the size of the largest object,
+    so each one is whole in some tile);
     ``gsd``: resample tiles to this ground-sample distance (CRS units per pixel; None: the
     scene's own); ``overview_text``: the zoom-out question (None: no zoom-out answer);
     ``max_tiles``: refuse plans larger than this."""
 
-    tile: int = 512
+    tile: int | None = None
     overlap: int = 64
     gsd: float | None = None
     overview_text: str | None = "Describe this image."
@@ -72,8 +74,12 @@ def run_scene(predictor, source: SceneSource, modality: str, text: str, task: st
         if not source.georeferenced:
             raise InputError("--gsd needs a georeferenced scene (its pixel size comes from the GeoTIFF)")
         step = opts.gsd / source.resolution  # scene pixels per tile pixel
-    tile = max(1, round(opts.tile * step))
-    windows = plan_tiles(source.height, source.width, tile, min(tile - 1, round(opts.overlap * step)))
+    tile_px = opts.tile or size
+    tile = max(1, round(tile_px * step))
+    overlap = round(opts.overlap * step)
+    if not 0 <= overlap < tile:
+        raise InputError(f"--overlap {opts.overlap} must be at least 0 and smaller than the tile ({tile_px} px)")
+    windows = plan_tiles(source.height, source.width, tile, overlap)
     if len(windows) > opts.max_tiles:
         raise InputError(f"{len(windows)} tiles of {tile} px: more than --max-tiles {opts.max_tiles}; "
                          "use a larger --tile or a coarser --gsd")
@@ -130,6 +136,6 @@ def run_scene(predictor, source: SceneSource, modality: str, text: str, task: st
     else:
         objects = merge_boxes(np.asarray(boxes, dtype=np.float64).reshape(-1, 4), np.asarray(scores, dtype=np.float64))
     tiles = {"planned": len(windows), "answered": len(windows) - skipped, "skipped_no_data": skipped,
-             "tile_scene_px": tile, "tile_model_px": opts.tile,
+             "tile_scene_px": tile, "tile_px": tile_px,
              "pieces": len(pieces) if task == "segment" else len(boxes)}
     return SceneResult(objects, overview, task, tiles, time.perf_counter() - start)
