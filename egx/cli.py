@@ -31,8 +31,8 @@ def open_predictor(args: argparse.Namespace):
 
 def build_parser() -> argparse.ArgumentParser:
     from benchmarks.run import add_bench_arguments
-    from export.cli import add_build_arguments
     from earthgptx.scene.cli import add_scene_arguments
+    from export.cli import add_build_arguments
     from runtime.cli import add_keys_arguments, add_query_arguments, add_serve_arguments
 
     parser = argparse.ArgumentParser(prog="egx", description="EarthGPT-X for optical, SAR and infrared imagery.")
@@ -63,9 +63,8 @@ def main(argv: list[str] | None = None) -> int:
         from benchmarks.run import main as bench_main
 
         return bench_main(args)
-    from runtime.cli import cmd_keys, cmd_query, cmd_serve
-
     from earthgptx.scene.cli import cmd_scene
+    from runtime.cli import cmd_keys, cmd_query, cmd_serve
 
     handler = {"predict": partial(cmd_predict, open_predictor=open_predictor), "info": cmd_info,
                "scene": partial(cmd_scene, open_predictor=open_predictor),
