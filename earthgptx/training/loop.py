@@ -154,9 +154,14 @@ class _Dist:
         return t.tolist()
 
     def close(self) -> None:
+        """Every rank waits here until rank 0 has saved, then all leave together: a rank that
+        destroyed its process group while another still held it sometimes hung the run's
+        exit (seen once with two test suites sharing 2 cores; destroy_process_group's known
+        hang, pytorch/pytorch#75097)."""
         if self.world > 1:
             import torch.distributed as dist
 
+            dist.barrier()
             dist.destroy_process_group()
 
 
