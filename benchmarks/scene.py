@@ -45,12 +45,8 @@ def write_synthetic(path: Path, size: int, seed: int = 0) -> Path:
     return path
 
 
-def peak_rss_mb() -> float:
-    with open("/proc/self/status") as f:
-        return next(int(line.split()[1]) for line in f if line.startswith("VmHWM:")) / 1024
-
-
-def _worker_peak_mb(pid: int) -> float:
+def peak_rss_mb(pid: int | str = "self") -> float:
+    """A process's high-water mark of resident memory (``VmHWM``), MB."""
     with open(f"/proc/{pid}/status") as f:
         return next(int(line.split()[1]) for line in f if line.startswith("VmHWM:")) / 1024
 
@@ -106,7 +102,7 @@ def one(args) -> dict:
                                SceneOptions(tile=args.tile, overlap=args.overlap, max_new_tokens=2, overview_text=None),
                                executor=executor, in_flight=4)
             seconds = time.perf_counter() - start
-        worker_peaks = [_worker_peak_mb(pid) for pid in workers]
+        worker_peaks = [peak_rss_mb(pid) for pid in workers]
     vertices = sum(len(o.geometry.exterior.coords) if o.geometry.geom_type == "Polygon" else
                    sum(len(g.exterior.coords) for g in o.geometry.geoms) for o in result.objects)
     return {"size": args.one, "tile": args.tile, "tiles": result.tiles["planned"], "seconds": round(seconds, 1),

@@ -27,31 +27,30 @@ class BuildConsole(Console):
     def status(self, status, **kwargs):  # noqa: D102 (rich's signature)
         text = str(status)
         start = time.monotonic()
-        done = threading.Event()
         if self.is_terminal:
             with super().status(text, **kwargs) as spinner:
-                def tick() -> None:
-                    while not done.wait(1.0):
-                        spinner.update(f"{text} ({time.monotonic() - start:.0f} s)")
-
-                thread = threading.Thread(target=tick, daemon=True)
-                thread.start()
-                try:
+                with _every(1.0, lambda: spinner.update(f"{text} ({time.monotonic() - start:.0f} s)")):
                     yield spinner
-                finally:
-                    done.set()
-                    thread.join()
             return
-
-        def beat() -> None:
-            while not done.wait(HEARTBEAT_S):
-                self.print(f"  ... {text} ({time.monotonic() - start:.0f} s)", highlight=False, markup=False)
-
         self.print(f"{text} ...", highlight=False, markup=False)
-        thread = threading.Thread(target=beat, daemon=True)
-        thread.start()
-        try:
+        with _every(HEARTBEAT_S, lambda: self.print(f"  ... {text} ({time.monotonic() - start:.0f} s)",
+                                                    highlight=False, markup=False)):
             yield None
-        finally:
-            done.set()
-            thread.join()
+
+
+@contextmanager
+def _every(seconds: float, action):
+    """Call ``action`` every ``seconds`` from a thread while the ``with`` block runs."""
+    done = threading.Event()
+
+    def loop() -> None:
+        while not done.wait(seconds):
+            action()
+
+    thread = threading.Thread(target=loop, daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        done.set()
+        thread.join()

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from ..evaluation.metrics import box_iou
 from .source import Window
 
 
@@ -77,16 +78,6 @@ def merge_masks(pieces: list[tuple[object, float]]) -> list[SceneObject]:
         hits = [int(i) for i in tree.query(part, predicate="intersects")]
         out.append(SceneObject(tuple(float(v) for v in part.bounds), max(pieces[i][1] for i in hits), part, len(hits)))
     return sorted(out, key=lambda o: (o.box[1], o.box[0]))
-
-
-def box_iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """IoU of XYXY boxes ``(N, 4)`` x ``(M, 4)`` -> ``(N, M)``."""
-    lt = np.maximum(a[:, None, :2], b[None, :, :2])
-    rb = np.minimum(a[:, None, 2:], b[None, :, 2:])
-    inter = np.clip(rb - lt, 0, None).prod(-1)
-    area = lambda x: np.clip(x[:, 2:] - x[:, :2], 0, None).prod(-1)  # noqa: E731
-    union = area(a)[:, None] + area(b)[None, :] - inter
-    return np.where(union > 0, inter / np.maximum(union, 1e-12), 0.0)
 
 
 def merge_boxes(boxes: np.ndarray, scores: np.ndarray, iou: float = 0.5, contained: float = 0.8) -> list[SceneObject]:
