@@ -213,8 +213,9 @@ def add_training_parsers(sub, add_source=add_model_source) -> None:
     p.add_argument("--steps", type=int, default=2000)
     p.add_argument("--batch-size", type=int, default=16, help="global batch (split over torchrun ranks)")
     p.add_argument("--vision-batch", type=int, default=None, metavar="N",
-                   help="global: images per step that train only the vision encoder (through its training-only "
-                        "class and object heads; no LLM, tens of ms each), beside the --batch-size instructions "
+                   help="global: images per step that train the vision encoder through its training-only "
+                        "class and object heads, and the pixel decoder through a click on one object (no LLM, "
+                        "tens of ms each), beside the --batch-size instructions "
                         "(default: TrainConfig's)")
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--warmup", type=int, default=100)

@@ -133,8 +133,8 @@ def test_referring_phrase_picks_the_right_object(ir_ship_samples):
 def test_mix_is_seeded_and_covers_tasks(data_root, ir_ship_samples):
     samples = ir_ship_samples + _first(data_root, "aid", 5) + _first(data_root, "mstar", 5)
     mix = InstructionMix(samples, seed=3)
-    a = [(i.task, i.text, i.answer) for i in mix.epoch(2, 60)]
-    assert a == [(i.task, i.text, i.answer) for i in InstructionMix(samples, seed=3).epoch(2, 60)]
+    a = [(i.task, i.text, i.answer) for i in mix.epoch(2, 200)]
+    assert a == [(i.task, i.text, i.answer) for i in InstructionMix(samples, seed=3).epoch(2, 200)]
     assert set(t for t, _, _ in a) == set(TASK_WEIGHTS)
     with pytest.raises(ValueError, match="unknown tasks"):
         InstructionMix(samples, {"nonsense": 1.0})

@@ -116,7 +116,41 @@ def test_flipped_scene_items_flip_their_object_map(tiny, data_root):
     assert plain.objects.sum() > 0
 
 
+def test_vision_items_click_on_an_object_of_their_augmented_image(tiny, data_root):
+    """A vision item with objects carries a click query made after its augmentation: the point
+    lies on the target it asks for, or the box holds it; the target is one object's coverage."""
+    from earthgptx.data.instructions import VISION_TASK, Instruction
+    from earthgptx.data.readers import dataset_samples
+    from earthgptx.pixel_decoder import LABEL_BOX_BOTTOM_RIGHT, LABEL_BOX_TOP_LEFT, LABEL_FOREGROUND
+    from earthgptx.training.batches import Encoder
+
+    model, tokenizer = tiny
+    sample = next(s for s in dataset_samples(data_root, ("hrsid-mini",)) if len(s.masks) > 1)
+    enc = Encoder(model.config, tokenizer)
+    kinds = set()
+    for seed in range(12):
+        e = enc(Instruction(sample, VISION_TASK, "", ""), rng=np.random.default_rng(seed))
+        (coords, labels), t = e.points, e.target
+        assert t.shape == (model.config.vision.image_size,) * 2 and t.max() <= 1.0
+        if labels.tolist() == [LABEL_FOREGROUND]:
+            kinds.add("point")
+            x, y = np.floor(coords[0]).astype(int)
+            if t.any():
+                assert t[max(0, y - 1):y + 2, max(0, x - 1):x + 2].max() > 0
+        else:
+            kinds.add("box")
+            assert labels.tolist() == [LABEL_BOX_TOP_LEFT, LABEL_BOX_BOTTOM_RIGHT]
+            ys, xs = np.nonzero(t > 0.5)
+            if len(xs):  # the jittered box holds most of the object
+                (x0, y0), (x1, y1) = coords
+                inside = (xs >= x0 - 2) & (xs <= x1 + 2) & (ys >= y0 - 2) & (ys <= y1 + 2)
+                assert inside.mean() > 0.8
+        assert t.sum() < e.objects.sum() + 1e-3  # one object, not all of them
+    assert kinds == {"point", "box"}
+
+
 def test_a_few_steps_lower_the_loss(tiny, encoded):
+    from earthgptx.data.instructions import InstructionMix
     from earthgptx.model import build_model
     from earthgptx.config import preset
     from earthgptx.training.batches import collate
@@ -124,8 +158,12 @@ def test_a_few_steps_lower_the_loss(tiny, encoded):
 
     model, tokenizer = build_model(preset("tiny"))
     enc, insts = encoded
+    insts = insts + InstructionMix([i.sample for i in insts], seed=0).images(0, 6)
     batch = collate([enc(i, rng=np.random.default_rng(k)) for k, i in enumerate(insts)], 0)
-    counts = {"tokens": int((batch["labels"] != -100).sum()), "masks": len(batch["mask_rows"]), "images": len(insts)}
+    clicks = int(batch["mask_vision"].sum())
+    assert clicks > 0
+    counts = {"tokens": int((batch["labels"] != -100).sum()), "masks": len(batch["mask_rows"]) - clicks,
+              "clicks": clicks, "images": len(insts)}
     module = TrainModule(model, torch.from_numpy(enc.prefix_ids), enc.image_id, enc.region_ids, num_classes=10)
     opt = torch.optim.AdamW([p for p in module.parameters() if p.requires_grad], lr=3e-3)
     llm_before = {k: v.clone() for k, v in model.llm.state_dict().items()}
@@ -139,6 +177,7 @@ def test_a_few_steps_lower_the_loss(tiny, encoded):
     last = {k: float(v.detach()) for k, v in module(batch, counts).items()}
     assert last["loss"] < first["loss"] - 1.5
     assert last["text"] < first["text"] and last["mask_dice"] < first["mask_dice"]
+    assert last["click"] < first["click"]
     assert last["mask_bce"] < 0.5 * first["mask_bce"] and last["aux_class"] < 0.5 * first["aux_class"]
     for k, v in model.llm.state_dict().items():  # the base LLM is frozen
         assert torch.equal(v, llm_before[k]), k

@@ -26,8 +26,9 @@ from ..processing import Letterbox, VisualPrompts, format_box, inside_point, mas
 from . import templates as T
 from .readers import Sample
 
-TASK_WEIGHTS = {"classify": 0.22, "caption": 0.10, "modality": 0.03, "count": 0.05, "presence": 0.04,
-                "region": 0.10, "segment": 0.22, "grounding": 0.08, "click": 0.16}
+# instructions a step draws by task (vision items carry most clicks: instructions need few)
+TASK_WEIGHTS = {"classify": 0.30, "caption": 0.12, "modality": 0.02, "count": 0.04, "presence": 0.04,
+                "region": 0.08, "segment": 0.26, "grounding": 0.10, "click": 0.04}
 MAX_TEXT_BOXES = 4  # boxes written in a grounding answer (largest first)
 VISION_TASK = "vision"  # an image for the vision encoder's training-only heads: no text, no LLM
 
@@ -110,6 +111,20 @@ def _scribble(mask: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     cv2.line(stroke, (int(xs[a]), int(ys[a])), (int(xs[b]), int(ys[b])), 1, width)
     out = stroke.astype(bool) & mask
     return out if out.any() else mask.copy()
+
+
+def click_prompt(mask: np.ndarray, rng: np.random.Generator) -> VisualPrompts:
+    """What a user clicks or drags on an object, from its ``(H, W)`` bool mask: a point on it
+    (half the time) or its box, jittered; in the mask's pixel frame."""
+    if rng.random() < 0.5:
+        return VisualPrompts([_point_on(mask, rng)], [], [])
+    return VisualPrompts([], [_jitter_box(np.asarray(mask_box(mask), dtype=float), mask.shape, rng)], [])
+
+
+def clicks_on(sample: Sample) -> bool:
+    """Whether a ``VISION_TASK`` item of ``sample`` also carries a click query (a point or box on
+    one of its objects -> that object's mask, through the prompt-driven pixel decoder)."""
+    return sample.noun in ("ship", "target", "road") and bool(sample.masks)
 
 
 def _visual_prompt(sample: Sample, k: int, rng: np.random.Generator) -> VisualPrompts:

@@ -14,9 +14,9 @@ import numpy as np
 import torch
 
 from ..config import ModelConfig
-from ..data.instructions import VISION_TASK, Instruction
+from ..data.instructions import VISION_TASK, Instruction, click_prompt, clicks_on
 from ..imageio import read_image
-from ..processing import Letterbox, decoder_points, preprocess, prompt_encoder_feed
+from ..processing import Letterbox, VisualPrompts, decoder_points, preprocess, prompt_encoder_feed
 from ..prompting import IMAGE_TOKEN, SEG_TOKEN, build_prompt, region_token
 
 IGNORE = -100
@@ -112,6 +112,8 @@ class Encoder:
                 for k in inst.target:
                     union |= s.masks[k]
                 target = lb.mask_coverage(union)
+        if inst.task == VISION_TASK and clicks_on(s):
+            points, target = self._vision_click(image, masks, lb, rng)
         label = self.classes.get((s.dataset, s.label), -1) if s.label else -1
         objects = None
         if len(masks) and s.noun in ("ship", "target", "road"):
@@ -122,6 +124,20 @@ class Encoder:
             objects = np.zeros((self.size, self.size), dtype=np.float32)
         return Encoded(inst.task, np.ascontiguousarray(pv), ids, labels, seg_pos, prompts, points, target, label,
                        objects)
+
+
+    def _vision_click(self, image: np.ndarray, masks: list[np.ndarray], lb: Letterbox,
+                      rng: np.random.Generator) -> tuple[tuple[np.ndarray, np.ndarray], np.ndarray]:
+        """A click query on a ``VISION_TASK`` item (after its augmentation): a point or box on one
+        object -> its mask; where the crop left no object, a point on the background -> nothing.
+        Clicks need no LLM, so every vision item with objects trains the prompt-driven decoder."""
+        alive = [k for k, m in enumerate(masks) if m.any()]
+        if alive:
+            k = alive[int(rng.integers(len(alive)))]
+            return decoder_points(click_prompt(masks[k], rng), lb), lb.mask_coverage(masks[k])
+        h, w = image.shape[:2]
+        point = VisualPrompts([(float(rng.uniform(0, w)), float(rng.uniform(0, h)))], [], [])
+        return decoder_points(point, lb), np.zeros((self.size, self.size), dtype=np.float32)
 
 
 def augment_geometry(image: np.ndarray, masks: list[np.ndarray], rng: np.random.Generator,
@@ -192,6 +208,7 @@ def collate(items: list[Encoded], pad_id: int) -> dict:
                                  for _, rows in sorted(groups.items())]
         seg_pos = [items[i].seg_pos for i in mq]
         batch.update(mask_rows=torch.tensor(mq, dtype=torch.long), seg_pos=torch.tensor(seg_pos, dtype=torch.long),
+                     mask_vision=torch.tensor([items[i].task == VISION_TASK for i in mq], dtype=torch.bool),
                      targets=torch.from_numpy(np.stack([items[i].target for i in mq])))
     batch["labels_cls"] = torch.tensor([it.label for it in items], dtype=torch.long)
     ob = [i for i, it in enumerate(items) if it.objects is not None]

@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..data.instructions import TASK_WEIGHTS, InstructionMix
+from ..data.instructions import TASK_WEIGHTS, VISION_TASK, InstructionMix, clicks_on
 from ..data.readers import dataset_samples
 from ..data.split import Splitter
 from ..errors import InputError
@@ -46,7 +46,7 @@ class TrainConfig:
     preset: str = "small"
     steps: int = 2000
     batch_size: int = 16  # global: summed over data-parallel ranks
-    vision_batch: int = 64  # global: images per step for the vision encoder's training-only heads alone
+    vision_batch: int = 48  # global: images per step for the vision encoder's training-only heads alone
     lr: float = 2e-3
     weight_decay: float = 0.05
     warmup: int = 100
@@ -123,10 +123,12 @@ class StepBatches(torch.utils.data.Dataset):
         insts = self.mix.epoch(step, self.cfg.batch_size) + self.mix.images(step, self.cfg.vision_batch)
         tokens = sum(int((self.encoder.text_ids(x)[1] != -100).sum()) for x in insts if x.task not in NO_TEXT)
         masks = sum(x.target is not None for x in insts)
+        clicks = sum(x.task == VISION_TASK and clicks_on(x.sample) for x in insts)
         images = len(insts)
         items = [self.encoder(x, rng=np.random.default_rng([self.cfg.seed, step, self.rank + k * self.world]))
                  for k, x in enumerate(insts[self.rank::self.world])]
-        return collate(items, self.pad_id), {"tokens": max(tokens, 1), "masks": max(masks, 1), "images": images}
+        return collate(items, self.pad_id), {"tokens": max(tokens, 1), "masks": max(masks, 1), "clicks": max(clicks, 1),
+                                                "images": images}
 
 
 class _Dist:
@@ -174,7 +176,8 @@ def _progress(step: int, total: int, started: float, row: dict, tty: bool, limit
         eta = min(eta, max(0.0, 60 * limit_min - elapsed))
     bar = "#" * int(20 * (step + 1) / total)
     line = (f"train [{bar:<20s}] {step + 1}/{total} loss {row['loss']:.3f} (text {row['text']:.3f}, "
-            f"bce {row['mask_bce']:.3f}, dice {row['mask_dice']:.3f}, aux {row['aux_class']:.2f}/{row['aux_dense']:.2f}) "
+            f"bce {row['mask_bce']:.3f}, dice {row['mask_dice']:.3f}, click {row['click']:.3f}, "
+            f"aux {row['aux_class']:.2f}/{row['aux_dense']:.2f}) "
             f"{row['samples_per_s']:.1f} samples/s "
             f"ETA {int(eta // 60)}:{int(eta % 60):02d}")
     print(("\r" + line) if tty else line, end="" if tty else "\n", file=sys.stderr, flush=True)

@@ -20,7 +20,10 @@ by the count over the *global* batch, so data-parallel ranks add up to one proce
 Deep supervision for a from-scratch vision encoder (training only, not in the checkpoint):
 every image with a class (AID, MSTAR) also trains a linear head on its mean image token
 (cross-entropy, ``aux_class``), and every image with object masks a 1x1 head on the dense
-embedding that predicts where all objects are (BCE + Dice, ``aux_dense``). The LLM's answer
+embedding that predicts where all objects are (BCE + Dice, ``aux_dense``). Vision items with
+objects also carry a click query (a point or box on one object -> its mask, ``click``: the
+mask terms above with their weights, averaged over those queries): clicks need no LLM, so the
+prompt-driven pixel decoder sees an object in nearly every vision item. The LLM's answer
 is still the only output; these give the encoder a direct signal every time an image is
 seen, where the text loss reaches it only through the frozen LLM.
 """
@@ -35,12 +38,36 @@ from ..model import EarthGPTX
 from .batches import IGNORE
 
 LLM_LAYERS = "model.llm.model.model.layers."  # the LLM's decoder layers (FSDP units of their own)
-WEIGHTS = {"text": 1.0, "mask_bce": 2.0, "mask_dice": 2.0, "iou": 1.0, "aux_class": 0.5, "aux_dense": 0.5}
+WEIGHTS = {"text": 1.0, "mask_bce": 2.0, "mask_dice": 2.0, "iou": 1.0, "click": 1.0, "aux_class": 0.5,
+           "aux_dense": 0.5}
+
+
+MAX_POS_WEIGHT = 10.0
+
+
+def mask_losses(logits: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row BCE and Dice of ``(N, H, W)`` logits against ``(N, H, W)`` coverage targets in [0, 1].
+
+    The BCE weighs an object's pixels by ``background / object`` pixels of its row, at most
+    ``MAX_POS_WEIGHT``: with a plain per-pixel mean, a target of a few pixels among 65,536 (an
+    infrared target, a distant ship) is outvoted, every logit is driven far below zero, the
+    sigmoid saturates and Dice's gradient vanishes with it: masks collapse to empty (run 3,
+    EVALUATION.md). The BCE's gradient on a missed object pixel does not saturate. Large objects
+    (roads) get a weight near their own balance, down to 1."""
+    t = target.flatten(1)
+    pos = t.sum(1, keepdim=True)
+    pos_weight = ((t.shape[1] - pos) / pos.clamp(min=1.0)).clamp(1.0, MAX_POS_WEIGHT)
+    x = logits.flatten(1)
+    bce = F.binary_cross_entropy_with_logits(x, t, reduction="none", pos_weight=pos_weight).mean(1)
+    prob = torch.sigmoid(x)
+    dice = 1.0 - (2.0 * (prob * t).sum(1) + 1.0) / (prob.sum(1) + t.sum(1) + 1.0)
+    return bce, dice
 
 
 class TrainModule(nn.Module):
-    """``forward(batch, counts) -> {loss, text, mask_bce, mask_dice, iou}``; ``counts``:
-    ``{"tokens": answer tokens, "masks": mask queries}`` over the global batch."""
+    """``forward(batch, counts) -> {loss, *WEIGHTS}``; ``counts`` over the global batch:
+    ``{"tokens": answer tokens, "masks": instructions' mask queries, "clicks": vision items'
+    click queries, "images": images}``."""
 
     def __init__(self, model: EarthGPTX, prefix_ids: torch.Tensor, image_id: int, region_ids: list[int],
                  num_classes: int = 0, lora_rank: int = 0, lora_alpha: float = 16.0) -> None:
@@ -135,18 +162,21 @@ class TrainModule(nn.Module):
                 logits = logits.index_put((idx,), masks[:, 0].float())
                 scores = scores.index_put((idx,), sc[:, 0].float())
             tgt = batch["targets"]
-            bce = F.binary_cross_entropy_with_logits(logits, tgt, reduction="none").flatten(1).mean(1)
-            prob = torch.sigmoid(logits).flatten(1)
+            bce, dice = mask_losses(logits, tgt)
             t = tgt.flatten(1)
-            dice = 1.0 - (2.0 * (prob * t).sum(1) + 1.0) / (prob.sum(1) + t.sum(1) + 1.0)
             with torch.no_grad():
                 pred, true = logits.flatten(1) > 0, t > 0.5
                 union = (pred | true).sum(1)
                 iou = torch.where(union > 0, (pred & true).sum(1) / union.clamp(min=1), torch.ones_like(union).float())
             n = counts["masks"]
-            losses["mask_bce"] = bce.sum() / n
-            losses["mask_dice"] = dice.sum() / n
-            losses["iou"] = ((scores - iou) ** 2).sum() / n
+            inst = ~batch["mask_vision"]
+            losses["mask_bce"] = bce[inst].sum() / n
+            losses["mask_dice"] = dice[inst].sum() / n
+            losses["iou"] = ((scores - iou)[inst] ** 2).sum() / n
+            vis = batch["mask_vision"]
+            if bool(vis.any()):  # vision items' clicks: the same three terms, their own mean
+                per_row = 2.0 * bce + 2.0 * dice + (scores - iou) ** 2
+                losses["click"] = per_row[vis].sum() / counts["clicks"]
         cls = batch["labels_cls"]
         if bool((cls >= 0).any()):
             logits = self.aux_class(image_tokens.mean(1)).float()
@@ -154,10 +184,7 @@ class TrainModule(nn.Module):
         if "object_rows" in batch:
             dense = self.aux_dense(image_embedding[batch["object_rows"]]).float()
             dense = F.interpolate(dense, size=batch["objects"].shape[-2:], mode="bilinear", align_corners=False)[:, 0]
-            t = batch["objects"]
-            bce = F.binary_cross_entropy_with_logits(dense, t, reduction="none").flatten(1).mean(1)
-            p, t = torch.sigmoid(dense).flatten(1), t.flatten(1)
-            dice = 1.0 - (2.0 * (p * t).sum(1) + 1.0) / (p.sum(1) + t.sum(1) + 1.0)
+            bce, dice = mask_losses(dense, batch["objects"])
             losses["aux_dense"] = (2.0 * bce + dice).sum() / counts["images"]
         losses["loss"] = sum(WEIGHTS[k] * losses[k] for k in WEIGHTS) + zero  # zero: ties in unused parts
         return losses
