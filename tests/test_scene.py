@@ -124,6 +124,7 @@ def test_objects_cut_by_tile_borders_are_merged_once_and_georeferenced(tmp_path)
     assert (min(xs), max(ys)) == (500000 + 0.5 * x0, 4500000 - 0.5 * y0)
     assert (max(xs), min(ys)) == (500000 + 0.5 * x1, 4500000 - 0.5 * y1)
     assert geo["properties"]["crs"] == "EPSG:32633" and len(geo["features"]) == 4
+    assert all(f["properties"]["text"] == "a scene" for f in geo["features"])  # the tile's answer
     lon, lat = wgs["features"][0]["geometry"]["coordinates"][0][0]
     assert 14.9 < lon < 15.1 and 40.6 < lat < 40.7  # 500 km E, 4,500 km N in UTM 33N
     assert [a["bbox"] for a in coco["annotations"]][0] == [x0, y0, x1 - x0, y1 - y0]
@@ -150,8 +151,9 @@ def test_grounding_boxes_are_merged_by_nms(tmp_path):
                            SceneOptions(tile=700, overlap=200, overview_text=None))
     assert len(result.objects) >= 1 and result.overview is None
     kept = merge_boxes(np.array([[0, 0, 100, 100], [5, 5, 100, 100], [0, 0, 40, 100], [200, 200, 300, 300.]]),
-                       np.array([0.9, 0.8, 0.95, 0.5]))
+                       np.array([0.9, 0.8, 0.95, 0.5]), properties=[{"text": t} for t in "abcd"])
     assert [o.box for o in kept] == [(0, 0, 40, 100), (0, 0, 100, 100), (200, 200, 300, 300)]
+    assert [o.properties["text"] for o in kept] == ["c", "a", "d"]
 
 
 def test_egx_scene_on_the_tiny_model(tmp_path, data_root):

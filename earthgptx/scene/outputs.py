@@ -14,7 +14,8 @@ from .source import SceneSource
 def to_geojson(result: SceneResult, source: SceneSource, wgs84: bool = False, tolerance: float = 0.5) -> dict:
     """A FeatureCollection: one feature per object, its mask polygon (or box) in the scene's
     CRS (``wgs84``: EPSG:4326 longitude/latitude through pyproj), simplified by ``tolerance``
-    scene pixels; properties ``score``, ``box_px`` (XYXY scene pixels), ``tiles``. Without
+    scene pixels; properties ``score``, ``box_px`` (XYXY scene pixels), ``tiles``, ``text``
+    (the answer of the tile that saw the object best). Without
     georeferencing the coordinates are scene pixels and the collection says so."""
     import shapely
     from shapely import affinity

@@ -83,7 +83,7 @@ def run_scene(predictor, source: SceneSource, modality: str, text: str, task: st
     if len(windows) > opts.max_tiles:
         raise InputError(f"{len(windows)} tiles of {tile} px: more than --max-tiles {opts.max_tiles}; "
                          "use a larger --tile or a coarser --gsd")
-    pieces, boxes, scores = [], [], []
+    pieces, boxes, scores, props = [], [], [], []
     gen = GenerationConfig(max_new_tokens=opts.max_new_tokens)
 
     def answer(pixels: np.ndarray):  # a tile is seen once: nothing of it is cached
@@ -91,15 +91,17 @@ def run_scene(predictor, source: SceneSource, modality: str, text: str, task: st
 
     def collect(w: Window, resampled: bool, valid: np.ndarray, shape: tuple, pred) -> None:
         to_scene = tile_affine(w, shape[0], shape[1])
+        said = {"text": pred.text}  # what the model answered on the tile the object came from
         if task == "segment":
             for m, s in zip(pred.masks, pred.scores):
                 keep = m if resampled else m & valid  # nothing is found where there is no data
-                pieces.extend((g, float(s)) for g in mask_polygons(keep, to_scene))
+                pieces.extend((g, float(s), said) for g in mask_polygons(keep, to_scene))
         else:
             for i, b in enumerate(pred.boxes):  # text boxes (after the decoder's) have no score
                 boxes.append((to_scene.c + to_scene.a * b[0], to_scene.f + to_scene.e * b[1],
                               to_scene.c + to_scene.a * b[2], to_scene.f + to_scene.e * b[3]))
                 scores.append(float(pred.scores[i]) if i < len(pred.scores) else 0.0)
+                props.append(said)
 
     skipped = done = 0
     pending: deque = deque()  # tiles sent to the executor, oldest first
@@ -134,7 +136,8 @@ def run_scene(predictor, source: SceneSource, modality: str, text: str, task: st
     if task == "segment":
         objects = merge_masks(pieces)
     else:
-        objects = merge_boxes(np.asarray(boxes, dtype=np.float64).reshape(-1, 4), np.asarray(scores, dtype=np.float64))
+        objects = merge_boxes(np.asarray(boxes, dtype=np.float64).reshape(-1, 4), np.asarray(scores, dtype=np.float64),
+                              properties=props)
     tiles = {"planned": len(windows), "answered": len(windows) - skipped, "skipped_no_data": skipped,
              "tile_scene_px": tile, "tile_px": tile_px,
              "pieces": len(pieces) if task == "segment" else len(boxes)}

@@ -60,31 +60,34 @@ def mask_polygons(mask: np.ndarray, to_scene) -> list:
                                                    transform=to_scene) if value]
 
 
-def merge_masks(pieces: list[tuple[object, float]]) -> list[SceneObject]:
-    """Per-tile polygons ``(geometry, score)`` -> objects: pieces that overlap or touch (one
-    object seen by two overlapping tiles, or cut by a border) become one, scored by its best
-    piece."""
+def merge_masks(pieces: list[tuple[object, float, dict]]) -> list[SceneObject]:
+    """Per-tile polygons ``(geometry, score, properties)`` -> objects: pieces that overlap or
+    touch (one object seen by two overlapping tiles, or cut by a border) become one, scored by
+    its best piece, whose properties (the tile's answer text) it keeps."""
     from shapely import STRtree, unary_union
     from shapely.geometry import MultiPolygon
 
     if not pieces:
         return []
-    geoms = [g for g, _ in pieces]
+    geoms = [p[0] for p in pieces]
     merged = unary_union(geoms)
     parts = list(merged.geoms) if isinstance(merged, MultiPolygon) else [merged]
     tree = STRtree(geoms)
     out = []
     for part in parts:
         hits = [int(i) for i in tree.query(part, predicate="intersects")]
-        out.append(SceneObject(tuple(float(v) for v in part.bounds), max(pieces[i][1] for i in hits), part, len(hits)))
+        best = max(hits, key=lambda i: pieces[i][1])
+        out.append(SceneObject(tuple(float(v) for v in part.bounds), pieces[best][1], part, len(hits),
+                               dict(pieces[best][2])))
     return sorted(out, key=lambda o: (o.box[1], o.box[0]))
 
 
-def merge_boxes(boxes: np.ndarray, scores: np.ndarray, iou: float = 0.5, contained: float = 0.8) -> list[SceneObject]:
+def merge_boxes(boxes: np.ndarray, scores: np.ndarray, iou: float = 0.5, contained: float = 0.8,
+                properties: list[dict] | None = None) -> list[SceneObject]:
     """Greedy non-maximum suppression over the tiles' boxes ``(N, 4)`` in scene pixels: the
-    best-scored box is kept and every box that overlaps it by more than ``iou``, or lies
-    inside it by more than ``contained`` of its own area (the part of an object a tile
-    border cut off), goes."""
+    best-scored box is kept (with its ``properties[i]``) and every box that overlaps it by
+    more than ``iou``, or lies inside it by more than ``contained`` of its own area (the part
+    of an object a tile border cut off), goes."""
     order = np.argsort(-scores, kind="stable")
     kept: list[int] = []
     suppressed = np.zeros(len(boxes), dtype=bool)
@@ -98,4 +101,5 @@ def merge_boxes(boxes: np.ndarray, scores: np.ndarray, iou: float = 0.5, contain
         inter = np.clip(rb - lt, 0, None).prod(-1)
         inside = np.where(areas > 0, inter / np.maximum(areas, 1e-12), 0.0)
         suppressed |= (box_iou(boxes[i:i + 1], boxes)[0] > iou) | (inside > contained)
-    return [SceneObject(tuple(float(v) for v in boxes[i]), float(scores[i])) for i in kept]
+    return [SceneObject(tuple(float(v) for v in boxes[i]), float(scores[i]),
+                        properties=dict(properties[i]) if properties else {}) for i in kept]
