@@ -125,7 +125,6 @@ class Encoder:
         return Encoded(inst.task, np.ascontiguousarray(pv), ids, labels, seg_pos, prompts, points, target, label,
                        objects)
 
-
     def _vision_click(self, image: np.ndarray, masks: list[np.ndarray], lb: Letterbox,
                       rng: np.random.Generator) -> tuple[tuple[np.ndarray, np.ndarray], np.ndarray]:
         """A click query on a ``VISION_TASK`` item (after its augmentation): a point or box on one
