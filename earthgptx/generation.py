@@ -1,6 +1,11 @@
 """Token generation over the ``llm`` part's feed-dict interface (any runner: the
 PyTorch reference, ONNX Runtime, TensorRT). Greedy or sampled, with stop tokens,
-stop strings and a streaming callback. Batch 1."""
+stop strings and a streaming callback.
+
+One sequence is a generator (``generate_steps``) that yields each ``llm`` feed it needs
+and is sent the outputs, so that the caller decides how feeds run: ``generate`` runs them
+one by one; ``generate_batch`` runs the decode steps of several sequences as one batched
+call (their KV left-padded to a common length and masked), each sequence ending on its own."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -113,15 +118,34 @@ def generate(llm, inputs_embeds: np.ndarray, embed_table: np.ndarray, llm_cfg: L
              stop_ids: set[int], seg_id: int, decode: Callable[[list[int]], str],
              capture: tuple[int, ...] = (), on_text: Callable[[str], None] | None = None,
              prefix: PrefixKV | None = None, keep_prefix: int = 0) -> Generated:
-    """Prefill ``inputs_embeds`` ``(1, T, hidden)`` then decode.
+    """Prefill ``inputs_embeds`` ``(1, T, hidden)`` then decode, every feed through ``llm``
+    (a runner: ``llm(feed) -> outputs`` with the names of ``llm.py``). The arguments after
+    ``llm`` are ``generate_steps``'."""
+    steps = generate_steps(inputs_embeds, embed_table, llm_cfg, cfg, stop_ids, seg_id, decode, capture, on_text,
+                           prefix, keep_prefix)
+    try:
+        feed = next(steps)
+        while True:
+            feed = steps.send(llm(feed))
+    except StopIteration as done:
+        return done.value
 
-    ``llm`` is a runner: ``llm(feed) -> outputs`` with the names of ``llm.py``; the past
-    KV is always fed (zero-length at prefill), so one graph serves both phases.
+
+def generate_steps(inputs_embeds: np.ndarray, embed_table: np.ndarray, llm_cfg: LLMConfig, cfg: GenerationConfig,
+                   stop_ids: set[int], seg_id: int, decode: Callable[[list[int]], str],
+                   capture: tuple[int, ...] = (), on_text: Callable[[str], None] | None = None,
+                   prefix: PrefixKV | None = None, keep_prefix: int = 0):
+    """One sequence as a generator: yields the prefill feed of ``inputs_embeds`` ``(1, T,
+    hidden)``, then one feed per decode step (``step_feed``: one token on top of the past KV),
+    each answered by ``send(outputs)``; returns the ``Generated`` (``StopIteration.value``).
+
+    The past KV is always fed (zero-length at prefill), so one graph serves both phases.
     ``capture``: prompt positions whose last hidden state to return (the forced ``[SEG]``).
     ``on_text``: called with each new piece of text as it is generated.
     ``prefix``: the KV of the prompt's first positions, computed before (only the rest is
     prefilled); else, with ``keep_prefix`` > 0, the KV of the first ``keep_prefix`` positions
-    is returned in ``Generated.prefix`` for later prompts.
+    is returned in ``Generated.prefix`` for later prompts. Times are from a feed's yield to
+    its answer (in a batch: the batch's call).
     """
     import time
 
@@ -129,7 +153,7 @@ def generate(llm, inputs_embeds: np.ndarray, embed_table: np.ndarray, llm_cfg: L
     t = inputs_embeds.shape[1]
     first = prefix.length if prefix is not None else 0
     start = time.perf_counter()
-    out = llm(prefill_feed(inputs_embeds[0], llm_cfg, prefix))
+    out = yield prefill_feed(inputs_embeds[0], llm_cfg, prefix)
     result = Generated([], "", "length", prefill_ms=(time.perf_counter() - start) * 1e3)
     result.prompt_hidden = [out["last_hidden_state"][0, p - first].copy() for p in capture]
     if prefix is None and 0 < keep_prefix < t:
@@ -156,11 +180,78 @@ def generate(llm, inputs_embeds: np.ndarray, embed_table: np.ndarray, llm_cfg: L
         if step == cfg.max_new_tokens - 1 and tok != seg_id:
             break  # the last token's own state is needed only for a [SEG]
         start = time.perf_counter()
-        out = llm(step_feed(embed_table[tok], t + step, out, llm_cfg))
+        out = yield step_feed(embed_table[tok], t + step, out, llm_cfg)
         result.decode_ms.append((time.perf_counter() - start) * 1e3)
         if tok == seg_id:
             result.seg_hidden.append(out["last_hidden_state"][0, 0].copy())
     return result
+
+
+def generate_batch(llm, sequences: list, llm_cfg: LLMConfig) -> list[Generated]:
+    """Drive several ``generate_steps`` generators together: each prefill runs alone (prompts
+    differ in length), then every live sequence's decode step runs in one ``llm`` call of
+    batch ``len(live)``; a sequence that ends leaves the batch. Returns their ``Generated``
+    in order. The answers are those of ``generate`` one by one (tested token for token)."""
+    results: list[Generated | None] = [None] * len(sequences)
+    live: dict[int, dict] = {}  # sequence index -> its pending decode feed
+
+    def advance(i: int, out: dict | None) -> None:
+        try:
+            live[i] = next(sequences[i]) if out is None else sequences[i].send(out)
+        except StopIteration as done:
+            results[i] = done.value
+            live.pop(i, None)
+
+    for i in range(len(sequences)):
+        advance(i, None)
+        if i in live:  # its prefill feed: run alone
+            advance(i, llm(live[i]))
+    while live:
+        order = sorted(live)
+        outs = unbatch_step(llm(batch_step([live[i] for i in order], llm_cfg)), [live[i] for i in order], llm_cfg)
+        for i, out in zip(order, outs):
+            advance(i, out)
+    return results  # type: ignore[return-value]
+
+
+def batch_step(feeds: list[dict], llm_cfg: LLMConfig) -> dict[str, np.ndarray]:
+    """One ``llm`` feed of batch ``len(feeds)`` from single-token ``step_feed``s whose past
+    lengths ``P_i`` differ: each past KV is left-padded with zeros to ``max(P_i)`` and its
+    ``attention_mask`` row is 0 there, so padding is never attended; positions stay each
+    sequence's own."""
+    if len(feeds) == 1:
+        return feeds[0]
+    past_names = kv_names(llm_cfg.layers, "past_key_values")
+    lengths = [f["attention_mask"].shape[1] - 1 for f in feeds]
+    p = max(lengths)
+    mask = np.zeros((len(feeds), p + 1), dtype=np.int64)
+    for i, n in enumerate(lengths):
+        mask[i, p - n:] = 1
+    batch = {"inputs_embeds": np.concatenate([f["inputs_embeds"] for f in feeds]), "attention_mask": mask,
+             "position_ids": np.concatenate([f["position_ids"] for f in feeds])}
+    for name in past_names:
+        kv = np.zeros((len(feeds), llm_cfg.kv_heads, p, llm_cfg.head_dim), dtype=np.float32)
+        for i, (f, n) in enumerate(zip(feeds, lengths)):
+            kv[i, :, p - n:] = f[name][0]
+        batch[name] = kv
+    return batch
+
+
+def unbatch_step(out: dict[str, np.ndarray], feeds: list[dict], llm_cfg: LLMConfig) -> list[dict[str, np.ndarray]]:
+    """The outputs of a ``batch_step`` call, split back into what each feed alone returns
+    (``logits`` ``(1, vocab)``, ``last_hidden_state`` ``(1, 1, hidden)``, ``present.*`` without
+    the left padding)."""
+    if len(feeds) == 1:
+        return [out]
+    present = kv_names(llm_cfg.layers, "present")
+    total = out[present[0]].shape[2]
+    split = []
+    for i, f in enumerate(feeds):
+        n = f["attention_mask"].shape[1]  # its past + the new token
+        one = {"logits": out["logits"][i:i + 1], "last_hidden_state": out["last_hidden_state"][i:i + 1]}
+        one.update({name: np.ascontiguousarray(out[name][i:i + 1, :, total - n:]) for name in present})
+        split.append(one)
+    return split
 
 
 def hidden_states_at(llm, embeds: np.ndarray, positions: list[int], llm_cfg: LLMConfig) -> list[np.ndarray]:
