@@ -22,7 +22,7 @@ import numpy as np
 
 from .config import ModelConfig
 from .errors import InputError
-from .generation import GenerationConfig, generate
+from .generation import Generated, GenerationConfig, generate_batch, generate_steps
 from .image_cache import DEFAULT_CACHE_BYTES, DEFAULT_PREFIX_CACHE_BYTES, ImageCache, encoding_key, image_id
 from .processing import (Letterbox, VisualPrompts, check_modality, component_boxes, decoder_points,
                          parse_text_boxes, preprocess, prompt_encoder_feed)
@@ -213,44 +213,99 @@ class Predictor:
                         timings: dict[str, float] | None = None) -> Prediction:
         """``predict`` on an already encoded image (the runtime's second stage)."""
         prompts = prompts or VisualPrompts([], [], [])
-        generation = generation or GenerationConfig()
         task = self.check_request(text, prompts, task)
-        lb = enc.letterbox
-        prompts.check(lb)
+        prompts.check(enc.letterbox)
         timings = dict(timings or {})
-        modality = enc.modality
-
-        region_tokens = None
-        if len(prompts) and task != "click":
-            feed = {"image_tokens": enc.image_tokens, **prompt_encoder_feed(prompts, lb, self.config.prompt.mask_size)}
-            start = time.perf_counter()
-            region_tokens = self.runners["prompt_encoder"](feed)["region_tokens"][0]
-            timings["prompt_encoder"] = (time.perf_counter() - start) * 1e3
-
-        seg_states: list[np.ndarray] = []
-        gen_text, token_ids, finish = "", [], ""
+        gen = None
         if task != "click":
-            force_seg = task in ("segment", "grounding")
-            ids = self.tokenizer(build_prompt(text, modality, len(prompts), force_seg),
-                                 add_special_tokens=False, return_tensors="np")["input_ids"][0]
-            embeds = splice(ids, self.embed_table, enc.image_tokens[0], region_tokens, self.image_id, self.region_ids)
-            capture = (embeds.shape[0] - 1,) if force_seg else ()
+            ids, embeds, capture, region_tokens = self._llm_input(enc, text, prompts, task, timings)
             if self.text_generator is None:
-                # the positions up to the last image token are the same for every prompt on this image
-                prefix_len = int(np.flatnonzero(ids == self.image_id)[0]) + enc.image_tokens.shape[1]
-                prefix = self.prefix_cache.get(enc.key) if enc.key else None
-                gen = generate(self.runners["llm"], embeds[None], self.embed_table, self.config.llm, generation,
-                               self.stop_ids, self.seg_id, self.decode_tokens, capture, on_text,
-                               prefix=prefix, keep_prefix=prefix_len if enc.key else 0)
+                gen = self._run(self._steps(enc, ids, embeds, capture, generation, on_text))
                 if gen.prefix is not None:
                     self.prefix_cache.put(enc.key, gen.prefix, gen.prefix.nbytes)
             else:
-                gen = self.text_generator.generate(self, ids, embeds, enc.image_tokens[0], region_tokens, generation,
-                                                   capture, on_text)
+                gen = self.text_generator.generate(self, ids, embeds, enc.image_tokens[0], region_tokens,
+                                                   generation or GenerationConfig(), capture, on_text)
             timings["llm"] = gen.prefill_ms + sum(gen.decode_ms)
-            seg_states = gen.prompt_hidden + gen.seg_hidden
-            gen_text, token_ids, finish = gen.text, gen.token_ids, gen.finish_reason
+        return self._answer(enc, prompts, task, gen, timings)
 
+    def predict_many(self, images: list[np.ndarray], modality: str, text: str, prompts: VisualPrompts | None = None,
+                     task: str = "auto", generation: GenerationConfig | None = None,
+                     **preprocess_options) -> list[Prediction]:
+        """``predict`` of one ``text`` (and the same visual prompts) on several images seen
+        once (a scene's tiles): one ``vision_encoder`` call of batch ``len(images)``, then their
+        decoding stepped together (``generation.generate_batch``). The answers are ``predict``'s
+        with ``cache=False``, image by image; ``timings_ms`` share the batched calls' time
+        equally. With a text-generating engine (TensorRT-LLM) the images go one by one."""
+        prompts = prompts or VisualPrompts([], [], [])
+        task = self.check_request(text, prompts, task)
+        check_modality(modality)
+        images = [np.asarray(im) for im in images]
+        if len(images) <= 1 or self.text_generator is not None:
+            return [self.predict(im, modality, text, prompts, task, generation, cache=False, **preprocess_options)
+                    for im in images]
+        size = self.config.vision.image_size
+        for im in images:
+            if im.ndim >= 2 and min(im.shape[:2]) > 0:
+                prompts.check(Letterbox(im.shape[0], im.shape[1], size))
+        start = time.perf_counter()
+        prepared = [preprocess(im, modality, size, **preprocess_options) for im in images]
+        mid = time.perf_counter()
+        out = self.runners["vision_encoder"]({"pixel_values": np.concatenate([p.pixel_values for p in prepared])})
+        n = len(images)
+        shared = {"preprocess": (mid - start) * 1e3 / n, "vision_encoder": (time.perf_counter() - mid) * 1e3 / n}
+        encs = [EncodedImage(p.letterbox, modality, out["image_tokens"][i:i + 1], out["image_embedding"][i:i + 1])
+                for i, p in enumerate(prepared)]
+        timings = [dict(shared) for _ in encs]
+        gens: list[Generated | None] = [None] * n
+        if task != "click":
+            inputs = [self._llm_input(enc, text, prompts, task, t) for enc, t in zip(encs, timings)]
+            steps = [self._steps(enc, ids, embeds, capture, generation, None)
+                     for enc, (ids, embeds, capture, _) in zip(encs, inputs)]
+            gens = generate_batch(self.runners["llm"], steps, self.config.llm)
+            for gen, t in zip(gens, timings):
+                t["llm"] = gen.prefill_ms + sum(gen.decode_ms)
+        return [self._answer(enc, prompts, task, gen, t) for enc, gen, t in zip(encs, gens, timings)]
+
+    def _llm_input(self, enc: EncodedImage, text: str, prompts: VisualPrompts, task: str,
+                   timings: dict[str, float]) -> tuple:
+        """The LLM's input for one request: ``(ids, embeds (T, hidden), capture, region_tokens)``;
+        runs the prompt encoder for visual prompts (its time into ``timings``)."""
+        region_tokens = None
+        if len(prompts):
+            feed = {"image_tokens": enc.image_tokens,
+                    **prompt_encoder_feed(prompts, enc.letterbox, self.config.prompt.mask_size)}
+            start = time.perf_counter()
+            region_tokens = self.runners["prompt_encoder"](feed)["region_tokens"][0]
+            timings["prompt_encoder"] = (time.perf_counter() - start) * 1e3
+        force_seg = task in ("segment", "grounding")
+        ids = self.tokenizer(build_prompt(text, enc.modality, len(prompts), force_seg),
+                             add_special_tokens=False, return_tensors="np")["input_ids"][0]
+        embeds = splice(ids, self.embed_table, enc.image_tokens[0], region_tokens, self.image_id, self.region_ids)
+        capture = (embeds.shape[0] - 1,) if force_seg else ()
+        return ids, embeds, capture, region_tokens
+
+    def _steps(self, enc: EncodedImage, ids: np.ndarray, embeds: np.ndarray, capture: tuple,
+               generation: GenerationConfig | None, on_text):
+        """The generation of one request as ``generation.generate_steps``, on top of the image's
+        cached prompt prefix when there is one (and keeping it when there is not)."""
+        # the positions up to the last image token are the same for every prompt on this image
+        prefix_len = int(np.flatnonzero(ids == self.image_id)[0]) + enc.image_tokens.shape[1]
+        prefix = self.prefix_cache.get(enc.key) if enc.key else None
+        return generate_steps(embeds[None], self.embed_table, self.config.llm, generation or GenerationConfig(),
+                              self.stop_ids, self.seg_id, self.decode_tokens, capture, on_text,
+                              prefix=prefix, keep_prefix=prefix_len if enc.key else 0)
+
+    def _run(self, steps) -> Generated:
+        """Drive one ``generate_steps`` through the ``llm`` runner."""
+        return generate_batch(self.runners["llm"], [steps], self.config.llm)[0]
+
+    def _answer(self, enc: EncodedImage, prompts: VisualPrompts, task: str, gen: Generated | None,
+                timings: dict[str, float]) -> Prediction:
+        """Pixel decoder and post-processing after the text: the ``Prediction``."""
+        lb = enc.letterbox
+        seg_states = (gen.prompt_hidden + gen.seg_hidden) if gen is not None else []
+        gen_text, token_ids, finish = (gen.text, gen.token_ids, gen.finish_reason) if gen is not None else ("", [], "")
         masks, scores, dec_boxes = [], [], np.zeros((0, 4))
         if seg_states or task == "click":
             start = time.perf_counter()

@@ -60,3 +60,37 @@ def test_a_stop_token_ends_one_sequence_and_not_the_others(tiny_predictor):
     assert alone[0].finish_reason == "stop" and alone[1].finish_reason == "length"
     assert [a.token_ids for a in alone] == [b.token_ids for b in together]
     assert [a.finish_reason for a in alone] == [b.finish_reason for b in together]
+
+
+@pytest.mark.parametrize("task,text", [("segment", "Segment all ships."), ("grounding", "Where are the ships?"),
+                                       ("caption", "Describe the image.")])
+def test_predict_many_equals_predict_one_by_one(tiny_predictor, data_root, task, text):
+    """A scene's tiles in one batch: one vision call, decoding stepped together, the same answers."""
+    _check_many(tiny_predictor, data_root, task, text)
+
+
+def test_predict_many_on_onnxruntime(tiny_build, data_root):
+    pytest.importorskip("onnxruntime")
+    from runners.engines import open_predictor
+
+    _check_many(open_predictor(tiny_build[0], "cpu"), data_root, "segment", "Segment all ships.")
+
+
+def _check_many(predictor, data_root, task, text):
+    from earthgptx.generation import GenerationConfig
+    from earthgptx.imageio import read_image
+
+
+    chip = read_image(data_root / "sar" / "hrsid" / "P0094_0_800_3000_3800.png").data
+    tiles = [chip[:300, :400], chip[200:700, 100:600], chip[500:, 500:]]  # three shapes
+    gen = GenerationConfig(max_new_tokens=6)
+    alone = [predictor.predict(t, "sar", text, task=task, generation=gen, cache=False) for t in tiles]
+    together = predictor.predict_many(tiles, "sar", text, task=task, generation=gen)
+    for a, b in zip(alone, together):
+        assert a.text == b.text and a.token_ids == b.token_ids and a.finish_reason == b.finish_reason
+        np.testing.assert_allclose(a.boxes, b.boxes, atol=1e-3)
+        np.testing.assert_allclose(a.scores, b.scores, atol=1e-4)
+        assert len(a.masks) == len(b.masks)
+        for x, y in zip(a.masks, b.masks):
+            assert x.shape == y.shape and np.array_equal(x, y)
+    assert predictor.cache.get("") is None  # tiles are not cached
