@@ -80,7 +80,6 @@ def _check_many(predictor, data_root, task, text):
     from earthgptx.generation import GenerationConfig
     from earthgptx.imageio import read_image
 
-
     chip = read_image(data_root / "sar" / "hrsid" / "P0094_0_800_3000_3800.png").data
     tiles = [chip[:300, :400], chip[200:700, 100:600], chip[500:, 500:]]  # three shapes
     gen = GenerationConfig(max_new_tokens=6)
