@@ -74,6 +74,12 @@ def one(args) -> dict:
             latencies.append((time.perf_counter() - t) * 1e3)  # list.append is atomic: threads may share it
             return out
 
+        def predict_many(self, images, *a, **kw):  # SceneOptions.batch > 1: a tile's share of the batch
+            t = time.perf_counter()
+            out = self.inner.predict_many(images, *a, **kw)
+            latencies.extend([(time.perf_counter() - t) * 1e3 / len(images)] * len(images))
+            return out
+
     with tempfile.TemporaryDirectory() as tmp, ExitStack() as stack:
         path = write_synthetic(Path(tmp) / "scene.tif", args.one)
         executor, workers = None, []
@@ -99,23 +105,26 @@ def one(args) -> dict:
         with SceneSource(path) as src:
             start = time.perf_counter()
             result = run_scene(Timed(predictor), src, "sar", "Segment all ships.", "segment",
-                               SceneOptions(tile=args.tile, overlap=args.overlap, max_new_tokens=2, overview_text=None),
+                               SceneOptions(tile=args.tile, overlap=args.overlap, max_new_tokens=2, overview_text=None,
+                                            batch=args.batch),
                                executor=executor, in_flight=4)
             seconds = time.perf_counter() - start
         worker_peaks = [peak_rss_mb(pid) for pid in workers]
     vertices = sum(len(o.geometry.exterior.coords) if o.geometry.geom_type == "Polygon" else
                    sum(len(g.exterior.coords) for g in o.geometry.geoms) for o in result.objects)
-    return {"size": args.one, "tile": args.tile, "tiles": result.tiles["planned"], "seconds": round(seconds, 1),
+    return {"size": args.one, "tile": args.tile, "batch": args.batch, "tiles": result.tiles["planned"],
+            "seconds": round(seconds, 1),
             "pieces": result.tiles["pieces"], "polygon_vertices": vertices,
             "tiles_per_s": round(result.tiles["answered"] / seconds, 3), "objects": len(result.objects),
             "tile_ms": latencies, "peak_rss_mb": round(peak_rss_mb(), 1), "rss_before_scene_mb": round(before, 1),
             "worker_peak_rss_mb": [round(w, 1) for w in worker_peaks], "scene_raw_mb": round(args.one ** 2 / 2**20, 1)}
 
 
-def measure(size: int, preset: str, engines: str | None, served: bool, tile: int = 512, overlap: int = 64) -> dict:
+def measure(size: int, preset: str, engines: str | None, served: bool, tile: int = 512, overlap: int = 64,
+            batch: int = 1) -> dict:
     """``one`` in a fresh process (so its peak RSS is its own)."""
     cmd = [sys.executable, __file__, "--preset", preset, "--tile", str(tile), "--overlap", str(overlap),
-           "--one", str(size)] + (["--engines", str(engines)] if engines else []) + (["--served"] if served else [])
+           "--batch", str(batch), "--one", str(size)] + (["--engines", str(engines)] if engines else []) + (["--served"] if served else [])
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode:
         raise RuntimeError(f"{' '.join(cmd)} failed:\n{proc.stderr[-3000:]}")
@@ -131,22 +140,28 @@ def main() -> int:
     p.add_argument("--sizes", type=int, nargs="+", default=[10000, 20000])
     p.add_argument("--tile", type=int, default=512)
     p.add_argument("--overlap", type=int, default=64)
+    p.add_argument("--batch", type=int, nargs="+", default=[1],
+                   help="tiles answered together in process (egx scene --batch); one row per value")
     p.add_argument("--json", help="write the rows here")
     p.add_argument("--one", type=int, help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.one:
+        args.batch = args.batch[0]
         print(json.dumps(one(args)))
         return 0
+    if args.served and args.batch != [1]:
+        p.error("--batch is for scenes in process; --served pipelines tiles to the workers instead")
     rows = []
-    for size in args.sizes:
+    for size, batch in ((s, b) for s in args.sizes for b in args.batch):
         try:
-            r = measure(size, args.preset, args.engines, args.served, args.tile, args.overlap)
+            r = measure(size, args.preset, args.engines, args.served, args.tile, args.overlap, batch)
         except RuntimeError as exc:
             print(exc, file=sys.stderr)
             return 1
         r.pop("tile_ms")
         rows.append(r)
-        print(f"{r['size']:>6} px  {r['tiles']:>5} tiles  {r['tiles_per_s']:7.2f} tiles/s  {r['seconds']:8.1f} s  "
+        print(f"{r['size']:>6} px  batch {r['batch']}  {r['tiles']:>5} tiles  {r['tiles_per_s']:7.2f} tiles/s  "
+              f"{r['seconds']:8.1f} s  "
               f"peak RSS {r['peak_rss_mb']:7.1f} MB (before the scene {r['rss_before_scene_mb']:.1f}"
               + (f"; workers {r['worker_peak_rss_mb']}" if r["worker_peak_rss_mb"] else "") + ")  "
               f"scene read whole {r['scene_raw_mb']:.0f} MB  {r['objects']} objects from {r['pieces']} pieces, "

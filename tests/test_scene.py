@@ -156,6 +156,26 @@ def test_grounding_boxes_are_merged_by_nms(tmp_path):
     assert [o.properties["text"] for o in kept] == ["c", "a", "d"]
 
 
+def test_batched_tiles_give_the_objects_of_one_by_one(tmp_path, tiny_predictor, data_root):
+    """``SceneOptions.batch``: tiles answered together (one vision call, decoding stepped
+    together) give the objects, scores and texts of tiles answered one at a time."""
+    from earthgptx.imageio import read_image
+
+    chip = read_image(data_root / "sar" / "hrsid" / "P0094_0_800_3000_3800.png").data
+    path = write_scene(tmp_path / "chip.tif", (chip if chip.ndim == 2 else chip[..., 0])[:500, :700])
+    results = []
+    for batch in (1, 3):
+        with SceneSource(path) as src:
+            results.append(run_scene(tiny_predictor, src, "sar", "Segment all ships.", "segment",
+                                     SceneOptions(tile=200, overlap=20, overview_text=None, max_new_tokens=3,
+                                                  batch=batch)))
+    one, three = results
+    assert one.tiles == three.tiles and one.tiles["answered"] == 12  # 12 tiles: 4 batches of 3
+    assert [(o.box, o.properties) for o in one.objects] == [(o.box, o.properties) for o in three.objects]
+    assert [o.score for o in one.objects] == pytest.approx([o.score for o in three.objects], abs=1e-6)
+    assert one.objects
+
+
 def test_egx_scene_on_the_tiny_model(tmp_path, data_root):
     from earthgptx.imageio import read_image
 
@@ -261,10 +281,12 @@ def test_a_served_scene_survives_a_worker_restart(tmp_path, tiny_build, data_roo
 
 def test_scene_benchmark_writes_its_rows(tmp_path):
     out = tmp_path / "scene.json"
-    proc = subprocess.run([sys.executable, "benchmarks/scene.py", "--preset", "tiny", "--sizes", "900", "--json",
-                           str(out)], cwd=REPO, capture_output=True, text=True, timeout=600)
+    proc = subprocess.run([sys.executable, "benchmarks/scene.py", "--preset", "tiny", "--sizes", "900", "--batch", "1",
+                           "4", "--json", str(out)], cwd=REPO, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr
-    (row,) = json.loads(out.read_text())["rows"]
-    assert row["size"] == 900 and row["tiles"] == len(plan_tiles(900, 900, 512, 64)) == 4
-    assert row["tiles_per_s"] > 0 and row["peak_rss_mb"] >= row["rss_before_scene_mb"] > 0
+    one, four = json.loads(out.read_text())["rows"]
+    assert (one["batch"], four["batch"]) == (1, 4) and one["objects"] == four["objects"]
+    for row in (one, four):
+        assert row["size"] == 900 and row["tiles"] == len(plan_tiles(900, 900, 512, 64)) == 4
+        assert row["tiles_per_s"] > 0 and row["peak_rss_mb"] >= row["rss_before_scene_mb"] > 0
     assert "tiles/s" in proc.stdout and "peak RSS" in proc.stdout

@@ -19,6 +19,9 @@ def add_scene_arguments(p: argparse.ArgumentParser) -> None:
                    help="per tile: masks (merged as polygons) or boxes (merged by NMS)")
     p.add_argument("--max-new-tokens", type=int, default=32)
     p.add_argument("--overlay", metavar="OUT.png", help="the scene decimated to 2,048 px with the objects drawn")
+    p.add_argument("--batch", type=int, default=1, metavar="N",
+                   help="tiles answered together: one vision-encoder call and their decoding stepped together "
+                        "(the same answers; N tiles in memory; for TensorRT at most the build's --max-batch)")
     add_tiling_arguments(p)
 
 
@@ -65,7 +68,8 @@ def scene_options(args: argparse.Namespace):
 
     return SceneOptions(tile=args.tile, overlap=args.overlap, gsd=args.gsd,
                         overview_text=None if args.no_overview else args.overview_text,
-                        max_new_tokens=args.max_new_tokens)
+                        max_new_tokens=args.max_new_tokens,
+                        batch=getattr(args, "batch", 1))  # egx query --scene pipelines tiles instead
 
 
 def answer_scene(args: argparse.Namespace, predictor, executor=None, in_flight: int = 4) -> int:

@@ -1,7 +1,8 @@
 """``run_scene``: zoom out, then zoom in tile by tile, through one ``Predictor``.
 
 Memory: one tile at a time is read and answered (its pixels, the pre-processing at the
-model's input size and the masks of one tile), plus the polygons found so far; the scene
+model's input size and the masks of one tile; ``batch`` tiles with ``SceneOptions.batch``),
+plus the polygons found so far; the scene
 itself is never read whole (the overview is a decimated read). So peak memory is bounded by
 the tile size, not the scene's."""
 from __future__ import annotations
@@ -29,7 +30,9 @@ class SceneOptions:
     so each one is whole in some tile);
     ``gsd``: resample tiles to this ground-sample distance (CRS units per pixel; None: the
     scene's own); ``overview_text``: the zoom-out question (None: no zoom-out answer);
-    ``max_tiles``: refuse plans larger than this."""
+    ``max_tiles``: refuse plans larger than this; ``batch``: tiles answered together in
+    process (``Predictor.predict_many``: one vision call, decoding stepped together; the same
+    answers, and ``batch`` tiles in memory at once)."""
 
     tile: int | None = None
     overlap: int = 64
@@ -37,6 +40,7 @@ class SceneOptions:
     overview_text: str | None = "Describe this image."
     max_tiles: int = 100_000
     max_new_tokens: int = 32
+    batch: int = 1
 
 
 @dataclass
@@ -61,6 +65,8 @@ def run_scene(predictor, source: SceneSource, modality: str, text: str, task: st
     ``in_flight`` at once (so a server's workers each have one; memory stays bounded)."""
     if task not in SCENE_TASKS:
         raise InputError(f"egx scene answers {' or '.join(SCENE_TASKS)} per tile, not {task!r}")
+    if opts.batch < 1:
+        raise InputError(f"--batch {opts.batch}: answer at least one tile at a time")
     start = time.perf_counter()
     pre = preprocess_options or {}
     size = predictor.config.vision.image_size
@@ -112,6 +118,15 @@ def run_scene(predictor, source: SceneSource, modality: str, text: str, task: st
         if progress is not None:
             progress(done, len(windows))
 
+    batched: list[tuple] = []  # tiles read and waiting for a batch (executor None, opts.batch > 1)
+
+    def answer_batch() -> None:
+        preds = predictor.predict_many([b[-1] for b in batched], modality, text, task=task, generation=gen, **pre)
+        for (w, resampled, valid, pixels), pred in zip(batched, preds):
+            collect(w, resampled, valid, pixels.shape, pred)
+            finished()
+        batched.clear()
+
     for w in windows:  # read here, one window at a time (rasterio datasets are not thread-safe)
         valid = source.valid(w)
         if not valid.any():
@@ -120,6 +135,11 @@ def run_scene(predictor, source: SceneSource, modality: str, text: str, task: st
             continue
         out = (round(w.height / step), round(w.width / step)) if step != 1.0 else None
         pixels = source.read(w, out)
+        if executor is None and opts.batch > 1:
+            batched.append((w, out is not None, valid, pixels))
+            if len(batched) == opts.batch:
+                answer_batch()
+            continue
         if executor is None:
             collect(w, out is not None, valid, pixels.shape, answer(pixels))
             finished()
@@ -129,6 +149,8 @@ def run_scene(predictor, source: SceneSource, modality: str, text: str, task: st
             *queued, future = pending.popleft()
             collect(*queued, future.result())
             finished()
+    if batched:
+        answer_batch()
     while pending:
         *queued, future = pending.popleft()
         collect(*queued, future.result())
