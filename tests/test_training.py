@@ -39,6 +39,19 @@ def _weights(folder):
     return load_file(str(folder / "model" / "model.safetensors"))
 
 
+def _train(module, batch, counts, steps=20) -> tuple[dict, dict]:
+    """``steps`` AdamW steps on one batch: the losses before the first and after the last."""
+    opt = torch.optim.AdamW([p for p in module.parameters() if p.requires_grad], lr=3e-3)
+    first = None
+    for _ in range(steps):
+        losses = module(batch, counts)
+        first = first or {k: float(v.detach()) for k, v in losses.items()}
+        opt.zero_grad()
+        losses["loss"].backward()
+        opt.step()
+    return first, {k: float(v.detach()) for k, v in module(batch, counts).items()}
+
+
 @pytest.fixture(scope="module")
 def encoded(tiny, data_root):
     from earthgptx.data.instructions import InstructionMix
@@ -162,16 +175,8 @@ def test_a_few_steps_lower_the_loss(tiny, encoded):
     counts = {"tokens": int((batch["labels"] != -100).sum()), "masks": len(batch["mask_rows"]), "clicks": 1,
               "images": len(insts)}
     module = TrainModule(model, torch.from_numpy(enc.prefix_ids), enc.image_id, enc.region_ids, num_classes=10)
-    opt = torch.optim.AdamW([p for p in module.parameters() if p.requires_grad], lr=3e-3)
     llm_before = {k: v.clone() for k, v in model.llm.state_dict().items()}
-    first = None
-    for _ in range(20):
-        losses = module(batch, counts)
-        first = first or {k: float(v.detach()) for k, v in losses.items()}
-        opt.zero_grad()
-        losses["loss"].backward()
-        opt.step()
-    last = {k: float(v.detach()) for k, v in module(batch, counts).items()}
+    first, last = _train(module, batch, counts)
     assert last["loss"] < first["loss"] - 1.5
     assert last["text"] < first["text"] and last["mask_dice"] < first["mask_dice"]
     assert last["mask_bce"] < 0.5 * first["mask_bce"] and last["aux_class"] < first["aux_class"]
@@ -207,16 +212,8 @@ def test_vision_items_clicks_train_the_pixel_decoder(tiny, encoded):
     torch.manual_seed(0)
     model, _ = build_model(preset("tiny"))
     module = TrainModule(model, torch.from_numpy(enc.prefix_ids), enc.image_id, enc.region_ids, num_classes=10)
-    opt = torch.optim.AdamW([p for p in module.parameters() if p.requires_grad], lr=3e-3)
     added = module.added.detach().clone()
-    first = None
-    for _ in range(20):
-        losses = module(batch, counts)
-        first = first or {k: float(v.detach()) for k, v in losses.items()}
-        opt.zero_grad()
-        losses["loss"].backward()
-        opt.step()
-    last = {k: float(v.detach()) for k, v in module(batch, counts).items()}
+    first, last = _train(module, batch, counts)
     # (the tiny decoder's Dice on one-object clicks falls slowly: a quarter off in 20 steps shows the
     # clicks' gradient reaches it; a click path without gradient stays where it starts)
     assert last["click"] < 0.75 * first["click"] and last["aux_dense"] < first["aux_dense"]
