@@ -7,8 +7,9 @@ Stages: the part names, ``end_to_end_grounding``, ``end_to_end_segmentation``,
 on an image whose embedding and prompt-prefix KV are cached), ``click_to_mask`` (a new point
 on an already-encoded image, up to its COCO RLE at the original size) and
 ``decode_per_token``; through ``egx serve`` (backend ``zmq``, benchmarks/served.py):
-``zmq_overhead``, ``click_to_mask``, ``end_to_end_segmentation`` and throughput rows. Decode is also reported against this machine's memory bandwidth: the bytes a
-token must read (weights + KV cache) / the measured copy bandwidth."""
+``zmq_overhead``, ``click_to_mask``, ``end_to_end_segmentation`` and throughput rows.
+Decode is also reported against this machine's memory bandwidth: the bytes a token must read
+(weights + KV cache) / the measured copy bandwidth."""
 from __future__ import annotations
 
 import json

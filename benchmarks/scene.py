@@ -124,7 +124,8 @@ def measure(size: int, preset: str, engines: str | None, served: bool, tile: int
             batch: int = 1) -> dict:
     """``one`` in a fresh process (so its peak RSS is its own)."""
     cmd = [sys.executable, __file__, "--preset", preset, "--tile", str(tile), "--overlap", str(overlap),
-           "--batch", str(batch), "--one", str(size)] + (["--engines", str(engines)] if engines else []) + (["--served"] if served else [])
+           "--batch", str(batch), "--one", str(size)]
+    cmd += (["--engines", str(engines)] if engines else []) + (["--served"] if served else [])
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode:
         raise RuntimeError(f"{' '.join(cmd)} failed:\n{proc.stderr[-3000:]}")

@@ -188,12 +188,17 @@ class Predictor:
         prompts = prompts or VisualPrompts([], [], [])
         task = self.check_request(text, prompts, task)
         image = np.asarray(image)
-        if image.ndim >= 2 and min(image.shape[:2]) > 0:  # refuse bad prompts before any work
-            prompts.check(Letterbox(image.shape[0], image.shape[1], self.config.vision.image_size))
+        self._check_prompts(image, prompts)
         start = time.perf_counter()
         enc, vision_ms = self.encode_image(image, modality, cache=cache, **preprocess_options)
         timings = {"preprocess": (time.perf_counter() - start) * 1e3 - vision_ms, "vision_encoder": vision_ms}
         return self.predict_encoded(enc, text, prompts, task, generation, on_text, timings)
+
+    def _check_prompts(self, image: np.ndarray, prompts: VisualPrompts) -> None:
+        """Refuse prompts outside ``image`` before any work (an unreadable image is refused by
+        the pre-processing)."""
+        if image.ndim >= 2 and min(image.shape[:2]) > 0:
+            prompts.check(Letterbox(image.shape[0], image.shape[1], self.config.vision.image_size))
 
     def check_request(self, text: str, prompts: VisualPrompts, task: str) -> str:
         """Refuse a bad request before any work; returns the resolved task."""
@@ -244,10 +249,9 @@ class Predictor:
         if len(images) <= 1 or self.text_generator is not None:
             return [self.predict(im, modality, text, prompts, task, generation, cache=False, **preprocess_options)
                     for im in images]
-        size = self.config.vision.image_size
         for im in images:
-            if im.ndim >= 2 and min(im.shape[:2]) > 0:
-                prompts.check(Letterbox(im.shape[0], im.shape[1], size))
+            self._check_prompts(im, prompts)
+        size = self.config.vision.image_size
         start = time.perf_counter()
         prepared = [preprocess(im, modality, size, **preprocess_options) for im in images]
         mid = time.perf_counter()

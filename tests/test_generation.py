@@ -54,7 +54,8 @@ def test_a_stop_token_ends_one_sequence_and_not_the_others(tiny_predictor):
     free = [generate(llm, e, table, cfg, GenerationConfig(max_new_tokens=6), set(), -1, p.decode_tokens).token_ids
             for e in (e0, e1)]
     stop = {next(t for t in free[0] if t not in free[1])}  # ends the first sequence only
-    alone = [generate(llm, e, table, cfg, GenerationConfig(max_new_tokens=6), stop, -1, p.decode_tokens) for e in (e0, e1)]
+    alone = [generate(llm, e, table, cfg, GenerationConfig(max_new_tokens=6), stop, -1, p.decode_tokens)
+             for e in (e0, e1)]
     together = generate_batch(llm, [generate_steps(e, table, cfg, GenerationConfig(max_new_tokens=6), stop, -1,
                                                    p.decode_tokens) for e in (e0, e1)], cfg)
     assert alone[0].finish_reason == "stop" and alone[1].finish_reason == "length"

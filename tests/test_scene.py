@@ -227,7 +227,8 @@ def test_a_served_scene_equals_the_scene_in_process(tmp_path, tiny_build, data_r
         assert served.config.vision.image_size == 128
         try:
             with SceneSource(path) as src, ThreadPoolExecutor(4) as pool:
-                remote = run_scene(served, src, "sar", "Segment all ships.", "segment", opts, executor=pool, in_flight=4)
+                remote = run_scene(served, src, "sar", "Segment all ships.", "segment", opts, executor=pool,
+                                   in_flight=4)
         finally:
             served.close()
         proc = subprocess.run([sys.executable, "-m", "egx", "query", "--connect", s.opts.bind, "--scene", "--image",

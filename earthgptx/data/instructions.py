@@ -121,10 +121,10 @@ def click_prompt(mask: np.ndarray, rng: np.random.Generator) -> VisualPrompts:
     return VisualPrompts([], [_jitter_box(np.asarray(mask_box(mask), dtype=float), mask.shape, rng)], [])
 
 
-def clicks_on(sample: Sample) -> bool:
-    """Whether a ``VISION_TASK`` item of ``sample`` also carries a click query (a point or box on
-    one of its objects -> that object's mask, through the prompt-driven pixel decoder)."""
-    return sample.noun in ("ship", "target", "road") and bool(sample.masks)
+def clicks_on(inst: Instruction) -> bool:
+    """Whether ``inst`` is a ``VISION_TASK`` item that also carries a click query (a point or box
+    on one of its image's objects -> that object's mask, through the prompt-driven pixel decoder)."""
+    return inst.task == VISION_TASK and inst.sample.noun in ("ship", "target", "road") and bool(inst.sample.masks)
 
 
 def _visual_prompt(sample: Sample, k: int, rng: np.random.Generator) -> VisualPrompts:

@@ -112,7 +112,7 @@ class Encoder:
                 for k in inst.target:
                     union |= s.masks[k]
                 target = lb.mask_coverage(union)
-        if inst.task == VISION_TASK and clicks_on(s):
+        if clicks_on(inst):
             points, target = self._vision_click(image, masks, lb, rng)
         label = self.classes.get((s.dataset, s.label), -1) if s.label else -1
         objects = None

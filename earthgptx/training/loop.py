@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..data.instructions import TASK_WEIGHTS, VISION_TASK, InstructionMix, clicks_on
+from ..data.instructions import TASK_WEIGHTS, InstructionMix, clicks_on
 from ..data.readers import dataset_samples
 from ..data.split import Splitter
 from ..errors import InputError
@@ -123,7 +123,7 @@ class StepBatches(torch.utils.data.Dataset):
         insts = self.mix.epoch(step, self.cfg.batch_size) + self.mix.images(step, self.cfg.vision_batch)
         tokens = sum(int((self.encoder.text_ids(x)[1] != -100).sum()) for x in insts if x.task not in NO_TEXT)
         masks = sum(x.target is not None for x in insts)
-        clicks = sum(x.task == VISION_TASK and clicks_on(x.sample) for x in insts)
+        clicks = sum(clicks_on(x) for x in insts)
         images = len(insts)
         items = [self.encoder(x, rng=np.random.default_rng([self.cfg.seed, step, self.rank + k * self.world]))
                  for k, x in enumerate(insts[self.rank::self.world])]

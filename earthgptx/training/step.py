@@ -40,9 +40,7 @@ from .batches import IGNORE
 LLM_LAYERS = "model.llm.model.model.layers."  # the LLM's decoder layers (FSDP units of their own)
 WEIGHTS = {"text": 1.0, "mask_bce": 2.0, "mask_dice": 2.0, "iou": 1.0, "click": 1.0, "aux_class": 0.5,
            "aux_dense": 0.5}
-
-
-MAX_POS_WEIGHT = 10.0
+MAX_POS_WEIGHT = 10.0  # mask_losses: the most an object pixel weighs in the BCE
 
 
 def mask_losses(logits: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -175,7 +173,7 @@ class TrainModule(nn.Module):
             losses["iou"] = ((scores - iou)[inst] ** 2).sum() / n
             vis = batch["mask_vision"]
             if bool(vis.any()):  # vision items' clicks: the same three terms, their own mean
-                per_row = 2.0 * bce + 2.0 * dice + (scores - iou) ** 2
+                per_row = WEIGHTS["mask_bce"] * bce + WEIGHTS["mask_dice"] * dice + WEIGHTS["iou"] * (scores - iou) ** 2
                 losses["click"] = per_row[vis].sum() / counts["clicks"]
         cls = batch["labels_cls"]
         if bool((cls >= 0).any()):
