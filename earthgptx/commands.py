@@ -230,6 +230,8 @@ def add_training_parsers(sub, add_source=add_model_source) -> None:
     p.add_argument("--llm", metavar="DIR", default=None,
                    help="a Hugging Face Llama checkpoint folder (config.json, weights, tokenizer) as the base LLM "
                         "instead of the preset's, e.g. a LLaMA-class 7-13B model for the paper scale with --fsdp")
+    p.add_argument("--no-class-words", dest="class_words", action="store_false",
+                   help="no vision classifier feeding class-name words to the LLM (the image tokens alone)")
     p.add_argument("--threads", type=int, default=None, help="CPU threads per process")
     p.add_argument("--workers", type=int, default=0, help="data-loading processes (0: in the training process)")
     p.add_argument("--dataset", action="append", help="train on this dataset only (repeatable)")
@@ -299,7 +301,7 @@ def cmd_train(args: argparse.Namespace) -> int:
                       datasets=tuple(args.dataset) if args.dataset else None,
                       checkpoint_every=args.checkpoint_every, log_every=args.log_every, time_limit_min=args.time_limit,
                       lora_rank=args.lora_rank, lora_lr=args.lora_lr, precision=args.precision, fsdp=args.fsdp,
-                      llm=args.llm,
+                      llm=args.llm, class_words=args.class_words,
                       **({"task_weights": args.task_weights} if args.task_weights else {}),
                       **({"vision_batch": args.vision_batch} if args.vision_batch is not None else {}))
     if args.dry_run:

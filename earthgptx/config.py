@@ -28,6 +28,10 @@ class VisionConfig:
     ``"cnn"`` (a residual CNN with a feature pyramid that learns from scratch: the trained
     default; ``patch_size`` is then the stride of the dense embedding, 8, and
     ``cnn_depths``/``cnn_dims`` its stages at strides 4, 8, 16, 32).
+    ``class_names``: the classes of a trained scene/target classifier on the mean image token
+    (the training data's classes, as answers name them; empty: none). With them the LLM also
+    sees ``class_tokens`` *class-word tokens*: the classifier's probabilities mixing each
+    class name's word embeddings (``VisionEncoder``), so that naming a class is reading it.
     """
 
     kind: str = "mixed"
@@ -43,6 +47,8 @@ class VisionConfig:
     embed_dim: int = 256
     vit_pretrained: str | None = None
     cnn_pretrained: str | None = None
+    class_names: tuple[str, ...] = ()
+    class_tokens: int = 8
 
     @property
     def grid(self) -> int:
@@ -51,8 +57,8 @@ class VisionConfig:
 
     @property
     def num_tokens(self) -> int:
-        """Image tokens per image given to the LLM."""
-        return self.token_grid**2
+        """Image tokens per image given to the LLM: the token grid, then the class words."""
+        return self.token_grid**2 + (self.class_tokens if self.class_names else 0)
 
 
 @dataclass(frozen=True)
@@ -138,6 +144,8 @@ class ModelConfig:
             raise ValueError(f"ViT grid {v.grid} is not a multiple of token_grid {v.token_grid}")
         if v.image_size % 32:
             raise ValueError(f"image_size {v.image_size} must be a multiple of 32 (ConvNeXt stride)")
+        if v.class_names and v.class_tokens < 1:
+            raise ValueError("a vision encoder with class_names needs class_tokens >= 1")
         p = self.prompt
         if p.mask_size % p.sae_patch:
             raise ValueError(f"prompt mask_size {p.mask_size} is not a multiple of sae_patch {p.sae_patch}")

@@ -268,9 +268,10 @@ def test_failed_parity_fails_the_build_and_is_recorded(tmp_path, data_root, monk
         load_manifest(out)
 
 
-def test_cnn_vision_encoder_exports_and_matches(tmp_path):
-    """The trained default's vision encoder kind ("cnn": residual CNN + FPN) through ONNX Runtime,
-    at a batch other than the export's."""
+@pytest.mark.parametrize("class_names", [(), ("harbor", "T72", "ZSU-23-4")])
+def test_cnn_vision_encoder_exports_and_matches(tmp_path, class_names):
+    """The trained default's vision encoder kind ("cnn": residual CNN + FPN, with and without
+    class words) through ONNX Runtime, at a batch other than the export's."""
     import dataclasses
 
     import onnxruntime as ort
@@ -280,15 +281,17 @@ def test_cnn_vision_encoder_exports_and_matches(tmp_path):
     from export.onnx_export import export_onnx
 
     vision = VisionConfig(kind="cnn", image_size=64, patch_size=8, cnn_dims=(8, 16, 32, 32), cnn_depths=(1, 1, 1, 1),
-                          token_grid=2, embed_dim=16)
+                          token_grid=2, embed_dim=16, class_names=class_names, class_tokens=3)
     cfg = dataclasses.replace(preset("tiny"), vision=vision)
     torch.manual_seed(0)
     module = VisionEncoder(vision, cfg.llm.hidden).eval()
+    if class_names:
+        module.class_words.normal_()
     path = export_onnx(SPECS["vision_encoder"](cfg), module, tmp_path / "vision_encoder.onnx")
     x = torch.randn(3, 3, 64, 64)
     with torch.no_grad():
         ref = module(x)
     out = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {"pixel_values": x.numpy()})
-    assert out[0].shape == (3, 4, cfg.llm.hidden) and out[1].shape == (3, 16, 8, 8)
+    assert out[0].shape == (3, 4 + 3 * bool(class_names), cfg.llm.hidden) and out[1].shape == (3, 16, 8, 8)
     for a, b in zip(out, ref):
         np.testing.assert_allclose(a, b.numpy(), atol=1e-4)

@@ -28,6 +28,34 @@ def test_vision_encoder_shapes(model):
     torch.testing.assert_close(one[0], tokens[1], atol=1e-5, rtol=1e-5)
 
 
+def test_class_words_are_the_names_words_when_the_classifier_is_sure(tiny):
+    """With ``class_names`` the image tokens end in ``class_tokens`` words: the classifier's
+    probabilities mixing each name's LLM word embeddings (zero-padded), so a sure classifier
+    hands the LLM exactly its class's name."""
+    import dataclasses
+
+    model, tokenizer = tiny
+    names = ("dense residential", "ZSU-23-4", "T72")
+    cfg = dataclasses.replace(model.config.vision, class_names=names, class_tokens=4)
+    enc = vision_encoder.VisionEncoder(cfg, model.config.llm.hidden).eval()
+    vision_encoder.set_class_words(enc, model.llm.embed_table, tokenizer)
+    table = model.llm.embed_table
+    for i, name in enumerate(names):
+        ids = tokenizer(name, add_special_tokens=False).input_ids[:4]
+        torch.testing.assert_close(enc.class_words[i, : len(ids)], table[ids])
+        assert not enc.class_words[i, len(ids):].any()
+    with torch.no_grad():
+        enc.classifier.weight.zero_()
+        enc.classifier.bias.copy_(torch.tensor([0.0, 30.0, 0.0]))  # sure of class 1 whatever the image
+        x = torch.randn(2, 3, cfg.image_size, cfg.image_size)
+        tokens, _, logits = enc.encode(x)
+        grid, _ = enc._grid(x)
+    assert tokens.shape == (2, cfg.token_grid**2 + 4, model.config.llm.hidden) == (2, cfg.num_tokens, tokens.shape[2])
+    assert logits.argmax(1).tolist() == [1, 1]
+    torch.testing.assert_close(tokens[:, : cfg.token_grid**2], grid)
+    torch.testing.assert_close(tokens[:, cfg.token_grid**2:], enc.class_words[1].expand(2, -1, -1), atol=1e-6, rtol=0)
+
+
 def test_prompt_encoder_all_types_and_padding(model):
     cfg = model.config
     n, m = cfg.vision.num_tokens, cfg.prompt.mask_size

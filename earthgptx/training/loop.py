@@ -31,6 +31,7 @@ from ..data.instructions import TASK_WEIGHTS, InstructionMix, clicks_on
 from ..data.readers import dataset_samples
 from ..data.split import Splitter
 from ..errors import InputError
+from ..vision_encoder import set_class_words
 from .batches import NO_TEXT, Encoder, collate
 from .step import WEIGHTS, TrainModule
 
@@ -63,14 +64,33 @@ class TrainConfig:
     precision: str = "auto"  # "bf16" autocast, "fp32", or "auto": bf16 where the device computes it natively
     fsdp: bool = False  # shard parameters, gradients and optimizer state over torchrun ranks (fsdp.py)
     llm: str | None = None  # a Hugging Face Llama folder as the base LLM instead of the preset's
+    class_words: bool = True  # the vision encoder's classifier feeds class-name words to the LLM
 
-    def model_config(self):
-        """The preset's ``ModelConfig``, with the LLM of ``llm`` where one is named."""
+    def model_config(self, class_names: tuple[str, ...] = ()):
+        """The preset's ``ModelConfig``, with the LLM of ``llm`` where one is named, and a vision
+        classifier over ``class_names`` (with ``class_words``: the training data's classes)."""
         from ..config import preset
         from ..weights import llm_config_from_folder
 
         config = preset(self.preset)
-        return dataclasses.replace(config, llm=llm_config_from_folder(self.llm)) if self.llm else config
+        if self.llm:
+            config = dataclasses.replace(config, llm=llm_config_from_folder(self.llm))
+        if self.class_words and class_names:
+            config = dataclasses.replace(config, vision=dataclasses.replace(config.vision, class_names=class_names))
+        return config
+
+
+def class_index(samples: list) -> dict[tuple[str, str], int]:
+    """``(dataset, label) -> class index`` over the labelled ``samples``, sorted (the order of the
+    vision classifier's outputs and of ``VisionConfig.class_names``)."""
+    return {key: i for i, key in enumerate(sorted({(s.dataset, s.label) for s in samples if s.label}))}
+
+
+def class_names(classes: dict[tuple[str, str], int]) -> tuple[str, ...]:
+    """The answer form of each class (``templates.readable_class``), in index order."""
+    from ..data.templates import readable_class
+
+    return tuple(readable_class(label) for (_, label), _ in sorted(classes.items(), key=lambda kv: kv[1]))
 
     def __post_init__(self) -> None:
         if self.steps < 1 or self.batch_size < 1:
@@ -214,9 +234,12 @@ def train(cfg: TrainConfig) -> Path:
         out.mkdir(parents=True, exist_ok=True)
         (out / "train_config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
     torch.manual_seed(cfg.seed)
-    model, tokenizer = build_model(cfg.model_config())
     train_samples, _ = load_split(cfg)
-    classes = {key: i for i, key in enumerate(sorted({(s.dataset, s.label) for s in train_samples if s.label}))}
+    classes = class_index(train_samples)
+    model_config = cfg.model_config(class_names(classes))
+    model, tokenizer = build_model(model_config)
+    if model_config.vision.class_names:
+        set_class_words(model.vision_encoder, model.llm.embed_table, tokenizer)
     encoder = Encoder(model.config, tokenizer, augment=True, seed=cfg.seed, classes=classes)
     module = TrainModule(model, torch.from_numpy(encoder.prefix_ids), encoder.image_id, encoder.region_ids,
                          num_classes=len(classes), lora_rank=cfg.lora_rank).to(device)
@@ -326,7 +349,9 @@ def train(cfg: TrainConfig) -> Path:
 
         trained, _ = full_state(module, opt)
         if main:
-            model, _ = build_model(cfg.model_config())
+            model, _ = build_model(model_config)
+            if model_config.vision.class_names:
+                set_class_words(model.vision_encoder, model.llm.embed_table, tokenizer)
             module = TrainModule(model, torch.from_numpy(encoder.prefix_ids), encoder.image_id, encoder.region_ids,
                                  num_classes=len(classes), lora_rank=cfg.lora_rank)
             module.load_state_dict(trained, strict=False)

@@ -19,7 +19,8 @@ by the count over the *global* batch, so data-parallel ranks add up to one proce
 
 Deep supervision for a from-scratch vision encoder (training only, not in the checkpoint):
 every image with a class (AID, MSTAR) also trains a linear head on its mean image token
-(cross-entropy, ``aux_class``), and every image with object masks a 1x1 head on the dense
+(cross-entropy, ``aux_class``: the vision encoder's own classifier where the model has class
+words, ``VisionConfig.class_names``; a training-only head otherwise), and every image with object masks a 1x1 head on the dense
 embedding that predicts where all objects are (BCE + Dice, ``aux_dense``). Vision items with
 objects also carry a click query (a point or box on one object -> its mask, ``click``: the
 mask terms above with their weights, averaged over those queries): clicks need no LLM, so the
@@ -71,7 +72,12 @@ class TrainModule(nn.Module):
                  num_classes: int = 0, lora_rank: int = 0, lora_alpha: float = 16.0) -> None:
         super().__init__()
         self.model = model
-        self.aux_class = nn.Linear(model.config.llm.hidden, max(1, num_classes))
+        # the class head: the vision encoder's own classifier where it has one (class words)
+        if model.config.vision.class_names and len(model.config.vision.class_names) != num_classes:
+            raise ValueError(f"the vision classifier has {len(model.config.vision.class_names)} classes, "
+                             f"the data {num_classes}")
+        self.aux_class = None if model.config.vision.class_names else \
+            nn.Linear(model.config.llm.hidden, max(1, num_classes))
         self.aux_dense = nn.Conv2d(model.config.vision.embed_dim, 1, 1)
         self.n_base = model.config.llm.vocab_size
         model.llm.requires_grad_(False)
@@ -118,7 +124,7 @@ class TrainModule(nn.Module):
 
     def forward(self, batch: dict, counts: dict) -> dict[str, torch.Tensor]:
         m = self.model
-        image_tokens, image_embedding = m.vision_encoder(batch["pixel_values"])
+        image_tokens, image_embedding, class_logits = m.vision_encoder.encode(batch["pixel_values"])
         zero = image_tokens.sum() * 0.0
         if self.fused_prefix:  # FSDP reduces the gradients of a unit together: every rank gives every one
             zero = zero + 0.0 * sum(p.sum() for n, p in self.named_parameters() if p.requires_grad
@@ -177,7 +183,7 @@ class TrainModule(nn.Module):
                 losses["click"] = per_row[vis].sum() / counts["clicks"]
         cls = batch["labels_cls"]
         if bool((cls >= 0).any()):
-            logits = self.aux_class(image_tokens.mean(1)).float()
+            logits = (class_logits if self.aux_class is None else self.aux_class(image_tokens.mean(1))).float()
             losses["aux_class"] = F.cross_entropy(logits[cls >= 0], cls[cls >= 0], reduction="sum") / counts["images"]
         if "object_rows" in batch:
             dense = self.aux_dense(image_embedding[batch["object_rows"]]).float()
