@@ -47,7 +47,7 @@ class TrainConfig:
     preset: str = "small"
     steps: int = 2000
     batch_size: int = 16  # global: summed over data-parallel ranks
-    vision_batch: int = 48  # global: images per step that never reach the LLM (training-only heads, clicks)
+    vision_batch: int = 128  # global: images per step that never reach the LLM (training-only heads, clicks)
     lr: float = 2e-3
     weight_decay: float = 0.05
     warmup: int = 100
