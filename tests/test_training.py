@@ -194,6 +194,37 @@ def test_a_few_steps_lower_the_loss(tiny, encoded):
     assert torch.equal(module.added, model.llm.embed_table[module.n_base:])
 
 
+def test_class_words_classifier_learns_from_labels_and_from_the_text_loss(tiny, encoded):
+    """With class words the class loss trains the vision encoder's own classifier (no
+    training-only head), and the answer's cross-entropy reaches it through the words."""
+    import dataclasses
+
+    from earthgptx.config import preset
+    from earthgptx.model import build_model
+    from earthgptx.training.batches import collate
+    from earthgptx.training.step import TrainModule
+    from earthgptx.vision_encoder import set_class_words
+
+    enc, insts = encoded
+    names = tuple(f"class {k}" for k in range(10))
+    base = preset("tiny")
+    torch.manual_seed(0)
+    model, tokenizer = build_model(dataclasses.replace(base, vision=dataclasses.replace(base.vision, class_names=names)))
+    set_class_words(model.vision_encoder, model.llm.embed_table, tokenizer)
+    module = TrainModule(model, torch.from_numpy(enc.prefix_ids), enc.image_id, enc.region_ids, num_classes=10)
+    assert module.aux_class is None
+    batch = collate([enc(i, rng=np.random.default_rng(k)) for k, i in enumerate(insts)], 0)
+    counts = {"tokens": int((batch["labels"] != -100).sum()), "masks": len(batch["mask_rows"]), "clicks": 1,
+              "images": len(insts)}
+    module(batch, counts)["text"].backward()
+    assert float(model.vision_encoder.classifier.weight.grad.abs().sum()) > 0
+    with pytest.raises(ValueError, match="classes"):
+        TrainModule(model, torch.from_numpy(enc.prefix_ids), enc.image_id, enc.region_ids, num_classes=7)
+    model.zero_grad()
+    first, last = _train(module, batch, counts, steps=10)
+    assert last["aux_class"] < first["aux_class"]
+
+
 def test_vision_items_clicks_train_the_pixel_decoder(tiny, encoded):
     """Vision items alone (no text): their click loss falls in a few steps and only the vision
     side moves (the LLM's added rows get no gradient)."""
