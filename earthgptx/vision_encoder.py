@@ -7,7 +7,7 @@ last stage is resized to the ViT patch grid and the two are concatenated channel
 * through a SAM-style neck -> the dense image embedding the pixel decoder reads.
 
 ``kind="cnn"`` (the trained default) replaces both towers by ``ConvEncoder``: a residual
-CNN with batch norm (learns from a few thousand images, where a ViT would not) and a
+CNN with group norm (learns from a few thousand images, where a ViT would not) and a
 feature pyramid whose stride-8 output is the dense embedding, so that infrared targets of
 a few pixels keep their own cells; the stride-16 and -32 maps are pooled into the tokens.
 Same inputs and outputs either way.
@@ -19,9 +19,9 @@ the name's tokens, a buffer filled from the LLM by ``set_class_words``), and the
 those probabilities follows the grid tokens. A confident classifier thus puts the class's
 name in front of the LLM as words it already reads: answering "what is this?" becomes
 copying, which a pretrained LLM does with little training, where mapping learned image
-features to a name needs many classification questions (EVALUATION.md, run 4: the
-classifier's 81 % on MSTAR against the LLM's 42 %). The mixture is soft and differentiable:
-the text loss trains the classifier too.
+features to a name needs many classification questions (EVALUATION.md, run 4: a class head on
+the same tokens was right far more often than the LLM's answer). The mixture is soft and
+differentiable: the text loss trains the classifier too.
 """
 from __future__ import annotations
 

@@ -17,11 +17,12 @@ need no loss of their own: the pixel decoder's box is the mask's tight box, and 
 boxes are the mask's connected components. Each loss is a sum over the local batch divided
 by the count over the *global* batch, so data-parallel ranks add up to one process exactly.
 
-Deep supervision for a from-scratch vision encoder (training only, not in the checkpoint):
-every image with a class (AID, MSTAR) also trains a linear head on its mean image token
-(cross-entropy, ``aux_class``: the vision encoder's own classifier where the model has class
-words, ``VisionConfig.class_names``; a training-only head otherwise), and every image with object masks a 1x1 head on the dense
-embedding that predicts where all objects are (BCE + Dice, ``aux_dense``). Vision items with
+Deep supervision for a from-scratch vision encoder: every image with a class (AID, MSTAR)
+also trains a linear classifier on its mean image token (cross-entropy, ``aux_class``): the
+vision encoder's own, which feeds the LLM its class words, where the model has them
+(``VisionConfig.class_names``), else a training-only head; and every image with object masks
+a training-only 1x1 head on the dense embedding that predicts where all objects are (BCE +
+Dice, ``aux_dense``). Vision items with
 objects also carry a click query (a point or box on one object -> its mask, ``click``: the
 mask terms above with their weights, averaged over those queries): clicks need no LLM, so the
 prompt-driven pixel decoder sees an object in nearly every vision item. The LLM's answer
