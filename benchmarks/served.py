@@ -1,8 +1,10 @@
 """Benchmark rows for the ZeroMQ path, side by side with the in-process pipeline on the
 same engines: the transport overhead (a ``ping`` carrying a 448 px RGB image through
 broker and worker), ``click_to_mask`` and ``end_to_end_segmentation`` through the
-server, and throughput (requests/s with 4 concurrent clients) with 1 and 2 workers on a
-cached image, and with 1 worker vs ``--staged`` when every request brings a new image."""
+server, and throughput (requests/s with 4 concurrent clients: rows ``throughput_4_clients``
+with ``config`` and ``requests_per_s``) with 1 worker, 1 worker decoding up to 4 requests
+together (``--batch 4``) and 2 workers on a cached image, and with 1 worker vs ``--staged``
+when every request brings a new image."""
 from __future__ import annotations
 
 import os
@@ -83,8 +85,9 @@ def bench_zmq(folder: Path, precision: str, image: np.ndarray, repeats: int, pre
     rows.append(Row("throughput_in_process", "onnxruntime", precision, [seconds * 1e3 / n]))
     summary["in_process"] = {"requests": n, "seconds": round(seconds, 3), "requests_per_s": round(n / seconds, 3)}
     payload = np.random.default_rng(0).integers(0, 256, OVERHEAD_IMAGE, dtype=np.uint8)
-    configs = (("1_worker", dict(workers=1), False), ("2_workers", dict(workers=2), False),
-               ("new_images_1_worker", dict(workers=1), True), ("new_images_staged", dict(workers=1, staged=True), True))
+    configs = (("1_worker", dict(workers=1), False), ("1_worker_batch_4", dict(workers=1, batch=4), False),
+               ("2_workers", dict(workers=2), False), ("new_images_1_worker", dict(workers=1), True),
+               ("new_images_staged", dict(workers=1, staged=True), True))
     for name, config, new_images in configs:
         workers = config["workers"] * (2 if config.get("staged") else 1)
         opts = ServeOptions(engines=folder, bind="tcp://127.0.0.1:*", threads=max(1, (os.cpu_count() or 1) // workers),
@@ -103,6 +106,8 @@ def bench_zmq(folder: Path, precision: str, image: np.ndarray, repeats: int, pre
                     max(3, repeats // 2))))
             seconds, errors = _throughput(server.opts.bind, image, clients, per_client, new_images)
             rows.append(Row(f"throughput_{name}", "zmq", precision, [seconds * 1e3 / n]))
+            rows.append(Row("throughput_4_clients", "zmq", precision, [seconds * 1e3 / n],
+                            {"config": name, "requests_per_s": round(n / seconds, 3)}))
             summary[name] = {"requests": n, "clients": clients, "seconds": round(seconds, 3),
                              "requests_per_s": round(n / seconds, 3), "errors": errors, "processes": workers,
                              "threads_per_process": opts.threads, "new_image_per_request": new_images}

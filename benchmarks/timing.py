@@ -25,8 +25,10 @@ class Row:
     backend: str
     precision: str
     samples: list[float]
+    extra: dict | None = None  # more fields of the row (a throughput row's requests_per_s, its configuration)
 
     def to_json(self) -> dict:
         return {"stage": self.stage, "backend": self.backend, "precision": self.precision,
                 "median_ms": round(float(np.median(self.samples)), 3),
-                "p95_ms": round(float(np.percentile(self.samples, 95)), 3), "n": len(self.samples)}
+                "p95_ms": round(float(np.percentile(self.samples, 95)), 3), "n": len(self.samples),
+                **(self.extra or {})}

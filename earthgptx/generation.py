@@ -188,30 +188,89 @@ def generate_steps(inputs_embeds: np.ndarray, embed_table: np.ndarray, llm_cfg: 
 
 
 def generate_batch(llm, sequences: list, llm_cfg: LLMConfig) -> list[Generated]:
-    """Drive several ``generate_steps`` generators together: each prefill runs alone (prompts
-    differ in length), then every live sequence's decode step runs in one ``llm`` call of
-    batch ``len(live)``; a sequence that ends leaves the batch. Returns their ``Generated``
-    in order. The answers are those of ``generate`` one by one (tested token for token)."""
-    results: list[Generated | None] = [None] * len(sequences)
-    live: dict[int, dict] = {}  # sequence index -> its pending decode feed
+    """Drive several ``generate_steps`` generators together (``DecodeBatch``): each prefill runs
+    alone (prompts differ in length), then every live sequence's decode step runs in one ``llm``
+    call of batch ``len(live)``; a sequence that ends leaves the batch. Returns their
+    ``Generated`` in order. The answers are those of ``generate`` one by one (tested token for
+    token)."""
+    batch = DecodeBatch(llm, llm_cfg)
+    results: dict[int, Generated] = {}
+    for i, seq in enumerate(sequences):
+        done = batch.add(i, seq)
+        if done is not None:
+            results[i] = done
+    while batch.live:
+        results.update(batch.step())
+    return [results[i] for i in range(len(sequences))]  # (batch.widest is dropped with the batch)
 
-    def advance(i: int, out: dict | None) -> None:
+
+class DecodeBatch:
+    """Continuous batching of ``generate_steps`` generators on one ``llm`` runner: ``add``
+    runs a new sequence's prefill at once (alone: prompts differ in length) and puts it in
+    the batch; ``step`` runs one decode step of every live sequence in one call of batch
+    ``len(live)`` (``batch_step``: past KVs left-padded and masked) and returns the sequences
+    that ended. Sequences join and leave between steps, each with its own keys.
+    ``widest[key]``: the most sequences a live one has shared a decode step with, itself
+    included (taken out with ``pop_widest`` once it ended)."""
+
+    def __init__(self, llm, llm_cfg: LLMConfig) -> None:
+        self.llm, self.llm_cfg = llm, llm_cfg
+        self.sequences: dict = {}  # key -> generator
+        self.pending: dict = {}  # key -> its next (decode) feed
+        self.widest: dict = {}
+
+    @property
+    def live(self) -> int:
+        return len(self.pending)
+
+    def _advance(self, key, out: dict | None) -> Generated | None:
+        seq = self.sequences[key]
         try:
-            live[i] = next(sequences[i]) if out is None else sequences[i].send(out)
+            self.pending[key] = next(seq) if out is None else seq.send(out)
         except StopIteration as done:
-            results[i] = done.value
-            live.pop(i, None)
+            self.sequences.pop(key)
+            self.pending.pop(key, None)
+            return done.value
+        return None
 
-    for i in range(len(sequences)):
-        advance(i, None)
-        if i in live:  # its prefill feed: run alone
-            advance(i, llm(live[i]))
-    while live:
-        order = sorted(live)
-        outs = unbatch_step(llm(batch_step([live[i] for i in order], llm_cfg)), [live[i] for i in order], llm_cfg)
-        for i, out in zip(order, outs):
-            advance(i, out)
-    return results  # type: ignore[return-value]
+    def add(self, key, sequence) -> Generated | None:
+        """Prefill ``sequence`` (a ``generate_steps`` generator) under ``key``; its ``Generated``
+        when it already ended (no decode step), else ``None`` (it is in the batch)."""
+        if key in self.sequences:
+            raise ValueError(f"a sequence {key!r} is already in the batch")
+        self.sequences[key] = sequence
+        self.widest[key] = 1
+        try:
+            done = self._advance(key, None)
+            return done if done is not None else self._advance(key, self.llm(self.pending[key]))
+        except BaseException:
+            self.drop(key)
+            raise
+
+    def step(self) -> dict:
+        """One decode step of every live sequence: ``{key: Generated}`` of those that ended.
+        If the ``llm`` call raises, the batch is left as it was (``drop`` its sequences)."""
+        order = list(self.pending)
+        feeds = [self.pending[k] for k in order]
+        outs = unbatch_step(self.llm(batch_step(feeds, self.llm_cfg)), feeds, self.llm_cfg)
+        for key in order:
+            self.widest[key] = max(self.widest[key], len(order))
+        ended = {}
+        for key, out in zip(order, outs):
+            done = self._advance(key, out)
+            if done is not None:
+                ended[key] = done
+        return ended
+
+    def drop(self, key) -> None:
+        """Take a sequence out of the batch unfinished (its request failed or was cancelled)."""
+        self.sequences.pop(key, None)
+        self.pending.pop(key, None)
+        self.widest.pop(key, None)
+
+    def pop_widest(self, key) -> int:
+        """``widest[key]`` of a sequence that ended, forgotten here."""
+        return self.widest.pop(key, 1)
 
 
 def batch_step(feeds: list[dict], llm_cfg: LLMConfig) -> dict[str, np.ndarray]:

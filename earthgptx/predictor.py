@@ -16,7 +16,7 @@ from __future__ import annotations
 import re
 import time
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, Generator
 
 import numpy as np
 
@@ -100,6 +100,16 @@ class Prediction:
             "timings_ms": {k: round(v, 2) for k, v in self.timings_ms.items()},
             "finish_reason": self.finish_reason,
         }
+
+
+@dataclass
+class PendingAnswer:
+    """A request between ``Predictor.begin`` and its ``Prediction``: ``steps``, the LLM's
+    ``generate_steps`` generator to drive (``None``: nothing to decode), and ``finish``,
+    ``Generated | None -> Prediction`` (pixel decoder and post-processing)."""
+
+    steps: Generator | None
+    finish: Callable[[Generated | None], Prediction]
 
 
 class Predictor:
@@ -217,21 +227,39 @@ class Predictor:
                         on_text: Callable[[str], None] | None = None,
                         timings: dict[str, float] | None = None) -> Prediction:
         """``predict`` on an already encoded image (the runtime's second stage)."""
+        pending = self.begin(enc, text, prompts, task, generation, on_text, timings)
+        if pending.steps is None:
+            return pending.finish(None)
+        return pending.finish(self.run_steps(pending.steps))
+
+    def begin(self, enc: EncodedImage, text: str, prompts: VisualPrompts | None = None, task: str = "auto",
+              generation: GenerationConfig | None = None, on_text: Callable[[str], None] | None = None,
+              timings: dict[str, float] | None = None) -> "PendingAnswer":
+        """``predict_encoded`` in two halves, for a caller that steps the decoding of several
+        requests together (``generation.DecodeBatch``, the server's workers): checks the request,
+        runs the prompt encoder and returns the ``PendingAnswer`` whose ``steps`` (a
+        ``generate_steps`` generator; ``None`` for clicks) the caller drives through the ``llm``
+        runner, and whose ``finish(generated)`` gives the ``Prediction``. With a text-generating
+        engine (TensorRT-LLM) the text is generated here and ``steps`` is ``None``."""
         prompts = prompts or VisualPrompts([], [], [])
         task = self.check_request(text, prompts, task)
         prompts.check(enc.letterbox)
         timings = dict(timings or {})
-        gen = None
-        if task != "click":
-            ids, embeds, capture, region_tokens = self._llm_input(enc, text, prompts, task, timings)
-            if self.text_generator is None:
-                gen = self._run(self._steps(enc, ids, embeds, capture, generation, on_text))
-                if gen.prefix is not None:
-                    self.prefix_cache.put(enc.key, gen.prefix, gen.prefix.nbytes)
-            else:
-                gen = self.text_generator.generate(self, ids, embeds, enc.image_tokens[0], region_tokens,
-                                                   generation or GenerationConfig(), capture, on_text)
-            timings["llm"] = gen.prefill_ms + sum(gen.decode_ms)
+        if task == "click":
+            return PendingAnswer(None, lambda gen: self._answer(enc, prompts, task, None, timings))
+        ids, embeds, capture, region_tokens = self._llm_input(enc, text, prompts, task, timings)
+        if self.text_generator is not None:
+            gen = self.text_generator.generate(self, ids, embeds, enc.image_tokens[0], region_tokens,
+                                               generation or GenerationConfig(), capture, on_text)
+            return PendingAnswer(None, lambda _: self._finish(enc, prompts, task, gen, timings))
+        return PendingAnswer(self._steps(enc, ids, embeds, capture, generation, on_text),
+                             lambda gen: self._finish(enc, prompts, task, gen, timings))
+
+    def _finish(self, enc: EncodedImage, prompts: VisualPrompts, task: str, gen: Generated,
+                timings: dict[str, float]) -> Prediction:
+        if gen.prefix is not None:
+            self.prefix_cache.put(enc.key, gen.prefix, gen.prefix.nbytes)
+        timings["llm"] = gen.prefill_ms + sum(gen.decode_ms)
         return self._answer(enc, prompts, task, gen, timings)
 
     def predict_many(self, images: list[np.ndarray], modality: str, text: str, prompts: VisualPrompts | None = None,
@@ -300,8 +328,8 @@ class Predictor:
                               self.stop_ids, self.seg_id, self.decode_tokens, capture, on_text,
                               prefix=prefix, keep_prefix=prefix_len if enc.key else 0)
 
-    def _run(self, steps) -> Generated:
-        """Drive one ``generate_steps`` through the ``llm`` runner."""
+    def run_steps(self, steps) -> Generated:
+        """Drive one ``generate_steps`` generator (``PendingAnswer.steps``) through the ``llm`` runner."""
         return generate_batch(self.runners["llm"], [steps], self.config.llm)[0]
 
     def _answer(self, enc: EncodedImage, prompts: VisualPrompts, task: str, gen: Generated | None,

@@ -25,7 +25,7 @@ from typing import Callable
 import zmq
 
 from .protocol import (BUSY_TIMEOUT, DEFAULT_MAX_QUEUE, DEFAULT_MAX_REQUEST_BYTES, DISCONNECT, FINAL, HEARTBEAT,
-                       HEARTBEAT_INTERVAL, HEARTBEAT_LIVENESS, MAX_FRAMES, MAX_HEADER_BYTES, PARTIAL, PROTOCOL,
+                       HEARTBEAT_INTERVAL, HEARTBEAT_LIVENESS, MAX_FRAMES, MAX_HEADER_BYTES, MAX_SLOTS, PARTIAL, PROTOCOL,
                        PROTOCOL_FAMILY, READY, REQUEST, SERVICE, WORKER_PROTOCOL, ErrorCode, ProtocolError,
                        error_header, parse_message)
 from .schema import routing
@@ -76,11 +76,15 @@ class Job:
 
 @dataclass
 class Worker:
+    """A registered worker: ``slots`` requests it takes at once (it batches their decoding),
+    ``jobs`` those it runs now (job number -> job)."""
+
     identity: bytes
     stage: str
     pid: int
     expiry: float
-    job: Job | None = None
+    slots: int = 1
+    jobs: dict[bytes, Job] = field(default_factory=dict)
 
 
 class Broker:
@@ -102,7 +106,7 @@ class Broker:
         self.log = log
         self.queues: dict[str, deque[Job]] = {s: deque() for s in stages}
         self.workers: dict[bytes, Worker] = {}
-        self.idle: dict[str, list[bytes]] = {s: [] for s in stages}
+        self.idle: dict[str, list[bytes]] = {s: [] for s in stages}  # a worker once per free slot
         self.inflight: dict[tuple[str, str], Job] = {}  # (scope, request id) -> job
         self.done: OrderedDict[tuple[str, str], list] = OrderedDict()  # (scope, request id) -> final frames
         self.done_bytes = 0
@@ -271,8 +275,9 @@ class Broker:
                 self._remove(worker, "disconnected")
         elif worker is None:  # unknown (e.g. declared dead, then woke up): make it register again
             self._send_worker(identity, DISCONNECT)
-        elif command == HEARTBEAT:
-            worker.expiry = time.monotonic() + HEARTBEAT_INTERVAL * HEARTBEAT_LIVENESS
+        elif command == HEARTBEAT:  # (a worker that batches beats between steps: still allowed its busy timeout)
+            beat = time.monotonic() + HEARTBEAT_INTERVAL * HEARTBEAT_LIVENESS
+            worker.expiry = max(worker.expiry, beat) if worker.jobs else beat
         elif command in (PARTIAL, FINAL) and len(frames) >= 5:
             self._on_result(worker, command, frames[3], frames[4:])
 
@@ -285,14 +290,16 @@ class Broker:
         old = self.workers.get(identity)
         if old is not None:
             self._remove(old, "re-registered")
+        slots = info.get("slots", 1)
+        slots = min(max(slots, 1), MAX_SLOTS) if isinstance(slots, int) else 1
         self.workers[identity] = Worker(identity, stage, int(info.get("pid", 0)),
-                                        time.monotonic() + HEARTBEAT_INTERVAL * HEARTBEAT_LIVENESS)
-        self.idle[stage].append(identity)
+                                        time.monotonic() + HEARTBEAT_INTERVAL * HEARTBEAT_LIVENESS, slots)
+        self.idle[stage] += [identity] * slots
 
     def _on_result(self, worker: Worker, command: bytes, number: bytes, frames: list) -> None:
-        job = worker.job
+        job = worker.jobs.get(bytes(number))
         worker.expiry = time.monotonic() + self.busy_timeout
-        if job is None or str(job.number).encode() != number:
+        if job is None:
             return  # a late reply for a request already failed over; the retry answers it
         header = json.loads(bytes(frames[0]))
         header["id"] = job.id
@@ -301,8 +308,9 @@ class Broker:
             job.streamed = True
             self._reply(job.client, PARTIAL, out)
             return
-        worker.job = None
-        worker.expiry = time.monotonic() + HEARTBEAT_INTERVAL * HEARTBEAT_LIVENESS
+        del worker.jobs[bytes(number)]
+        if not worker.jobs:
+            worker.expiry = time.monotonic() + HEARTBEAT_INTERVAL * HEARTBEAT_LIVENESS
         self.idle[worker.stage].append(worker.identity)
         result = header.get("result") if isinstance(header.get("result"), dict) else {}
         image_id = header.get("image_id") or result.get("image_id")
@@ -334,17 +342,15 @@ class Broker:
 
     def _remove(self, worker: Worker, why: str) -> None:
         self.workers.pop(worker.identity, None)
-        if worker.identity in self.idle[worker.stage]:
-            self.idle[worker.stage].remove(worker.identity)
-        job, worker.job = worker.job, None
-        if job is None:
-            return
-        if job.streamed or job.attempts >= MAX_ATTEMPTS or not self.accepting:
-            self.fail(job, ErrorCode.WORKER_LOST, f"the worker running this request {why} "
-                                                  f"(after {job.attempts} attempt(s)); send it again with a new id")
-        else:
-            print(f"egx serve: worker {worker.pid} {why}; request {job.id} goes to another worker", file=self.log)
-            self.queues[worker.stage].appendleft(job)
+        self.idle[worker.stage] = [i for i in self.idle[worker.stage] if i != worker.identity]
+        jobs, worker.jobs = list(worker.jobs.values()), {}
+        for job in reversed(jobs):
+            if job.streamed or job.attempts >= MAX_ATTEMPTS or not self.accepting:
+                self.fail(job, ErrorCode.WORKER_LOST, f"the worker running this request {why} "
+                                                      f"(after {job.attempts} attempt(s)); send it again with a new id")
+            else:
+                print(f"egx serve: worker {worker.pid} {why}; request {job.id} goes to another worker", file=self.log)
+                self.queues[worker.stage].appendleft(job)
 
     def worker_died(self, pid: int) -> None:
         """The server saw worker process ``pid`` exit."""
@@ -370,7 +376,7 @@ class Broker:
                 identity = preferred if owner is not None and owner.stage == stage else idle[0]
                 idle.remove(identity)
                 worker = self.workers[identity]
-                worker.job = job
+                worker.jobs[str(job.number).encode()] = job
                 worker.expiry = time.monotonic() + self.busy_timeout
                 job.attempts += 1
                 self._send_worker(identity, REQUEST, str(job.number).encode(), job.scope.encode(), *job.frames)
@@ -386,7 +392,7 @@ class Broker:
                     self.on_dead(w.pid)
         if now >= self.next_heartbeat:
             for stage_idle in self.idle.values():
-                for identity in stage_idle:
+                for identity in dict.fromkeys(stage_idle):
                     self._send_worker(identity, HEARTBEAT)
             self.next_heartbeat = now + HEARTBEAT_INTERVAL
 

@@ -15,6 +15,9 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--engines", required=True, type=Path, metavar="DIR", help="a build folder (manifest.json)")
     p.add_argument("--bind", default="tcp://127.0.0.1:5555", help="client address (default: %(default)s)")
     p.add_argument("--workers", type=int, default=1, help="worker processes (per stage with --staged)")
+    p.add_argument("--batch", type=int, default=1, metavar="N",
+                   help="requests each worker takes at once, their decode steps run together in one LLM call "
+                        "(continuous batching: each streams and ends on its own; default: %(default)s)")
     p.add_argument("--staged", action="store_true",
                    help="vision encoder and language stages in separate processes, overlapping requests")
     p.add_argument("--devices", default="cpu",
@@ -56,7 +59,7 @@ def add_keys_arguments(p: argparse.ArgumentParser) -> None:
 def cmd_serve(args: argparse.Namespace) -> int:
     from .server import ServeOptions, serve
 
-    opts = ServeOptions(engines=args.engines, bind=args.bind, workers=args.workers, staged=args.staged,
+    opts = ServeOptions(engines=args.engines, bind=args.bind, workers=args.workers, batch=args.batch, staged=args.staged,
                         devices=tuple(d.strip() for d in args.devices.split(",") if d.strip()), threads=args.threads,
                         cache_bytes=int(args.cache_mb * 2**20), prefix_cache_bytes=int(args.prefix_cache_mb * 2**20),
                         max_queue=args.max_queue,

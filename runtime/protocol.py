@@ -9,7 +9,7 @@ Client <-> broker (Majordomo-like, several replies per request)::
 Broker <-> worker (a private ``ipc://`` endpoint; same header, the client's address
 travels as a frame)::
 
-    worker -> broker: [b"", WORKER_PROTOCOL, READY, service, info JSON]
+    worker -> broker: [b"", WORKER_PROTOCOL, READY, service, info JSON]  (info: pid, device, slots)
                       [b"", WORKER_PROTOCOL, PARTIAL | FINAL, job id, header JSON, *buffers]
                       [b"", WORKER_PROTOCOL, HEARTBEAT] / [..., DISCONNECT]
     broker -> worker: [b"", WORKER_PROTOCOL, REQUEST, job id, header JSON, *buffers]
@@ -50,6 +50,7 @@ DISCONNECT = b"\x06"
 HEARTBEAT_INTERVAL = 1.0
 HEARTBEAT_LIVENESS = 3  # missed idle heartbeats before a worker is declared dead
 BUSY_TIMEOUT = 120.0  # silence from a worker on a request before it is declared dead
+MAX_SLOTS = 64  # requests one worker may take at once (it says how many in its READY info)
 
 # limits (docs/protocol.md, "Limits", and the memory they bound)
 MAX_HEADER_BYTES = 64 * 1024

@@ -18,7 +18,7 @@ from earthgptx.errors import EarthGPTXError
 from earthgptx.image_cache import DEFAULT_CACHE_BYTES, DEFAULT_PREFIX_CACHE_BYTES
 
 from .protocol import (BUSY_TIMEOUT, DEFAULT_MAX_QUEUE, DEFAULT_MAX_REQUEST_BYTES, FRONTEND_RCVHWM, FRONTEND_SNDHWM,
-                       MAX_FRAME_FACTOR)
+                       MAX_FRAME_FACTOR, MAX_SLOTS)
 from .worker import WorkerOptions, run_worker
 
 
@@ -31,6 +31,7 @@ class ServeOptions:
     engines: Path
     bind: str = "tcp://127.0.0.1:5555"
     workers: int = 1
+    batch: int = 1  # requests a worker decodes together (its slots)
     staged: bool = False
     devices: tuple[str, ...] = ("cpu",)
     threads: int | None = None
@@ -50,6 +51,8 @@ class ServeOptions:
         self.stages = ("vision", "language") if self.staged else ("all",)
         if self.workers < 1:
             raise ServeError(f"--workers must be >= 1, got {self.workers}")
+        if not 1 <= self.batch <= MAX_SLOTS:
+            raise ServeError(f"--batch must be 1 to {MAX_SLOTS}, got {self.batch}")
         if bool(self.curve_secret) != bool(self.allow):
             raise ServeError("CURVE needs both --curve-secret FILE (the server's .key_secret) and --allow DIR "
                              "(the folder of allowed clients' .key files)")
@@ -113,7 +116,7 @@ class Server:
         for i in range(opts.workers):
             for stage in opts.stages:
                 self._spawn(WorkerOptions(str(opts.engines), endpoint, stage, opts.devices[i % len(opts.devices)],
-                                          opts.threads, opts.cache_bytes, opts.prefix_cache_bytes))
+                                          opts.threads, opts.cache_bytes, opts.prefix_cache_bytes, opts.batch))
         self._wait_ready()
 
     def _spawn(self, wopts: WorkerOptions) -> None:

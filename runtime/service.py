@@ -19,7 +19,7 @@ from earthgptx import vision_encoder
 from earthgptx.errors import InputError
 from earthgptx.generation import GenerationConfig
 from earthgptx.image_cache import image_id
-from earthgptx.predictor import EncodedImage
+from earthgptx.predictor import EncodedImage, PendingAnswer
 from earthgptx.processing import Letterbox, VisualPrompts, check_modality
 
 from .protocol import (MAX_IMAGE_PIXELS, MAX_TEXT_TOKENS, MODEL_TASKS, ErrorCode, Message, ProtocolError,
@@ -108,6 +108,25 @@ def _check_buffers(req: Request, stage: str) -> None:
                                                      f"server takes at most {MAX_IMAGE_PIXELS} (downsample or tile it)")
 
 
+@dataclass
+class Started:
+    """A model request whose LLM decoding is to be driven: ``pending`` (``Predictor.begin``),
+    the image id its result names, and the request's ``emit``."""
+
+    pending: PendingAnswer
+    image_id: str
+    emit: Emit
+
+    def complete(self, generated, decode_batch: int | None = None) -> None:
+        """The final reply from the decoding's ``Generated`` (``None`` when there was none);
+        ``decode_batch``: the most requests its decode steps ran with (a batching worker's)."""
+        out = self.pending.finish(generated).to_json()
+        out["image_id"] = self.image_id
+        if decode_batch is not None:
+            out["decode_batch"] = decode_batch
+        self.emit(Message({"event": "result", "result": out}), True)
+
+
 class RequestHandler:
     """Answers requests for one ``stage`` with ``predictor``; ``emit(reply, final)`` sends."""
 
@@ -120,18 +139,28 @@ class RequestHandler:
     def handle(self, req: Request, emit: Emit) -> None:
         """Answer ``req``: zero or more partial replies, then exactly one final one.
         Raises ``ProtocolError`` for a request it refuses (the caller replies with it)."""
+        started = self.start(req, emit)
+        if started is not None:
+            steps = started.pending.steps
+            started.complete(None if steps is None else self.predictor.run_steps(steps))
+
+    def start(self, req: Request, emit: Emit) -> "Started | None":
+        """``handle`` up to the LLM's decoding: ``None`` when ``req`` is answered already (ping,
+        upload, the vision stage, a refusal raised as ``ProtocolError``), else the ``Started``
+        answer whose ``pending.steps`` the caller drives (alone, or batched with other
+        requests' in a ``generation.DecodeBatch``) and then ``complete``s."""
         task = req.header.task
         try:
             if task == "ping":
                 size = sum(t.nbytes for t in req.tensors.values())
                 emit(Message({"event": "pong", "received_bytes": size, "stage": self.stage,
                               "image_size": self.predictor.config.vision.image_size}), True)
-                return
+                return None
             _check_buffers(req, self.stage)
             if task == "upload" or self.stage == "vision":
                 self._encode(req, emit, upload=task == "upload")
-            else:
-                self._answer(req, emit)
+                return None
+            return self._answer(req, emit)
         except InputError as exc:
             raise _bad(str(exc)) from None
 
@@ -187,7 +216,7 @@ class RequestHandler:
         else:  # to the language stage, through the broker
             emit(Message(header, {"image_tokens": enc.image_tokens, "image_embedding": enc.image_embedding}), True)
 
-    def _answer(self, req: Request, emit: Emit) -> None:
+    def _answer(self, req: Request, emit: Emit) -> "Started":
         task = self._check_task(req.header)
         prompts, generation = self._precheck(req, task)
         enc, timings, key = self._handed_on(req) if self.stage == "language" else self._encoding(req)
@@ -197,11 +226,9 @@ class RequestHandler:
             seq[0] += 1
             emit(Message({"event": "token", "seq": seq[0], "text": piece}), False)
 
-        result = self.predictor.predict_encoded(enc, req.header.text, prompts, task, generation,
-                                                on_text if req.header.stream else None, timings)
-        out = result.to_json()
-        out["image_id"] = key
-        emit(Message({"event": "result", "result": out}), True)
+        pending = self.predictor.begin(enc, req.header.text, prompts, task, generation,
+                                       on_text if req.header.stream else None, timings)
+        return Started(pending, key, emit)
 
     @staticmethod
     def _handed_on(req: Request) -> tuple[EncodedImage, dict, str]:
@@ -225,10 +252,23 @@ def handle_safely(handler: RequestHandler, frames: list, scope: str, emit: Emit)
     every failure turned into one final error reply: a worker answers every request it
     takes exactly once and keeps serving. Unexpected failures are also printed with their
     traceback for the operator."""
+    safely(lambda: handler.handle(parse_request(frames, scope), emit), emit)
+
+
+def start_safely(handler: RequestHandler, frames: list, scope: str, emit: Emit) -> Started | None:
+    """``handler.start`` on ``frames`` with ``handle_safely``'s guarantee: a failure is the
+    request's one final (error) reply, and ``None`` is returned."""
+    return safely(lambda: handler.start(parse_request(frames, scope), emit), emit)
+
+
+def safely(work: Callable, emit: Emit):
+    """``work()``'s value; a failure becomes one final error reply through ``emit`` (``None``
+    is returned). ``ProtocolError``s are the client's; anything else is also logged."""
     try:
-        handler.handle(parse_request(frames, scope), emit)
+        return work()
     except ProtocolError as exc:
         emit(Message(error_header(None, exc.code, exc.message)), True)
     except Exception as exc:  # the worker's boundary: reported to the client and the log, never dropped
         traceback.print_exc(file=sys.stderr)
         emit(Message(error_header(None, ErrorCode.INTERNAL, f"{type(exc).__name__}: {exc}")), True)
+    return None

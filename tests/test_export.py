@@ -228,13 +228,16 @@ def test_bench_writes_the_table_and_json(built, tmp_path):
               "end_to_end_segmentation", "end_to_end_region", "prefix_cached_segmentation", "click_to_mask",
               "decode_per_token"}
     served = {"zmq_overhead", "click_to_mask", "end_to_end_segmentation", "throughput_1_worker",
-              "throughput_2_workers", "throughput_new_images_1_worker", "throughput_new_images_staged"}
+              "throughput_1_worker_batch_4", "throughput_2_workers", "throughput_new_images_1_worker",
+              "throughput_new_images_staged", "throughput_4_clients"}
     for backend, expected in (("pytorch", stages), ("onnxruntime", stages | {"throughput_in_process"}),
                               ("zmq", served)):
         rows = [r for r in report["rows"] if r["backend"] == backend]
         assert {r["stage"] for r in rows} == expected
         assert all(0 < r["median_ms"] <= r["p95_ms"] for r in rows)
     assert all(t.get("errors", 0) == 0 and t["requests_per_s"] > 0 for t in report["served"].values())
+    four = {r["config"]: r["requests_per_s"] for r in report["rows"] if r["stage"] == "throughput_4_clients"}
+    assert four == {k: t["requests_per_s"] for k, t in report["served"].items() if k != "in_process"}
     assert report["machine"]["copy_bandwidth_gbs"] > 0
     assert 0 < report["decode_vs_bandwidth"]["onnxruntime fp32"]["fraction_of_ceiling"]
     assert report["part_precisions"]["fp32"] == dict.fromkeys(PART_NAMES, "fp32")

@@ -4,7 +4,7 @@ the PyTorch reference and on ONNX Runtime."""
 import numpy as np
 import pytest
 
-from earthgptx.generation import GenerationConfig, generate, generate_batch, generate_steps
+from earthgptx.generation import DecodeBatch, GenerationConfig, generate, generate_batch, generate_steps
 
 
 def _sequences(predictor, lengths=(9, 23, 16), budgets=(12, 3, 7)):
@@ -61,6 +61,34 @@ def test_a_stop_token_ends_one_sequence_and_not_the_others(tiny_predictor):
     assert alone[0].finish_reason == "stop" and alone[1].finish_reason == "length"
     assert [a.token_ids for a in alone] == [b.token_ids for b in together]
     assert [a.finish_reason for a in alone] == [b.finish_reason for b in together]
+
+
+def test_sequences_joining_a_running_batch_get_their_own_answers(tiny_predictor):
+    """Continuous batching (``DecodeBatch``, what a server worker runs): a sequence added while
+    others are mid-decode, and one added after some have left, answer as they do alone."""
+    p = tiny_predictor
+    llm, table, cfg = p.runners["llm"], p.embed_table, p.config.llm
+    args = _sequences(p, lengths=(9, 23, 16, 11), budgets=(12, 3, 7, 5))
+    alone = [generate(llm, e, table, cfg, g, set(), seg, p.decode_tokens, capture=(2,)) for e, g, seg in args]
+    steps = [generate_steps(e, table, cfg, g, set(), seg, p.decode_tokens, capture=(2,)) for e, g, seg in args]
+    batch, got = DecodeBatch(llm, cfg), {}
+    assert batch.add("a", steps[0]) is None and batch.add("b", steps[1]) is None
+    got.update(batch.step())
+    assert not got and batch.add("c", steps[2]) is None  # joins "a" and "b" mid-decode
+    got.update(batch.step())
+    assert list(got) == ["b"]  # 3 tokens: the prefill's and two steps'
+    assert batch.add("d", steps[3]) is None  # joins "a" and "c" after "b" left
+    with pytest.raises(ValueError, match="already"):
+        batch.add("a", steps[0])
+    while batch.live:
+        got.update(batch.step())
+    assert [batch.pop_widest(k) for k in "abcd"] == [3, 3, 3, 3]
+    for a, key in zip(alone, "abcd"):
+        b = got[key]
+        assert a.token_ids == b.token_ids and a.text == b.text and a.finish_reason == b.finish_reason
+        np.testing.assert_allclose(a.prompt_hidden[0], b.prompt_hidden[0], rtol=0, atol=1e-6)
+        for x, y in zip(a.seg_hidden, b.seg_hidden):
+            np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize("task,text", [("segment", "Segment all ships."), ("grounding", "Where are the ships?"),

@@ -106,6 +106,40 @@ def test_staged_mode_gives_the_same_answers(tiny_build, reference, sar):
         assert err.value.code == ErrorCode.BAD_REQUEST
 
 
+def test_batching_worker_decodes_concurrent_requests_together(tiny_build, reference, sar):
+    """One worker with --batch 3: requests that arrive while a long caption decodes join its
+    decode steps (their ``decode_batch`` > 1), stream, and answer exactly what they answer
+    alone."""
+    jobs = [("caption", "Describe the image.", [], [], 300), ("region", "What is <region1>?", [(400, 400)], [], 12),
+            ("segment", "Segment the ship.", [(400, 400)], [], 8)]
+    results, pieces = [None] * len(jobs), [[] for _ in jobs]
+    with running(tiny_build[0], workers=1, batch=3, threads=1) as s:
+        assert [w.slots for w in s.broker.workers.values()] == [3]
+
+        def ask(i: int) -> None:
+            task, text, points, boxes, n = jobs[i]
+            with connect(s, timeout_s=120) as c:
+                results[i] = c.predict(sar, "sar", text, points, boxes, task=task, generation={"max_new_tokens": n},
+                                       stream=True, on_text=pieces[i].append)
+
+        first = threading.Thread(target=ask, args=(0,))
+        first.start()
+        while not pieces[0] and first.is_alive():  # the caption is decoding
+            time.sleep(0.005)
+        others = [threading.Thread(target=ask, args=(i,)) for i in (1, 2)]
+        for t in others:
+            t.start()
+        for t in [first, *others]:
+            t.join(180)
+    for (task, text, points, boxes, n), out, streamed in zip(jobs, results, pieces):
+        ref = reference.predict(sar, "sar", text, VisualPrompts(points, boxes, []), task=task,
+                                generation=GenerationConfig(max_new_tokens=n)).to_json()
+        assert_same(out, ref)
+        assert "".join(streamed) == out["text"]
+    assert len(results[0]["text"]) > 100 and results[0]["finish_reason"] == "length"  # long enough to share
+    assert results[1]["decode_batch"] >= 2 and results[2]["decode_batch"] >= 2
+
+
 # -- bad input ----------------------------------------------------------------------
 def raw_request(address: str, frames: list, timeout_s: float = 10) -> dict:
     ctx = zmq.Context.instance()
@@ -213,7 +247,7 @@ def test_killed_worker_request_is_retried_once(server, reference, sar):
         victim = None
         while victim is None and time.monotonic() < deadline:
             victim = next((w.pid for w in list(server.broker.workers.values())
-                           if w.job is not None and w.job.id == header["id"]), None)
+                           if any(j.id == header["id"] for j in w.jobs.values())), None)
         assert victim is not None
         os.kill(victim, signal.SIGKILL)
         t.join(120)
