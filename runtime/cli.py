@@ -45,7 +45,7 @@ def add_query_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--client-key", type=Path, metavar="FILE", help="this client's .key_secret (CURVE)")
     p.add_argument("--scene", action="store_true",
                    help="--image is a whole scene: tile it here, send the tiles (several at a time), merge the "
-                        "answers as egx scene does (--task segment or grounding)")
+                        "answers as egx scene does (--task segment, grounding, caption or classify)")
     p.add_argument("--in-flight", type=int, default=4, help="--scene: tiles sent at once")
     add_tiling_arguments(p)
 

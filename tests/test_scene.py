@@ -203,6 +203,39 @@ def test_egx_scene_on_the_tiny_model(tmp_path, data_root):
     assert bad.returncode == 2 and "not found" in bad.stderr
 
 
+def test_egx_scene_out_folder_and_zoom_out_tasks(tmp_path, data_root):
+    """The issue's contract: ``--out DIR`` writes scene.json, objects.geojson (in the scene's CRS,
+    named in a ``crs`` member that OGR reads) and objects.coco.json; ``--task classify`` and
+    ``caption`` answer the text on the overview of the whole scene, with no tiles."""
+    from earthgptx.imageio import read_image
+
+    chip = read_image(data_root / "sar" / "hrsid" / "P0094_0_800_3000_3800.png").data
+    path = write_scene(tmp_path / "s.tif", chip if chip.ndim == 2 else chip[..., 0])
+    base = [sys.executable, "-m", "egx", "scene", "--preset", "tiny", "--image", str(path), "--modality", "sar",
+            "--max-new-tokens", "2"]
+    proc = subprocess.run(base + ["--text", "Where are the ships?", "--task", "grounding", "--tile", "400",
+                                  "--overlap", "50", "--out", str(tmp_path / "out")],
+                          cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    printed = json.loads(proc.stdout)
+    scene = json.loads((tmp_path / "out" / "scene.json").read_text())
+    assert scene["objects"] == printed["objects"] and scene["tiles"]["planned"] == 9 and "overview" in scene
+    geo = json.loads((tmp_path / "out" / "objects.geojson").read_text())
+    assert geo["crs"]["properties"]["name"] == "urn:ogc:def:crs:EPSG::32633"
+    assert len(geo["features"]) == printed["objects"]
+    assert json.loads((tmp_path / "out" / "objects.coco.json").read_text())["images"][0]["width"] == 800
+    pyogrio = pytest.importorskip("pyogrio", reason="pyogrio (the geo extra) reads the GeoJSON back")
+    info = pyogrio.read_info(tmp_path / "out" / "objects.geojson")
+    assert info["crs"] == "EPSG:32633" and info["features"] == printed["objects"]
+    for task in ("classify", "caption"):
+        proc = subprocess.run(base + ["--text", "What kind of scene is this?", "--task", task, "--out",
+                                      str(tmp_path / task)], cwd=REPO, capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, proc.stderr
+        out = json.loads((tmp_path / task / "scene.json").read_text())
+        assert out["task"] == task and out["tiles"]["planned"] == 0 and out["objects"] == 0
+        assert isinstance(out["overview"], str)
+
+
 def test_a_served_scene_equals_the_scene_in_process(tmp_path, tiny_build, data_root):
     """``egx query --scene``: tiles answered by ``egx serve`` four at a time give the objects
     the same engines give in process, and the command prints the same summary."""

@@ -15,8 +15,9 @@ def add_scene_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--image", required=True, help="the scene: GeoTIFF, COG or any GDAL format (PNG/TIFF too)")
     p.add_argument("--modality", required=True, choices=MODALITIES)
     p.add_argument("--text", required=True, help="what to find in every tile, e.g. \"Segment all ships.\"")
-    p.add_argument("--task", choices=("segment", "grounding"), default="segment",
-                   help="per tile: masks (merged as polygons) or boxes (merged by NMS)")
+    p.add_argument("--task", choices=("segment", "grounding", "caption", "classify"), default="segment",
+                   help="per tile: masks (merged as polygons) or boxes (merged by NMS); caption or classify: "
+                        "the text answered on an overview of the whole scene (zoom out, no tiles)")
     p.add_argument("--max-new-tokens", type=int, default=32)
     p.add_argument("--overlay", metavar="OUT.png", help="the scene decimated to 2,048 px with the objects drawn")
     p.add_argument("--batch", type=int, default=1, metavar="N",
@@ -41,6 +42,8 @@ def add_tiling_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--simplify", type=float, default=0.5, help="GeoJSON polygon tolerance in scene pixels")
     p.add_argument("--coco", metavar="OUT.json", help="objects as COCO JSON in scene pixels")
     p.add_argument("--mask-tif", metavar="OUT.tif", help="objects rasterised on the scene's grid (uint16 ids, a COG)")
+    p.add_argument("--out", metavar="DIR", help="write DIR/scene.json (the summary printed), DIR/objects.geojson "
+                                                "and DIR/objects.coco.json (as --geojson and --coco)")
 
 
 class _Progress:
@@ -79,10 +82,6 @@ def answer_scene(args: argparse.Namespace, predictor, executor=None, in_flight: 
     from .run import run_scene
     from .source import SceneSource
 
-    if args.task not in ("segment", "grounding"):
-        from ..errors import InputError
-
-        raise InputError(f"a scene takes --task segment or grounding, not {args.task}")
     with SceneSource(args.image) as source:
         print(f"scene {source.width}x{source.height} px, {source.bands} band(s) {source.dtype}, "
               f"{source.crs.to_string() if source.crs else 'no CRS'}", file=sys.stderr)
@@ -92,14 +91,19 @@ def answer_scene(args: argparse.Namespace, predictor, executor=None, in_flight: 
                    "tiles": result.tiles, "seconds": round(result.seconds, 2),
                    "boxes_px": [[round(v, 2) for v in o.box] for o in result.objects],
                    "scores": [round(o.score, 4) for o in result.objects]}
-        if args.geojson:
-            summary["geojson"] = str(write_json(args.geojson, to_geojson(result, source, args.wgs84, args.simplify)))
-        if args.coco:
-            summary["coco"] = str(write_json(args.coco, to_coco(result, source, Path(args.image).name)))
+        out = Path(args.out) if getattr(args, "out", None) else None
+        geojson = args.geojson or (out / "objects.geojson" if out else None)
+        coco = args.coco or (out / "objects.coco.json" if out else None)
+        if geojson:
+            summary["geojson"] = str(write_json(geojson, to_geojson(result, source, args.wgs84, args.simplify)))
+        if coco:
+            summary["coco"] = str(write_json(coco, to_coco(result, source, Path(args.image).name)))
         if args.mask_tif:
             summary["mask_tif"] = str(write_mask_geotiff(args.mask_tif, result, source))
         if args.overlay:
             summary["overlay"] = str(write_overlay(args.overlay, result, source, args.modality))
+        if out:
+            summary["scene_json"] = str(write_json(out / "scene.json", summary))
     print(json.dumps(summary))
     return 0
 

@@ -43,9 +43,15 @@ def to_geojson(result: SceneResult, source: SceneSource, wgs84: bool = False, to
                          "properties": {"score": round(o.score, 4), "box_px": [round(v, 2) for v in o.box],
                                         "tiles": o.tiles, **o.properties}})
     crs = "EPSG:4326" if to_lonlat else (source.crs.to_string() if source.crs else None)
-    return {"type": "FeatureCollection", "features": features,
-            "properties": {"crs": crs if source.georeferenced else "pixels", "task": result.task,
-                           "overview": result.overview, "tiles": result.tiles}}
+    out = {"type": "FeatureCollection", "features": features,
+           "properties": {"crs": crs if source.georeferenced else "pixels", "task": result.task,
+                          "overview": result.overview, "tiles": result.tiles}}
+    if source.georeferenced and source.crs is not None and to_lonlat is None:
+        # GeoJSON 2008's named CRS, which GDAL/OGR reads (RFC 7946 files are EPSG:4326 and name none)
+        epsg = source.crs.to_epsg()
+        out["crs"] = {"type": "name", "properties": {"name": f"urn:ogc:def:crs:EPSG::{epsg}" if epsg
+                                                     else source.crs.to_wkt()}}
+    return out
 
 
 def to_coco(result: SceneResult, source: SceneSource, image_name: str) -> dict:

@@ -19,7 +19,8 @@ from ..generation import GenerationConfig
 from .source import SceneSource, Window
 from .tiling import SceneObject, merge_boxes, merge_masks, mask_polygons, plan_tiles, tile_affine
 
-SCENE_TASKS = ("segment", "grounding")
+SCENE_TASKS = ("segment", "grounding")  # zoom in: per tile, objects merged
+OVERVIEW_TASKS = ("caption", "classify")  # zoom out only: the text answered on the overview
 
 
 @dataclass(frozen=True)
@@ -63,14 +64,21 @@ def run_scene(predictor, source: SceneSource, modality: str, text: str, task: st
     ``progress(done, total)`` after each tile. ``executor`` (a ``concurrent.futures``
     executor; None: one tile at a time here): tiles are read here and answered there, at most
     ``in_flight`` at once (so a server's workers each have one; memory stays bounded)."""
-    if task not in SCENE_TASKS:
-        raise InputError(f"egx scene answers {' or '.join(SCENE_TASKS)} per tile, not {task!r}")
+    if task not in SCENE_TASKS + OVERVIEW_TASKS:
+        raise InputError(f"egx scene answers {' or '.join(SCENE_TASKS)} per tile, or {' or '.join(OVERVIEW_TASKS)} "
+                         f"on the whole scene, not {task!r}")
     if opts.batch < 1:
         raise InputError(f"--batch {opts.batch}: answer at least one tile at a time")
     start = time.perf_counter()
     pre = preprocess_options or {}
     size = predictor.config.vision.image_size
     overview = None
+    if task in OVERVIEW_TASKS:  # a scene-level answer: the text itself, on the overview; no tiles
+        image, _ = source.overview(2 * size)
+        gen = GenerationConfig(max_new_tokens=opts.max_new_tokens)
+        overview = predictor.predict(image, modality, text, task=task, generation=gen, **pre).text
+        return SceneResult([], overview, task, {"planned": 0, "answered": 0, "skipped": 0},
+                           time.perf_counter() - start)
     if opts.overview_text:
         image, _ = source.overview(2 * size)
         gen = GenerationConfig(max_new_tokens=opts.max_new_tokens)
