@@ -125,7 +125,7 @@ def run_bench(preset: str, engines: list[Path], data_root: Path, repeats: int = 
     from runners.manifest import load_manifest
 
     image = read_image(data_root / SAR_IMAGE).data
-    model, tokenizer = load_reference(preset, None)
+    model, tokenizer = load_reference(None if preset == "default" else preset, None)
     backends = [("pytorch", "fp32", Predictor.from_model(model, tokenizer))]
     part_precisions = {}
     for folder in engines:
@@ -232,7 +232,8 @@ def scene_rows(size: int, preset: str, engines: list[Path], console) -> list[dic
 
 def add_bench_arguments(p) -> None:
     """``egx bench`` / ``python benchmarks/bench.py``."""
-    p.add_argument("--preset", choices=("tiny", "edge"), default="edge")
+    p.add_argument("--preset", choices=("default", "tiny", "edge"), default="default",
+                   help="the PyTorch model beside the engines: the shipped trained model (engines/default), or a preset")
     p.add_argument("--engines", type=Path, action="append", metavar="DIR",
                    help="build folder, repeatable (default: engines/<preset> and engines/<preset>-int8 if built)")
     p.add_argument("--no-engines", action="store_true", help="benchmark PyTorch only")

@@ -100,7 +100,7 @@ def one(args) -> dict:
 
             predictor = open_predictor(args.engines, "cpu")
         else:
-            predictor = Predictor.from_model(*load_reference(args.preset, None))
+            predictor = Predictor.from_model(*load_reference(None if args.preset == "default" else args.preset, None))
         before = peak_rss_mb()
         with SceneSource(path) as src:
             start = time.perf_counter()
@@ -134,7 +134,8 @@ def measure(size: int, preset: str, engines: str | None, served: bool, tile: int
 
 def main() -> int:
     p = argparse.ArgumentParser(prog="scene.py", description=__doc__.split("\n\n")[0])
-    p.add_argument("--preset", default="tiny", choices=("tiny", "small", "edge"))
+    p.add_argument("--preset", default="tiny", choices=("default", "tiny", "small", "edge"),
+                   help="the PyTorch model (default: the shipped trained model)")
     p.add_argument("--engines", help="a build folder instead of the PyTorch preset")
     p.add_argument("--served", action="store_true",
                    help="through egx serve on --engines (2 workers, 4 tiles in flight)")
