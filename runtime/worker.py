@@ -89,7 +89,7 @@ def _serve(link: _Link, opts: WorkerOptions, handler) -> int:
     all of them; each request streams and ends on its own."""
     from earthgptx.generation import DecodeBatch
 
-    from .service import handle_safely, safely, start_safely
+    from .service import handle_safely, start_safely
 
     slots = opts.slots if opts.stage != "vision" and handler.predictor.text_generator is None else 1
     info = json.dumps({"pid": os.getpid(), "device": opts.device, "slots": slots}).encode()
@@ -118,9 +118,9 @@ def _serve(link: _Link, opts: WorkerOptions, handler) -> int:
                 if slots == 1:
                     handle_safely(handler, request, scope, emit)
                 else:
-                    _join(batch, started, job_id, start_safely(handler, request, scope, emit), safely)
+                    _join(batch, started, job_id, start_safely(handler, request, scope, emit))
         if batch.live:  # a decode step between messages, so that new requests never starve running ones
-            _step(batch, started, safely)
+            _step(batch, started)
         elif not got:
             liveness -= 1
             if liveness == 0 and os.getppid() != parent:  # the server is gone: so are we
@@ -135,9 +135,11 @@ def _serve(link: _Link, opts: WorkerOptions, handler) -> int:
             next_beat = time.monotonic() + HEARTBEAT_INTERVAL
 
 
-def _join(batch, started: dict, job_id: bytes, start, safely) -> None:
+def _join(batch, started: dict, job_id: bytes, start) -> None:
     """A started request (``service.Started``; ``None``: answered already) into the batch:
     prefilled now; completed at once when there is nothing to decode."""
+    from .service import safely
+
     if start is None:
         return
     if start.pending.steps is None:
@@ -152,9 +154,11 @@ def _join(batch, started: dict, job_id: bytes, start, safely) -> None:
     started[job_id] = start
 
 
-def _step(batch, started: dict, safely) -> None:
+def _step(batch, started: dict) -> None:
     """One decode step of the batch; requests that ended are completed. If the step fails,
     every request in it gets the failure as its final reply and leaves the batch."""
+    from .service import safely
+
     try:
         ended = batch.step()
     except Exception as exc:  # the batch's boundary: each request is answered, the worker serves on
