@@ -233,7 +233,8 @@ def scene_rows(size: int, preset: str, engines: list[Path], console) -> list[dic
 def add_bench_arguments(p) -> None:
     """``egx bench`` / ``python benchmarks/bench.py``."""
     p.add_argument("--preset", choices=("default", "tiny", "edge"), default="default",
-                   help="the PyTorch model beside the engines: the shipped trained model (engines/default), or a preset")
+                   help="the PyTorch model beside the engines: the shipped trained model (engines/default), "
+                        "or a preset")
     p.add_argument("--engines", type=Path, action="append", metavar="DIR",
                    help="build folder, repeatable (default: engines/<preset> and engines/<preset>-int8 if built)")
     p.add_argument("--no-engines", action="store_true", help="benchmark PyTorch only")

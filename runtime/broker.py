@@ -25,8 +25,8 @@ from typing import Callable
 import zmq
 
 from .protocol import (BUSY_TIMEOUT, DEFAULT_MAX_QUEUE, DEFAULT_MAX_REQUEST_BYTES, DISCONNECT, FINAL, HEARTBEAT,
-                       HEARTBEAT_INTERVAL, HEARTBEAT_LIVENESS, MAX_FRAMES, MAX_HEADER_BYTES, MAX_SLOTS, PARTIAL, PROTOCOL,
-                       PROTOCOL_FAMILY, READY, REQUEST, SERVICE, WORKER_PROTOCOL, ErrorCode, ProtocolError,
+                       HEARTBEAT_INTERVAL, HEARTBEAT_LIVENESS, MAX_FRAMES, MAX_HEADER_BYTES, MAX_SLOTS, PARTIAL,
+                       PROTOCOL, PROTOCOL_FAMILY, READY, REQUEST, SERVICE, WORKER_PROTOCOL, ErrorCode, ProtocolError,
                        error_header, parse_message)
 from .schema import routing
 

@@ -59,7 +59,8 @@ def add_keys_arguments(p: argparse.ArgumentParser) -> None:
 def cmd_serve(args: argparse.Namespace) -> int:
     from .server import ServeOptions, serve
 
-    opts = ServeOptions(engines=args.engines, bind=args.bind, workers=args.workers, batch=args.batch, staged=args.staged,
+    opts = ServeOptions(engines=args.engines, bind=args.bind, workers=args.workers, batch=args.batch,
+                        staged=args.staged,
                         devices=tuple(d.strip() for d in args.devices.split(",") if d.strip()), threads=args.threads,
                         cache_bytes=int(args.cache_mb * 2**20), prefix_cache_bytes=int(args.prefix_cache_mb * 2**20),
                         max_queue=args.max_queue,
