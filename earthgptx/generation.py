@@ -121,8 +121,12 @@ def generate(llm, inputs_embeds: np.ndarray, embed_table: np.ndarray, llm_cfg: L
     """Prefill ``inputs_embeds`` ``(1, T, hidden)`` then decode, every feed through ``llm``
     (a runner: ``llm(feed) -> outputs`` with the names of ``llm.py``). The arguments after
     ``llm`` are ``generate_steps``'."""
-    steps = generate_steps(inputs_embeds, embed_table, llm_cfg, cfg, stop_ids, seg_id, decode, capture, on_text,
-                           prefix, keep_prefix)
+    return drive(llm, generate_steps(inputs_embeds, embed_table, llm_cfg, cfg, stop_ids, seg_id, decode, capture,
+                                     on_text, prefix, keep_prefix))
+
+
+def drive(llm, steps) -> Generated:
+    """Run one ``generate_steps`` generator to its end, every feed through ``llm``."""
     try:
         feed = next(steps)
         while True:

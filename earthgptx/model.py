@@ -18,7 +18,7 @@ from .llm import LLM, llama_config
 from .pixel_decoder import PixelDecoder
 from .prompt_encoder import PromptEncoder
 from .prompting import special_tokens
-from .vision_encoder import VisionEncoder
+from .vision_encoder import VisionEncoder, set_class_words
 from .weights import llm_state_dict, load_tokenizer
 
 
@@ -61,7 +61,8 @@ def build_skeleton(config: ModelConfig, device: str | torch.device | None = None
 
 def build_model(config: ModelConfig):
     """Model + tokenizer for a config. Real LLM weights are loaded where the config
-    names them; everything else is random, seeded by ``config.seed``."""
+    names them; everything else is random, seeded by ``config.seed``; class words
+    (``VisionConfig.class_names``) are the LLM's embeddings of the class names."""
     if config.llm.tokenizer is None:
         raise CheckpointError(f"preset {config.preset!r} has no tokenizer and no weights: it is for sizes only "
                               "(egx info); use --preset tiny or edge to run the model")
@@ -73,6 +74,8 @@ def build_model(config: ModelConfig):
                               f"(base vocabulary {config.llm.vocab_size} + special tokens): use the matching tokenizer")
     if config.llm.weights != "random":
         load_llm_weights(model, config.llm.weights, seed=config.seed)
+    if config.vision.class_names:  # derived from the LLM's table: fill it once the table is final
+        set_class_words(model.vision_encoder, model.llm.embed_table, tokenizer)
     return model, tokenizer
 
 

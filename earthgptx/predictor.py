@@ -22,7 +22,7 @@ import numpy as np
 
 from .config import ModelConfig
 from .errors import InputError
-from .generation import Generated, GenerationConfig, generate_batch, generate_steps
+from .generation import Generated, GenerationConfig, drive, generate_batch, generate_steps
 from .image_cache import DEFAULT_CACHE_BYTES, DEFAULT_PREFIX_CACHE_BYTES, ImageCache, encoding_key, image_id
 from .processing import (Letterbox, VisualPrompts, check_modality, component_boxes, decoder_points,
                          parse_text_boxes, preprocess, prompt_encoder_feed)
@@ -330,7 +330,7 @@ class Predictor:
 
     def run_steps(self, steps) -> Generated:
         """Drive one ``generate_steps`` generator (``PendingAnswer.steps``) through the ``llm`` runner."""
-        return generate_batch(self.runners["llm"], [steps], self.config.llm)[0]
+        return drive(self.runners["llm"], steps)
 
     def _answer(self, enc: EncodedImage, prompts: VisualPrompts, task: str, gen: Generated | None,
                 timings: dict[str, float]) -> Prediction:

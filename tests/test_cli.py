@@ -12,6 +12,7 @@ import pytest
 from pycocotools import mask as coco
 
 from conftest import REPO
+from earthgptx.data import templates as T
 from earthgptx.evaluation import metrics as M
 
 SAR = "../shared/data/sar/hrsid/P0094_0_800_3000_3800.png"
@@ -160,9 +161,6 @@ def _start_server(cmd: list[str], cwd, env) -> subprocess.Popen:
     return proc
 
 
-MSTAR_CLASSES = ["2S1", "BMP2", "BRDM-2", "BTR60", "BTR70", "D7", "T62", "T72", "ZIL131", "ZSU-23-4"]
-
-
 @pytest.mark.slow
 def test_readme_commands_run_as_written(data_root, tmp_path):
     """Every ``egx`` and build command in the README's bash blocks, as written but in a
@@ -173,6 +171,7 @@ def test_readme_commands_run_as_written(data_root, tmp_path):
     assert any("python export/build_engines.py" in c for c in commands)
     assert any("egx predict --engines engines/default" in c for c in commands)
     assert any(c.startswith("egx serve") for c in commands) and any(c.startswith("egx query") for c in commands)
+    mstar = [T.readable_class(d.name) for d in (data_root / "sar" / "mstar").iterdir() if d.is_dir()]
     ran, background = 0, []
     cwd, env, ports = _readme_folder(tmp_path, data_root)
     try:
@@ -202,7 +201,7 @@ def test_readme_commands_run_as_written(data_root, tmp_path):
                     if "--masks" in argv:  # counts only
                         assert "masks" not in out and len(out["mask_pixels"]) == len(out["scores"])
                     elif "classify" in argv:  # the trained default names one of MSTAR's vehicles
-                        assert M.class_in_text(out["text"], MSTAR_CLASSES) is not None, out["text"]
+                        assert M.class_in_text(out["text"], mstar) is not None, out["text"]
                     elif "engines/default" in argv or "query" in argv:
                         assert out["masks"][0]["size"] == [800, 800] and out["boxes"] and "text" in out
                 ran += 1

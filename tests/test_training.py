@@ -203,14 +203,13 @@ def test_class_words_classifier_learns_from_labels_and_from_the_text_loss(tiny, 
     from earthgptx.model import build_model
     from earthgptx.training.batches import collate
     from earthgptx.training.step import TrainModule
-    from earthgptx.vision_encoder import set_class_words
 
     enc, insts = encoded
     names = tuple(f"class {k}" for k in range(10))
     base = preset("tiny")
     torch.manual_seed(0)
     model, tokenizer = build_model(dataclasses.replace(base, vision=dataclasses.replace(base.vision, class_names=names)))
-    set_class_words(model.vision_encoder, model.llm.embed_table, tokenizer)
+    assert model.vision_encoder.class_words.any()  # build_model fills them from the LLM's table
     module = TrainModule(model, torch.from_numpy(enc.prefix_ids), enc.image_id, enc.region_ids, num_classes=10)
     assert module.aux_class is None
     batch = collate([enc(i, rng=np.random.default_rng(k)) for k, i in enumerate(insts)], 0)

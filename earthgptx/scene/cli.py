@@ -91,7 +91,7 @@ def answer_scene(args: argparse.Namespace, predictor, executor=None, in_flight: 
                    "tiles": result.tiles, "seconds": round(result.seconds, 2),
                    "boxes_px": [[round(v, 2) for v in o.box] for o in result.objects],
                    "scores": [round(o.score, 4) for o in result.objects]}
-        out = Path(args.out) if getattr(args, "out", None) else None
+        out = Path(args.out) if args.out else None
         geojson = args.geojson or (out / "objects.geojson" if out else None)
         coco = args.coco or (out / "objects.coco.json" if out else None)
         if geojson:

@@ -31,7 +31,6 @@ from ..data.instructions import TASK_WEIGHTS, InstructionMix, clicks_on
 from ..data.readers import dataset_samples
 from ..data.split import Splitter
 from ..errors import InputError
-from ..vision_encoder import set_class_words
 from .batches import NO_TEXT, Encoder, collate
 from .step import WEIGHTS, TrainModule
 
@@ -238,8 +237,6 @@ def train(cfg: TrainConfig) -> Path:
     classes = class_index(train_samples)
     model_config = cfg.model_config(class_names(classes))
     model, tokenizer = build_model(model_config)
-    if model_config.vision.class_names:
-        set_class_words(model.vision_encoder, model.llm.embed_table, tokenizer)
     encoder = Encoder(model.config, tokenizer, augment=True, seed=cfg.seed, classes=classes)
     module = TrainModule(model, torch.from_numpy(encoder.prefix_ids), encoder.image_id, encoder.region_ids,
                          num_classes=len(classes), lora_rank=cfg.lora_rank).to(device)
@@ -350,8 +347,6 @@ def train(cfg: TrainConfig) -> Path:
         trained, _ = full_state(module, opt)
         if main:
             model, _ = build_model(model_config)
-            if model_config.vision.class_names:
-                set_class_words(model.vision_encoder, model.llm.embed_table, tokenizer)
             module = TrainModule(model, torch.from_numpy(encoder.prefix_ids), encoder.image_id, encoder.region_ids,
                                  num_classes=len(classes), lora_rank=cfg.lora_rank)
             module.load_state_dict(trained, strict=False)
