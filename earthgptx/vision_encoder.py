@@ -15,8 +15,8 @@ Same inputs and outputs either way.
 Class words (``VisionConfig.class_names``, the trained default): a linear classifier on the
 mean grid token gives probabilities over the training data's classes; ``class_words`` holds
 each class name's LLM word embeddings (``(C, class_tokens, llm_hidden)``, zero-padded after
-the name's tokens, a buffer filled from the LLM by ``set_class_words``), and their mixture by
-those probabilities follows the grid tokens. A confident classifier thus puts the class's
+the name's tokens; a buffer that ``model.build_model`` fills through ``set_class_words``),
+and their mixture by those probabilities follows the grid tokens. A confident classifier thus puts the class's
 name in front of the LLM as words it already reads: answering "what is this?" becomes
 copying, which a pretrained LLM does with little training, where mapping learned image
 features to a name needs many classification questions (EVALUATION.md, run 4: a class head on
