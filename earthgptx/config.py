@@ -13,6 +13,7 @@ from typing import Any
 PART_NAMES = ("vision_encoder", "prompt_encoder", "llm", "pixel_decoder")
 PRESETS = ("tiny", "small", "edge", "paper")
 VISION_KINDS = ("mixed", "cnn")
+NORMS = ("group", "batch")  # the cnn kind's normalisation
 
 
 @dataclass(frozen=True)
@@ -28,6 +29,8 @@ class VisionConfig:
     ``"cnn"`` (a residual CNN with a feature pyramid that learns from scratch: the trained
     default; ``patch_size`` is then the stride of the dense embedding, 8, and
     ``cnn_depths``/``cnn_dims`` its stages at strides 4, 8, 16, 32).
+    ``norm``: the CNN's normalisation, ``"group"`` or ``"batch"`` (the ``small`` preset: batch
+    norm trains a from-scratch CNN many times faster, see ``vision_encoder``).
     ``class_names``: the classes of a trained scene/target classifier on the mean image token
     (the training data's classes, as answers name them; empty: none). With them the LLM also
     sees ``class_tokens`` *class-word tokens*: the classifier's probabilities mixing each
@@ -49,6 +52,7 @@ class VisionConfig:
     cnn_pretrained: str | None = None
     class_names: tuple[str, ...] = ()
     class_tokens: int = 8
+    norm: str = "group"
 
     @property
     def grid(self) -> int:
@@ -136,6 +140,8 @@ class ModelConfig:
         v = self.vision
         if v.kind not in VISION_KINDS:
             raise ValueError(f"vision kind {v.kind!r} is not one of {VISION_KINDS}")
+        if v.norm not in NORMS:
+            raise ValueError(f"vision norm {v.norm!r} is not one of {NORMS}")
         if v.kind == "cnn" and (v.patch_size != 8 or len(v.cnn_dims) != 4 or len(v.cnn_depths) != 4):
             raise ValueError("a 'cnn' vision encoder has patch_size 8 (its dense stride) and 4 stages")
         if v.image_size % v.patch_size:
@@ -198,7 +204,7 @@ def preset(name: str) -> ModelConfig:
             preset="small",
             vision=VisionConfig(
                 kind="cnn", image_size=256, patch_size=8, cnn_depths=(1, 2, 2, 1), cnn_dims=(32, 64, 128, 256),
-                token_grid=4, embed_dim=128,
+                token_grid=4, embed_dim=128, norm="batch",
             ),
             prompt=PromptConfig(dim=128, heads=4, mask_size=64, sae_patch=8, sae_hidden=64, sae_layers=2, sae_heads=2),
             pixel=PixelConfig(layers=2, heads=4, mlp_dim=512, iou_head_hidden=128),

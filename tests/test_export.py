@@ -271,10 +271,12 @@ def test_failed_parity_fails_the_build_and_is_recorded(tmp_path, data_root, monk
         load_manifest(out)
 
 
-@pytest.mark.parametrize("class_names", [(), ("harbor", "T72", "ZSU-23-4")])
-def test_cnn_vision_encoder_exports_and_matches(tmp_path, class_names):
+@pytest.mark.parametrize("class_names,norm", [((), "group"), (("harbor", "T72", "ZSU-23-4"), "group"),
+                                              (("harbor", "T72", "ZSU-23-4"), "batch")])
+def test_cnn_vision_encoder_exports_and_matches(tmp_path, class_names, norm):
     """The trained default's vision encoder kind ("cnn": residual CNN + FPN, with and without
-    class words) through ONNX Runtime, at a batch other than the export's."""
+    class words, group or batch norm with its running statistics) through ONNX Runtime, at a
+    batch other than the export's."""
     import dataclasses
 
     import onnxruntime as ort
@@ -284,10 +286,14 @@ def test_cnn_vision_encoder_exports_and_matches(tmp_path, class_names):
     from export.onnx_export import export_onnx
 
     vision = VisionConfig(kind="cnn", image_size=64, patch_size=8, cnn_dims=(8, 16, 32, 32), cnn_depths=(1, 1, 1, 1),
-                          token_grid=2, embed_dim=16, class_names=class_names, class_tokens=3)
+                          token_grid=2, embed_dim=16, class_names=class_names, class_tokens=3, norm=norm)
     cfg = dataclasses.replace(preset("tiny"), vision=vision)
     torch.manual_seed(0)
     module = VisionEncoder(vision, cfg.llm.hidden).eval()
+    for m in module.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):  # statistics of a trained model, not the identity
+            m.running_mean.normal_(0, 0.5)
+            m.running_var.uniform_(0.5, 2.0)
     if class_names:
         module.class_words.normal_()
     path = export_onnx(SPECS["vision_encoder"](cfg), module, tmp_path / "vision_encoder.onnx")

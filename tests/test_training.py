@@ -362,10 +362,14 @@ def test_ship_writes_the_default_model_with_its_card(tmp_path, data_root):
     from earthgptx.checkpoint import load_checkpoint
     from earthgptx.training.ship import ship
 
+    from earthgptx.training.batchnorm import batch_norms
+    from earthgptx.training.loop import BN_IMAGES
+
     run = tmp_path / "run"
-    _run([sys.executable, "-m", "egx", "train", "--preset", "small", "--data", str(data_root),
-          "--out", str(run), "--steps", "1", "--batch-size", "2", "--dataset", "mstar", "--lora-rank", "2",
-          "--threads", "1"])
+    r = _run([sys.executable, "-m", "egx", "train", "--preset", "small", "--data", str(data_root),
+              "--out", str(run), "--steps", "1", "--batch-size", "2", "--dataset", "mstar", "--lora-rank", "2",
+              "--threads", "1"])
+    assert f"re-estimated on {BN_IMAGES} un-augmented training images" in r.stderr
     report = {"model": str(run / "model"), "rows": [{"task": "classify", "dataset": "mstar", "modality": "sar",
                                                       "n": 4, "accuracy": 0.75}],
               "baseline": [{"task": "classify", "dataset": "mstar", "accuracy": 0.25}]}
@@ -383,3 +387,33 @@ def test_ship_writes_the_default_model_with_its_card(tmp_path, data_root):
     assert tok.get_vocab() == run_tok.get_vocab()
     for k, v in trained.state_dict().items():
         assert torch.equal(v, shipped.state_dict()[k]), k
+    # the saved batch-norm statistics are the re-estimated ones (a cumulative mean over its batches)
+    norms = batch_norms(shipped.vision_encoder)
+    assert norms and all(int(m.num_batches_tracked) == BN_IMAGES // 32 for m in norms)
+
+
+def test_batch_norm_statistics_are_re_estimated_on_the_images_given():
+    """``recalibrate``: each layer's running mean becomes the mean of its inputs over every
+    image, so that in eval mode the network gives what batch statistics of the set give."""
+    from torch import nn
+
+    from earthgptx.training.batchnorm import recalibrate
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Conv2d(4, 4, 3), nn.BatchNorm2d(4))
+    for m in (net[1], net[4]):  # stale statistics, far from the data's
+        m.running_mean.fill_(5.0)
+        m.running_var.fill_(100.0)
+    x = torch.randn(16, 3, 12, 12) * 3 + 1
+    assert recalibrate(net, [x[:8], x[8:]]) == 16 and not net.training
+    with torch.no_grad():
+        torch.testing.assert_close(net[1].running_mean, net[0](x).mean((0, 2, 3)), rtol=1e-5, atol=1e-5)
+    assert net[1].momentum == 0.1  # restored
+    recalibrate(net, [x])
+    with torch.no_grad():
+        eval_out = net(x)
+        net.train()
+        batch_out = net(x)
+    # the running variance is unbiased, batch norm divides by the biased one: under 0.1 % here
+    assert (eval_out - batch_out).abs().max() <= 1e-3 * batch_out.abs().max()
+    assert recalibrate(nn.Sequential(nn.Conv2d(3, 4, 3)), [x]) == 0  # nothing to do without batch norm

@@ -35,6 +35,7 @@ from .batches import NO_TEXT, Encoder, collate
 from .step import WEIGHTS, TrainModule
 
 LOG_FIELDS = ("step", "seconds", "lr", "loss", *WEIGHTS, "samples_per_s")
+BN_IMAGES = 512  # training images the vision encoder's batch-norm statistics are re-estimated on (batchnorm.py)
 
 
 @dataclass
@@ -46,7 +47,7 @@ class TrainConfig:
     preset: str = "small"
     steps: int = 2000
     batch_size: int = 16  # global: summed over data-parallel ranks
-    vision_batch: int = 128  # global: images per step that never reach the LLM (training-only heads, clicks)
+    vision_batch: int = 48  # global: images per step that never reach the LLM (training-only heads, clicks)
     lr: float = 2e-3
     weight_decay: float = 0.05
     warmup: int = 100
@@ -351,6 +352,11 @@ def train(cfg: TrainConfig) -> Path:
                                  num_classes=len(classes), lora_rank=cfg.lora_rank)
             module.load_state_dict(trained, strict=False)
     if main:
+        from .batchnorm import recalibrate_vision_encoder
+
+        # un-augmented images drawn as vision items are (an index past the last step's)
+        recalibrate_vision_encoder(module.model, [x.sample for x in mix.images(cfg.steps, BN_IMAGES)]
+                                   if mix.vision_pools else [])
         module.write_back()
         meta = {"steps": step + 1, "preset": cfg.preset, "seed": cfg.seed, "lora_rank": cfg.lora_rank}
         # a base LLM named by the config stays out of the checkpoint (it loads from there, and
