@@ -417,3 +417,20 @@ def test_batch_norm_statistics_are_re_estimated_on_the_images_given():
     # the running variance is unbiased, batch norm divides by the biased one: under 0.1 % here
     assert (eval_out - batch_out).abs().max() <= 1e-3 * batch_out.abs().max()
     assert recalibrate(nn.Sequential(nn.Conv2d(3, 4, 3)), [x]) == 0  # nothing to do without batch norm
+
+
+def test_train_config_refuses_bad_values_and_sets_the_vision_norm(tmp_path):
+    """Wrong values are errors before any work; ``--vision-norm`` sets the CNN's normalisation
+    (the small preset's default is batch norm; group norm is how run 5 was trained)."""
+    from earthgptx.errors import InputError
+    from earthgptx.training.loop import TrainConfig
+
+    for bad in ({"steps": 0}, {"vision_batch": -1}, {"lora_rank": -2}, {"precision": "fp8"},
+                {"vision_norm": "layer"}):
+        with pytest.raises(InputError):
+            TrainConfig(data=str(tmp_path), out=str(tmp_path / "o"), **bad)
+    small = TrainConfig(data=str(tmp_path), out=str(tmp_path / "o"))
+    assert small.model_config().vision.norm == "batch"
+    assert TrainConfig(data=str(tmp_path), out=str(tmp_path / "o"), vision_norm="group").model_config().vision.norm == "group"
+    with pytest.raises(InputError, match="CNN vision encoder"):
+        TrainConfig(data=str(tmp_path), out=str(tmp_path / "o"), preset="tiny", vision_norm="batch").model_config()

@@ -27,6 +27,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..config import NORMS
 from ..data.instructions import TASK_WEIGHTS, InstructionMix, clicks_on
 from ..data.readers import dataset_samples
 from ..data.split import Splitter
@@ -65,10 +66,12 @@ class TrainConfig:
     fsdp: bool = False  # shard parameters, gradients and optimizer state over torchrun ranks (fsdp.py)
     llm: str | None = None  # a Hugging Face Llama folder as the base LLM instead of the preset's
     class_words: bool = True  # the vision encoder's classifier feeds class-name words to the LLM
+    vision_norm: str | None = None  # the vision CNN's "group" or "batch" norm; None: the preset's
 
     def model_config(self, class_names: tuple[str, ...] = ()):
-        """The preset's ``ModelConfig``, with the LLM of ``llm`` where one is named, and a vision
-        classifier over ``class_names`` (with ``class_words``: the training data's classes)."""
+        """The preset's ``ModelConfig``, with the LLM of ``llm`` where one is named, a vision
+        classifier over ``class_names`` (with ``class_words``: the training data's classes) and
+        the CNN normalisation ``vision_norm`` where one is named."""
         from ..config import preset
         from ..weights import llm_config_from_folder
 
@@ -77,7 +80,24 @@ class TrainConfig:
             config = dataclasses.replace(config, llm=llm_config_from_folder(self.llm))
         if self.class_words and class_names:
             config = dataclasses.replace(config, vision=dataclasses.replace(config.vision, class_names=class_names))
+        if self.vision_norm is not None:
+            if config.vision.kind != "cnn":
+                raise InputError(f"--vision-norm applies to the CNN vision encoder of the small preset, "
+                                 f"not to {self.preset}'s {config.vision.kind!r} encoder")
+            config = dataclasses.replace(config, vision=dataclasses.replace(config.vision, norm=self.vision_norm))
         return config
+
+    def __post_init__(self) -> None:
+        if self.steps < 1 or self.batch_size < 1:
+            raise InputError("--steps and --batch-size must be at least 1")
+        if self.vision_batch < 0:
+            raise InputError("--vision-batch must be 0 or more")
+        if self.lora_rank < 0:
+            raise InputError("--lora-rank must be 0 (LLM frozen) or positive")
+        if self.vision_norm not in (None, *NORMS):
+            raise InputError(f"--vision-norm must be one of {', '.join(NORMS)}, not {self.vision_norm!r}")
+        if self.precision not in ("auto", "bf16", "fp32"):
+            raise InputError(f"--precision must be auto, bf16 or fp32, not {self.precision!r}")
 
 
 def class_index(samples: list) -> dict[tuple[str, str], int]:
@@ -91,16 +111,6 @@ def class_names(classes: dict[tuple[str, str], int]) -> tuple[str, ...]:
     from ..data.templates import readable_class
 
     return tuple(readable_class(label) for (_, label), _ in sorted(classes.items(), key=lambda kv: kv[1]))
-
-    def __post_init__(self) -> None:
-        if self.steps < 1 or self.batch_size < 1:
-            raise InputError("--steps and --batch-size must be at least 1")
-        if self.vision_batch < 0:
-            raise InputError("--vision-batch must be 0 or more")
-        if self.lora_rank < 0:
-            raise InputError("--lora-rank must be 0 (LLM frozen) or positive")
-        if self.precision not in ("auto", "bf16", "fp32"):
-            raise InputError(f"--precision must be auto, bf16 or fp32, not {self.precision!r}")
 
 
 def use_bf16(precision: str, device: torch.device) -> bool:
