@@ -235,6 +235,9 @@ def add_training_parsers(sub, add_source=add_model_source) -> None:
     p.add_argument("--vision-norm", choices=("group", "batch"), default=None,
                    help="normalisation in the vision CNN (default: the preset's; small: batch, which learns "
                         "classes several times faster; run 5, the first shipped model, used group)")
+    p.add_argument("--vision-warmup", type=float, default=0.0, metavar="MIN",
+                   help="minutes in which the vision encoder trains alone (class and object heads, images held "
+                        "in memory) before the fused steps; counted in --time-limit")
     p.add_argument("--threads", type=int, default=None, help="CPU threads per process")
     p.add_argument("--workers", type=int, default=0, help="data-loading processes (0: in the training process)")
     p.add_argument("--dataset", action="append", help="train on this dataset only (repeatable)")
@@ -305,6 +308,7 @@ def cmd_train(args: argparse.Namespace) -> int:
                       checkpoint_every=args.checkpoint_every, log_every=args.log_every, time_limit_min=args.time_limit,
                       lora_rank=args.lora_rank, lora_lr=args.lora_lr, precision=args.precision, fsdp=args.fsdp,
                       llm=args.llm, class_words=args.class_words, vision_norm=args.vision_norm,
+                      vision_warmup=args.vision_warmup,
                       **({"task_weights": args.task_weights} if args.task_weights else {}),
                       **({"vision_batch": args.vision_batch} if args.vision_batch is not None else {}))
     if args.dry_run:

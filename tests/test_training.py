@@ -434,3 +434,56 @@ def test_train_config_refuses_bad_values_and_sets_the_vision_norm(tmp_path):
     assert TrainConfig(data=str(tmp_path), out=str(tmp_path / "o"), vision_norm="group").model_config().vision.norm == "group"
     with pytest.raises(InputError, match="CNN vision encoder"):
         TrainConfig(data=str(tmp_path), out=str(tmp_path / "o"), preset="tiny", vision_norm="batch").model_config()
+
+
+def test_vision_warmup_prepares_images_as_inference_and_trains_the_encoder_alone(data_root):
+    """``--vision-warmup``: the images held in memory are what inference feeds the encoder, the
+    ranks split each step's images between them, and the warm-up lowers the class loss while
+    touching nothing but the vision encoder and its training-only heads."""
+    import contextlib
+
+    from earthgptx.config import preset
+    from earthgptx.data.instructions import InstructionMix
+    from earthgptx.data.readers import dataset_samples
+    from earthgptx.imageio import read_image
+    from earthgptx.model import build_model
+    from earthgptx.processing import preprocess
+    from earthgptx.training.loop import class_index
+    from earthgptx.training.step import TrainModule
+    from earthgptx.training.warmup import VisionImages, warm_up_vision
+
+    samples = list(dataset_samples(data_root, DATASETS))
+    mix = InstructionMix(samples, seed=0)
+    classes = class_index(samples)
+    images = VisionImages(mix, classes, 128, log=False)
+    n = sum(len(p) for p in mix.vision_pools.values())
+    assert images.pixels.shape == (n, 3, 128, 128) and images.pixels.dtype == torch.float16
+    first = mix.samples[mix.vision_pools["hrsid-mini"][0]]
+    row = images.pools["hrsid-mini"][0]
+    want = preprocess(read_image(first.image).data, first.modality, 128).pixel_values[0]
+    np.testing.assert_allclose(images.pixels[row].float().numpy(), want, atol=2e-2)
+    assert images.object_of[row] >= 0 and images.labels[row] == -1
+    assert all(images.labels[r] >= 0 for r in images.pools["mstar"])
+
+    whole, counts = images.batch(3, 8, seed=0)
+    halves = [images.batch(3, 8, seed=0, rank=r, world=2)[0] for r in (0, 1)]
+    assert counts["images"] == 8 and [h["size"] for h in halves] == [4, 4]
+    assert torch.equal(whole["pixel_values"][0::2], halves[0]["pixel_values"])
+    assert torch.equal(whole["labels_cls"][1::2], halves[1]["labels_cls"])
+
+    torch.manual_seed(0)
+    model, tokenizer = build_model(preset("tiny"))
+    module = TrainModule(model, torch.zeros(3, dtype=torch.long), 0, [], num_classes=len(classes))
+    held, held_counts = images.batch(10_000, 32, seed=0)
+    with torch.no_grad():
+        before = float(module(held, held_counts)["aux_class"])
+    frozen = {k: v.clone() for k, v in module.state_dict().items()
+              if not k.startswith(("model.vision_encoder.", "aux_"))}
+    steps = warm_up_vision(module, module, images, 0.15, 32, 2e-3, 0, 0, 1, torch.device("cpu"),
+                           contextlib.nullcontext(), lambda v: v, main=False)
+    with torch.no_grad():
+        after = float(module(held, held_counts)["aux_class"])
+    assert steps > 5 and after < before, (steps, before, after)
+    for k, v in module.state_dict().items():
+        if k in frozen:
+            assert torch.equal(v, frozen[k]), k

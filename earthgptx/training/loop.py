@@ -36,6 +36,7 @@ from .batches import NO_TEXT, Encoder, collate
 from .step import WEIGHTS, TrainModule
 
 LOG_FIELDS = ("step", "seconds", "lr", "loss", *WEIGHTS, "samples_per_s")
+WARMUP_BATCH = 64  # global images per --vision-warmup step (warmup.py)
 BN_IMAGES = 512  # training images the vision encoder's batch-norm statistics are re-estimated on (batchnorm.py)
 
 
@@ -67,6 +68,7 @@ class TrainConfig:
     llm: str | None = None  # a Hugging Face Llama folder as the base LLM instead of the preset's
     class_words: bool = True  # the vision encoder's classifier feeds class-name words to the LLM
     vision_norm: str | None = None  # the vision CNN's "group" or "batch" norm; None: the preset's
+    vision_warmup: float = 0.0  # minutes the vision encoder trains alone before the fused steps (warmup.py)
 
     def model_config(self, class_names: tuple[str, ...] = ()):
         """The preset's ``ModelConfig``, with the LLM of ``llm`` where one is named, a vision
@@ -98,6 +100,8 @@ class TrainConfig:
             raise InputError(f"--vision-norm must be one of {', '.join(NORMS)}, not {self.vision_norm!r}")
         if self.precision not in ("auto", "bf16", "fp32"):
             raise InputError(f"--precision must be auto, bf16 or fp32, not {self.precision!r}")
+        if self.vision_warmup < 0 or (self.time_limit_min is not None and self.vision_warmup >= self.time_limit_min):
+            raise InputError("--vision-warmup must be 0 or more minutes, and less than --time-limit")
 
 
 def class_index(samples: list) -> dict[tuple[str, str], int]:
@@ -130,8 +134,8 @@ def lr_at(step: int, cfg: TrainConfig, elapsed_s: float = 0.0) -> float:
     if step < cfg.warmup:
         return cfg.lr * (step + 1) / cfg.warmup
     t = (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)
-    if cfg.time_limit_min:
-        t = max(t, elapsed_s / (60.0 * cfg.time_limit_min))
+    if cfg.time_limit_min:  # the time after a --vision-warmup is the fused steps' own
+        t = max(t, (elapsed_s - 60.0 * cfg.vision_warmup) / (60.0 * (cfg.time_limit_min - cfg.vision_warmup)))
     return cfg.lr * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * min(1.0, t))))
 
 
@@ -306,6 +310,15 @@ def train(cfg: TrainConfig) -> Path:
         print(f"training {sum(p.numel() for p in params) / 1e6:.1f} M parameters "
               f"({'LoRA rank %d on the LLM' % cfg.lora_rank if cfg.lora_rank else 'LLM frozen'}), "
               f"{'bf16 autocast' if bf16 else 'fp32'} on {device}", file=sys.stderr)
+    if start == 0 and cfg.vision_warmup > 0:  # a resumed run has done it (its weights hold it)
+        from .warmup import VisionImages, warm_up_vision
+
+        images = VisionImages(mix, classes, model_config.vision.image_size, log=main)
+        k = warm_up_vision(net, module, images, cfg.vision_warmup, WARMUP_BATCH, cfg.lr / 2, cfg.seed, dist.rank,
+                           dist.world, device, autocast, dist.all_sum, main)
+        del images
+        if main:
+            print(f"vision warm-up: {k} steps of {WARMUP_BATCH} images; the fused steps begin", file=sys.stderr)
     step = start
     batches = StepBatches(mix, encoder, cfg, start, dist.rank, dist.world, pad_id)
     loader = torch.utils.data.DataLoader(batches, batch_size=None, shuffle=False, num_workers=cfg.workers,
