@@ -370,6 +370,11 @@ def test_ship_writes_the_default_model_with_its_card(tmp_path, data_root):
               "--out", str(run), "--steps", "1", "--batch-size", "2", "--dataset", "mstar", "--lora-rank", "2",
               "--threads", "1"])
     assert f"re-estimated on {BN_IMAGES} un-augmented training images" in r.stderr
+    # the vision encoder trained in training mode: its batch norms updated their running
+    # statistics in the step (run 6 trained with them frozen at 0 and 1, in eval mode)
+    state = torch.load(run / "state.pt", map_location="cpu", weights_only=False)["module"]
+    var = [v for k, v in state.items() if k.startswith("model.vision_encoder.") and k.endswith("running_var")]
+    assert var and not any(torch.equal(v, torch.ones_like(v)) for v in var)
     report = {"model": str(run / "model"), "rows": [{"task": "classify", "dataset": "mstar", "modality": "sar",
                                                       "n": 4, "accuracy": 0.75}],
               "baseline": [{"task": "classify", "dataset": "mstar", "accuracy": 0.25}]}

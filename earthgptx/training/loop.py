@@ -255,6 +255,9 @@ def train(cfg: TrainConfig) -> Path:
     encoder = Encoder(model.config, tokenizer, augment=True, seed=cfg.seed, classes=classes)
     module = TrainModule(model, torch.from_numpy(encoder.prefix_ids), encoder.image_id, encoder.region_ids,
                          num_classes=len(classes), lora_rank=cfg.lora_rank).to(device)
+    # build_model returns the model in eval mode: the trained parts must train (batch norm takes
+    # batch statistics and updates its running ones only in training mode); the LLM stays in eval
+    module.train()
     module.model.llm.eval()
     if cfg.fsdp:
         from .fsdp import shard
