@@ -54,6 +54,9 @@ class Client:
             self.sock.close(0)
         self.sock = self.ctx.socket(zmq.DEALER)
         self.sock.linger = 0
+        # a send with no connection to queue on (a refused CURVE handshake drops it) would block
+        # for ever: it gives up after the timeout instead, and counts as an attempt without reply
+        self.sock.sndtimeo = int(self.timeout_s * 1000)
         if self.server_key is not None:
             self.sock.curve_serverkey = self.server_key
             self.sock.curve_publickey, self.sock.curve_secretkey = self.client_keys
@@ -76,6 +79,8 @@ class Client:
         """Send a request (``header["id"]`` is set if missing) and return the final reply.
         Partial replies go to ``on_partial`` in order, each once. Raises ``ServerError``
         for an error reply and ``ServerUnavailable`` after ``retries`` silent timeouts."""
+        import zmq
+
         header = dict(header)
         header.setdefault("id", uuid.uuid4().hex)
         if self.session is not None:
@@ -87,7 +92,10 @@ class Client:
         for attempt in range(self.retries + 1):
             if attempt:
                 self._connect()  # Lazy Pirate: a fresh socket, the same request id
-            self.sock.send_multipart(frames, copy=False)
+            try:
+                self.sock.send_multipart(frames, copy=False)
+            except zmq.Again:
+                continue
             while self.sock.poll(int(self.timeout_s * 1000)):
                 reply = self.sock.recv_multipart(copy=False)
                 if len(reply) < 5 or reply[1].bytes != PROTOCOL:
