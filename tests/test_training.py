@@ -476,10 +476,14 @@ def test_vision_warmup_prepares_images_as_inference_and_trains_the_encoder_alone
     assert torch.equal(whole["pixel_values"][0::2], halves[0]["pixel_values"])
     assert torch.equal(whole["labels_cls"][1::2], halves[1]["labels_cls"])
 
+    # the warm-up learns: on 12 MSTAR chips and the ships it fits the class loss down (a
+    # tiny encoder on all 2,335 chips moves too little in seconds to tell from noise)
+    few = [x for x in samples if x.dataset == "hrsid-mini"] + [x for x in samples if x.dataset == "mstar"][:12]
+    images = VisionImages(InstructionMix(few, seed=0), classes, 128, log=False)
     torch.manual_seed(0)
     model, tokenizer = build_model(preset("tiny"))
-    module = TrainModule(model, torch.zeros(3, dtype=torch.long), 0, [], num_classes=len(classes))
-    held, held_counts = images.batch(10_000, 32, seed=0)
+    module = TrainModule(model, torch.zeros(3, dtype=torch.long), 0, [], num_classes=len(classes)).train()
+    held, held_counts = images.batch(10_000, 64, seed=0)
     with torch.no_grad():
         before = float(module(held, held_counts)["aux_class"])
     frozen = {k: v.clone() for k, v in module.state_dict().items()
@@ -488,7 +492,7 @@ def test_vision_warmup_prepares_images_as_inference_and_trains_the_encoder_alone
                            contextlib.nullcontext(), lambda v: v, main=False)
     with torch.no_grad():
         after = float(module(held, held_counts)["aux_class"])
-    assert steps > 5 and after < before, (steps, before, after)
+    assert steps > 5 and after < 0.5 * before, (steps, before, after)
     for k, v in module.state_dict().items():
         if k in frozen:
             assert torch.equal(v, frozen[k]), k

@@ -3,9 +3,9 @@
 The paper starts its one-stage fusion training from pretrained vision encoders (DINOv2,
 ConvNeXt). None can be downloaded here, so the ``small`` preset's CNN starts from random
 weights, and inside the fused steps it learns slowly: every step costs about 3 seconds of an
-LLM forward and backward, and the encoder's own heads see ~48 images in it. Measured before
-run 7 (EVALUATION.md): the encoder trained alone as an MSTAR or AID classifier learns in 5
-minutes of one core what the whole 65-minute run on two cores taught it. So for its first
+LLM forward and backward, and the encoder's own heads see ~48 images in it. Measured
+(docs/training.md): the encoder trained alone as an AID classifier learned in 5 minutes of
+one core what run 4's whole 65-minute run on two cores taught its class head. So for its first
 ``MIN`` minutes a run trains the encoder on its own, the stand-in for the paper's pretrained
 encoders; then the fused steps begin, with every task and modality in each step as before.
 
