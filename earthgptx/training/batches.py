@@ -115,13 +115,9 @@ class Encoder:
         if clicks_on(inst):
             points, target = self._vision_click(image, masks, lb, rng)
         label = self.classes.get((s.dataset, s.label), -1) if s.label else -1
-        objects = None
-        if len(masks) and s.noun in ("ship", "target", "road"):
-            objects = lb.mask_coverage(np.logical_or.reduce(masks))
-            if flipped:
-                objects[: lb.new_h, : lb.new_w] = objects[: lb.new_h, : lb.new_w][:, ::-1].copy()
-        elif s.dataset.startswith("sirst"):
-            objects = np.zeros((self.size, self.size), dtype=np.float32)
+        objects = object_coverage(s, masks, lb, self.size)
+        if objects is not None and flipped:
+            objects[: lb.new_h, : lb.new_w] = objects[: lb.new_h, : lb.new_w][:, ::-1].copy()
         return Encoded(inst.task, np.ascontiguousarray(pv), ids, labels, seg_pos, prompts, points, target, label,
                        objects)
 
@@ -137,6 +133,18 @@ class Encoder:
         h, w = image.shape[:2]
         point = VisualPrompts([(float(rng.uniform(0, w)), float(rng.uniform(0, h)))], [], [])
         return decoder_points(point, lb), np.zeros((self.size, self.size), dtype=np.float32)
+
+
+def object_coverage(sample, masks: list[np.ndarray], lb: Letterbox, size: int) -> np.ndarray | None:
+    """``(size, size)`` float32 coverage of all of ``sample``'s objects (``masks``, in the frame
+    ``lb`` maps) in the model frame: the target of the training-only dense head. Infrared images
+    without a target give all background; images whose objects are not ships, infrared targets
+    or roads give ``None`` (no target)."""
+    if len(masks) and sample.noun in ("ship", "target", "road"):
+        return lb.mask_coverage(np.logical_or.reduce(masks))
+    if sample.dataset.startswith("sirst"):
+        return np.zeros((size, size), dtype=np.float32)
+    return None
 
 
 def augment_geometry(image: np.ndarray, masks: list[np.ndarray], rng: np.random.Generator,

@@ -41,6 +41,7 @@ class VisionImages:
     def __init__(self, mix: InstructionMix, classes: dict, size: int, log: bool = True) -> None:
         from ..imageio import read_image
         from ..processing import preprocess
+        from .batches import object_coverage
 
         started = time.perf_counter()
         rows = [i for pool in mix.vision_pools.values() for i in pool]
@@ -51,14 +52,10 @@ class VisionImages:
             prepared = preprocess(read_image(s.image).data, s.modality, size)
             pixels.append(torch.from_numpy(prepared.pixel_values[0]).half())
             labels.append(classes.get((s.dataset, s.label), -1) if s.label else -1)
-            if len(s.masks) and s.noun in ("ship", "target", "road"):
-                object_of.append(len(objects))
-                objects.append(torch.from_numpy(prepared.letterbox.mask_coverage(np.logical_or.reduce(s.masks))).half())
-            elif s.dataset.startswith("sirst"):  # infrared images without a target: all background
-                object_of.append(len(objects))
-                objects.append(torch.zeros(size, size, dtype=torch.float16))
-            else:
-                object_of.append(-1)
+            coverage = object_coverage(s, s.masks, prepared.letterbox, size)
+            object_of.append(-1 if coverage is None else len(objects))
+            if coverage is not None:
+                objects.append(torch.from_numpy(coverage).half())
             self.pools.setdefault(s.dataset, []).append(n)
             if log and (n + 1) % 500 == 0:
                 print(f"vision warm-up: prepared {n + 1}/{len(rows)} images", file=sys.stderr, flush=True)
