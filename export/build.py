@@ -108,7 +108,7 @@ def check_options(opts: BuildOptions) -> None:
         if precision == "int8" and opts.calibration is None:
             problems.append(f"{part}: INT8 needs calibration data: add --calibration DIR (e.g. ../shared/data)")
         if precision == "int8" and backend == "tensorrt" and part == "llm":
-            problems.append("llm: its INT8 is weight-only (an ONNX Runtime MatMulNBits graph); for TensorRT "
+            problems.append("llm: its INT8 forms are ONNX Runtime's (MatMulInteger, MatMulNBits); for TensorRT "
                             "build the llm with --backend llm=tensorrt-llm, or keep it fp16/fp32")
         if precision == "int8" and backend == "tensorrt-llm":
             problems.append("llm: TensorRT-LLM quantizes itself; build the llm in fp16 for tensorrt-llm")

@@ -8,18 +8,21 @@ One decision per part, made here, before any engine is built: a part stays INT8 
    images (``gate.Gate``): all parity-clean parts together first; if that fails, each alone
    (a part failing alone falls back), then, while the rest together still fail, the last in
    chain order.
+A part with a second INT8 form (the LLM: ``quantize.LLM_FORMS``, the faster ``dynamic`` first)
+that falls back in its first gets one more trial in its second, beside the parts kept.
 A part failing either falls back to FP32 on its own, with the reason in the manifest's
 ``accuracy.decisions``; the build goes on. Never a silent accuracy loss."""
 from __future__ import annotations
 
 import dataclasses
+import shutil
 from pathlib import Path
 
 from earthgptx.errors import EarthGPTXError
 
 from .accuracy import Evaluation, engine_metrics
 from .gate import Gate, print_report, summarize_outcomes
-from .quantize import quantize_qdq, quantize_weight_only
+from .quantize import LLM_FORMS, quantize_llm, quantize_qdq
 from .specs import SPECS
 
 
@@ -31,15 +34,31 @@ def _predictor(reference, paths: dict[str, Path], device: str):
     return Predictor(runners, reference.tokenizer, reference.config, reference.embed_table)
 
 
-def _quantize(opts, reference, onnx_paths, parts, feeds, console) -> tuple[dict[str, Path], dict]:
+def _form_path(out: Path, part: str, form: str) -> Path:
+    """Where ``part``'s INT8 file in ``form`` is written: a folder of its own, so that the kept
+    one moves to ``<part>.int8.onnx`` with its external data file (whose name the model holds)."""
+    return out / "int8-forms" / form / f"{part}.int8.onnx"
+
+
+def _quantize(opts, reference, onnx_paths, parts, feeds, console) -> tuple[dict[str, Path], dict, dict]:
+    """INT8 files of ``parts``; returns ``(paths, info, second forms {part: (path, info)})``."""
     from calibration.feeds import balanced
 
-    out, sources, info = opts.out_dir, {}, {}
+    out, sources, info, second = opts.out_dir, {}, {}, {}
     for part in parts:
         dst = out / f"{part}.int8.onnx"
         with console.status(f"{part}: INT8 quantization"):
             if part == "llm":
-                q = quantize_weight_only(onnx_paths[part], dst)
+                paths = {}
+                for form in LLM_FORMS:
+                    paths[form] = _form_path(out, part, form)
+                    paths[form].parent.mkdir(parents=True, exist_ok=True)
+                    q = quantize_llm(onnx_paths[part], paths[form], form)
+                    if form == LLM_FORMS[0]:
+                        dst, first = paths[form], q
+                    else:
+                        second[part] = (paths[form], q)
+                q = first
             else:
                 data = balanced(feeds[part])
                 if not data:
@@ -47,7 +66,20 @@ def _quantize(opts, reference, onnx_paths, parts, feeds, console) -> tuple[dict[
                 q = quantize_qdq(onnx_paths[part], dst, data, opts.calibration_method,
                                  SPECS[part](reference.config).int8_keep_fp32)
         sources[part], info[part] = dst, {"quantization": q}
-    return sources, info
+    return sources, info, second
+
+
+def _settle(out: Path, part: str, chosen: Path) -> Path:
+    """Move the kept INT8 file of ``part`` (and its data file) to ``out/<part>.int8.onnx`` and
+    remove the other forms; returns the new path."""
+    dst = out / f"{part}.int8.onnx"
+    if chosen != dst:
+        for suffix in ("", ".data"):
+            src = chosen.with_name(chosen.name + suffix)
+            if src.exists():
+                shutil.move(str(src), str(dst.with_name(dst.name + suffix)))
+    shutil.rmtree(out / "int8-forms", ignore_errors=True)
+    return dst
 
 
 def parity_of(part: str, path: Path, recording, spec, device: str):
@@ -60,10 +92,33 @@ def parity_of(part: str, path: Path, recording, spec, device: str):
         return compare(part, runner, recording, spec, "int8")
 
 
-def decide(parts: list[str], parity_failures: dict[str, str], evaluate, gate: Gate) -> tuple[dict[str, str], dict]:
+def decide(parts: list[str], parity_failures: dict[str, str], evaluate, gate: Gate,
+           second_forms: dict | None = None) -> tuple[dict[str, str], dict]:
     """Which parts fall back, and why (``{part: reason}``), and the report of what is kept.
     ``evaluate(int8_parts)`` -> report (``gate.summarize_outcomes``) of the pipeline with those
-    parts in INT8 and the others in FP32."""
+    parts in INT8 and the others in FP32. ``second_forms``: ``{part: switch}`` for parts with a
+    second INT8 form; ``switch()`` makes ``evaluate`` use it and returns its parity failure
+    (None when it passes). A part that fell back is tried once in it, with the parts kept."""
+    fallback, report = _first_decision(parts, parity_failures, evaluate, gate)
+    for part, switch in (second_forms or {}).items():
+        if part not in fallback:
+            continue
+        first, why = fallback[part], switch()
+        if why is not None:
+            fallback[part] = f"{first}; second form, parity: {why}"
+            continue
+        kept = [p for p in parts if p not in fallback]
+        trial = evaluate(kept + [part])
+        failures = gate.failures(trial)
+        if failures:
+            fallback[part] = f"{first}; second form, gate: " + "; ".join(failures[:4])
+        else:
+            del fallback[part]
+            report = trial
+    return fallback, report
+
+
+def _first_decision(parts: list[str], parity_failures: dict[str, str], evaluate, gate: Gate):
     fallback = {p: f"parity: {why}" for p, why in parity_failures.items()}
     remaining = [p for p in parts if p not in fallback]
     report = evaluate(remaining)
@@ -105,16 +160,28 @@ def build_int8(opts, reference, onnx_paths: dict[str, Path], parts: list[str], r
     with console.status("running the PyTorch reference on the calibration requests"):
         feeds = record_feeds(reference, calset.calibration, skipped=calset.skipped)
         save_feeds(out / "calibration", feeds)
-    int8_paths, info = _quantize(opts, reference, onnx_paths, parts, feeds, console)
+    int8_paths, info, second = _quantize(opts, reference, onnx_paths, parts, feeds, console)
 
-    parity_failures = {}
-    for part in parts:
+    def check_parity(part: str):
         with console.status(f"{part}: INT8 parity with PyTorch"):
             p = parity_of(part, int8_paths[part], recordings[part], SPECS[part](reference.config), opts.device)
         info[part]["int8_parity"] = p.to_json()
         if not p.passed:
-            parity_failures[part] = p.reason()
-            console.print(f"[yellow]{part}: INT8 fails parity:[/] {p.reason()}", highlight=False)
+            console.print(f"[yellow]{part}: INT8 ({info[part]['quantization'].get('form', 'Q/DQ')}) fails parity:[/] "
+                          f"{p.reason()}", highlight=False)
+        return None if p.passed else p.reason()
+
+    parity_failures = {part: why for part in parts if (why := check_parity(part)) is not None}
+
+    def second_form(part: str):
+        def switch():
+            path, q = second[part]
+            console.print(f"{part}: trying its second INT8 form ({q['form']})", highlight=False)
+            info[part]["first_form"] = {"quantization": info[part]["quantization"],
+                                        "int8_parity": info[part]["int8_parity"]}
+            int8_paths[part], info[part]["quantization"] = path, q
+            return check_parity(part)
+        return switch
 
     fp32 = _predictor(reference, onnx_paths, opts.device)
     step = max(1, len(calset.evaluation) // 3)
@@ -127,14 +194,16 @@ def build_int8(opts, reference, onnx_paths: dict[str, Path], parts: list[str], r
     reports: dict[tuple, dict] = {}
 
     def evaluate(int8_parts: list[str]) -> dict:
-        key = tuple(sorted(int8_parts))
+        key = tuple(sorted((p, str(int8_paths[p])) for p in int8_parts))  # a part's second form is another file
         if key not in reports:
             chosen = {**onnx_paths, **{p: int8_paths[p] for p in int8_parts}}
-            with console.status(f"accuracy vs FP32 with {', '.join(key) or 'no part'} in INT8"):
+            with console.status(f"accuracy vs FP32 with {', '.join(sorted(int8_parts)) or 'no part'} in INT8"):
                 reports[key] = summarize_outcomes(evaluation.compare(_predictor(reference, chosen, opts.device)))
         return reports[key]
 
-    fallback, report = decide(parts, parity_failures, evaluate, gate)
+    fallback, report = decide(parts, parity_failures, evaluate, gate, {p: second_form(p) for p in second})
+    for part in second:  # the form kept (or the one last tried) becomes <part>.int8.onnx
+        int8_paths[part] = _settle(out, part, int8_paths[part])
     sources, precisions = dict(onnx_paths), {p: "fp32" for p in onnx_paths}
     kept = [p for p in parts if p not in fallback]
     for part in kept:
@@ -156,7 +225,7 @@ def build_int8(opts, reference, onnx_paths: dict[str, Path], parts: list[str], r
                      "reason": fallback.get(p, "INT8 passed parity and the gate")} for p in parts}
     accuracy = {"gate": dataclasses.asdict(gate), "per_modality": report, "passed": not gate.failures(report),
                 "int8_parts": kept, "fallback": fallback, "decisions": decisions,
-                "all_int8": reports.get(tuple(sorted(p for p in parts if p not in parity_failures))),
+                "all_int8": next(iter(reports.values()), None),  # decide's first trial: every parity-clean part
                 "calibration": summary, "skipped": [{"path": p, "reason": r} for p, r in calset.skipped]}
     print_report(report, console, f"INT8 ({', '.join(kept) or 'no part'}) vs FP32 on held-out images")
     for part in parts:

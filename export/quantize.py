@@ -16,8 +16,22 @@ vision feeds did not fit in 24 GB). The feeds are therefore given ``chunk`` at a
 min/max ranges merge exactly, histograms are merged by ORT's ``HistogramCollector`` (a later
 chunk with a wider range adds bins of the same width), so peak memory is one chunk's
 activations plus the histograms, whatever the number of feeds.
-The LLM gets weight-only INT8 (``MatMulNBits``, 8 bits, blocks of 128): batch-1 decode is
-bound by memory bandwidth, so a 4x smaller weight read is the win; activations stay FP32."""
+The LLM has two INT8 forms (``LLM_FORMS``; the build tries them in this order and keeps the
+first the accuracy gate accepts, ``int8.py``). Both read int8 weights (a decode step of batch 1
+is bound by memory bandwidth: ~4x fewer bytes) and both run integer GEMMs; they differ in how
+activations are quantized at run time (``benchmarks/int8_gemm.py`` measures the kernels):
+* ``dynamic``: ``quantize_dynamic``'s ``MatMulInteger`` (U8S8, VNNI on x86), activations
+  quantized per tensor: ~860 GFLOP/s for a 330-token prefill on one core, ~3x ``MatMulNBits``.
+  One scale for every token of a prefill is coarse where a few channels or tokens carry large
+  values, as the MLP's ``down_proj`` inputs do (on the trained default, all in this form: the
+  worst token's last hidden state at cosine 0.65 to FP32, 0.95 with ``down_proj`` left to the
+  other form), so ``down_proj`` and the LM head take the ``weight-only`` form.
+* ``weight-only``: ``MatMulNBits``, 8-bit symmetric weight blocks of 128 with
+  ``accuracy_level=4``: activations quantized per row and block of 128 (finer), int8 dot
+  products; ~310 GFLOP/s at 330 tokens.
+The LM head is a ``Gemm`` in the exported graph; it is rewritten as the equivalent ``MatMul``
+first (``gemm_as_matmul``) so that its 28 M weights (113 MB in FP32, read at every decoded
+token) are quantized too."""
 from __future__ import annotations
 
 import contextlib
@@ -32,6 +46,8 @@ from earthgptx.errors import EarthGPTXError
 from .fp16 import activation_pairs
 
 METHODS = ("max", "entropy", "percentile")
+LLM_FORMS = ("dynamic", "weight-only")
+PER_BLOCK_SCOPE = ".mlp.down_proj"  # modules whose activations one per-tensor scale serves badly
 # feeds per calibrator pass; each adds ~2 GB at the edge preset (vision encoder, percentile:
 # peak 3.0 GB with 1 feed a pass, 6.9 GB with 3; all 36 at once would be ~70 GB)
 CHUNK = 2
@@ -78,21 +94,28 @@ def chunk_size(feeds: list[dict], chunk: int) -> int:
     return 1
 
 
-def nodes_in_modules(model, modules: tuple[str, ...]) -> list[str]:
-    """Nodes the exporter recorded as belonging to one of ``modules`` (their name scopes)."""
+def _scopes(node) -> list[str]:
+    """The module paths the exporter recorded for ``node`` (outermost first)."""
     import ast
 
-    out = []
-    for n in model.graph.node:
-        for p in n.metadata_props:
-            if p.key == "pkg.torch.onnx.name_scopes":
-                try:
-                    scopes = ast.literal_eval(p.value)
-                except (ValueError, SyntaxError):
-                    continue
-                if any(s == m or s.startswith(m + ".") for s in scopes for m in modules):
-                    out.append(n.name)
-    return out
+    for p in node.metadata_props:
+        if p.key == "pkg.torch.onnx.name_scopes":
+            try:
+                return list(ast.literal_eval(p.value))
+            except (ValueError, SyntaxError):
+                return []
+    return []
+
+
+def nodes_in_modules(model, modules: tuple[str, ...]) -> list[str]:
+    """Nodes the exporter recorded as belonging to one of ``modules`` (their name scopes)."""
+    return [n.name for n in model.graph.node
+            if any(s == m or s.startswith(m + ".") for s in _scopes(n) for m in modules)]
+
+
+def nodes_in_scopes_ending(model, suffix: str) -> list[str]:
+    """Nodes inside any module whose path ends with ``suffix`` (e.g. every layer's ``.mlp.down_proj``)."""
+    return [n.name for n in model.graph.node if any(s.endswith(suffix) for s in _scopes(n))]
 
 
 class _PreprocessAdvice(logging.Filter):
@@ -152,17 +175,108 @@ def quantize_qdq(src: Path, dst: Path, feeds: list[dict], method: str = "max",
             "quantize_nodes": n_q, "calibration_feeds": len(feeds), "calibration_chunk": stride}
 
 
-def quantize_weight_only(src: Path, dst: Path, block_size: int = 128) -> dict:
-    """Weight-only INT8 (``MatMulNBits``, symmetric blocks) of every MatMul with a constant weight."""
+def gemm_as_matmul(model) -> int:
+    """Rewrite in place every ``Gemm`` with a constant weight, no bias (or ``beta`` 0) and
+    ``alpha`` 1 as ``MatMul`` with the weight stored ``(K, N)``: the same numbers, in the one form
+    the weight-only quantizer takes. Returns how many were rewritten."""
+    from onnx import helper, numpy_helper
+
+    weights = {i.name: i for i in model.graph.initializer}
+    uses: dict[str, int] = {}
+    for node in model.graph.node:
+        for name in node.input:
+            uses[name] = uses.get(name, 0) + 1
+    n = 0
+    for i, node in enumerate(model.graph.node):
+        if node.op_type != "Gemm" or node.input[1] not in weights or uses[node.input[1]] > 1:
+            continue
+        a = {x.name: helper.get_attribute_value(x) for x in node.attribute}
+        has_bias = len(node.input) > 2 and node.input[2] and a.get("beta", 1.0) != 0.0
+        if a.get("transA", 0) or has_bias or a.get("alpha", 1.0) != 1.0:
+            continue
+        w = weights[node.input[1]]
+        if a.get("transB", 0):
+            array = numpy_helper.to_array(w).T.copy()
+            w.CopyFrom(numpy_helper.from_array(array, w.name))
+            for infos in (model.graph.value_info, model.graph.input):  # a recorded (N, K) shape no longer holds
+                for info in [v for v in infos if v.name == w.name]:
+                    infos.remove(info)
+        matmul = helper.make_node("MatMul", [node.input[0], node.input[1]], list(node.output), name=node.name)
+        matmul.metadata_props.extend(node.metadata_props)
+        model.graph.node.remove(node)
+        model.graph.node.insert(i, matmul)
+        n += 1
+    return n
+
+
+def _save(model, dst: Path) -> None:
+    """``model`` to ``dst`` with its weights in ``dst.name + '.data'`` beside it."""
     import onnx
+
+    dst.with_name(dst.name + ".data").unlink(missing_ok=True)
+    onnx.save(model, str(dst), save_as_external_data=True, all_tensors_to_one_file=True,
+              location=dst.name + ".data", size_threshold=1024)
+
+
+def _weight_only(model, block_size: int):
     from onnxruntime.quantization.matmul_nbits_quantizer import DefaultWeightOnlyQuantConfig, MatMulNBitsQuantizer
 
-    model = onnx.load(str(src))
     cfg = DefaultWeightOnlyQuantConfig(block_size=block_size, is_symmetric=True, accuracy_level=4, bits=8)
     q = MatMulNBitsQuantizer(model, bits=8, block_size=block_size, is_symmetric=True, accuracy_level=4,
                              algo_config=cfg)
     q.process()
-    dst.with_name(dst.name + ".data").unlink(missing_ok=True)
-    q.model.save_model_to_file(str(dst), use_external_data_format=True)
-    n = sum(1 for node in q.model.model.graph.node if node.op_type == "MatMulNBits")
-    return {"method": f"weight-only INT8 (MatMulNBits, block {block_size})", "quantized_matmuls": n}
+    return q.model.model
+
+
+def quantize_weight_only(src: Path, dst: Path, block_size: int = 128) -> dict:
+    """Weight-only INT8 (``MatMulNBits``, symmetric blocks, int8 compute) of every MatMul with a
+    constant weight, the LM head included (``gemm_as_matmul``)."""
+    import onnx
+
+    model = onnx.load(str(src))
+    heads = gemm_as_matmul(model)
+    model = _weight_only(model, block_size)
+    _save(model, dst)
+    n = sum(1 for node in model.graph.node if node.op_type == "MatMulNBits")
+    return {"method": f"weight-only INT8 (MatMulNBits, block {block_size}, int8 compute)", "form": "weight-only",
+            "quantized_matmuls": n, "gemm_rewritten": heads}
+
+
+def quantize_dynamic_int8(src: Path, dst: Path, block_size: int = 128) -> dict:
+    """The LLM's ``dynamic`` INT8 form: ``MatMulInteger`` with per-channel int8 weights and
+    activations quantized per tensor at run time for every MatMul with a constant weight,
+    except the modules under ``PER_BLOCK_SCOPE`` and the LM head, which take the weight-only
+    form (per-block activations); see the module's note."""
+    import tempfile
+
+    import onnx
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    model = onnx.load(str(src))
+    gemm_as_matmul(model)
+    per_block = nodes_in_scopes_ending(model, PER_BLOCK_SCOPE)
+    weights = {i.name for i in model.graph.initializer}
+    const_matmuls = [n for n in model.graph.node if n.op_type == "MatMul" and n.input[1] in weights]
+    head = [n.name for n in const_matmuls if any(s.endswith("lm_head") for s in _scopes(n))]
+    with tempfile.TemporaryDirectory(dir=dst.parent) as tmp:
+        staged = Path(tmp) / "dynamic.onnx"
+        with _without_preprocess_advice():
+            quantize_dynamic(model, str(staged), op_types_to_quantize=["MatMul"], per_channel=True,
+                             weight_type=QuantType.QInt8, nodes_to_exclude=per_block + head,
+                             use_external_data_format=True, extra_options={"MatMulConstBOnly": True})
+        model = _weight_only(onnx.load(str(staged)), block_size)
+    _save(model, dst)
+    ops = [n.op_type for n in model.graph.node]
+    return {"method": f"dynamic INT8 (MatMulInteger, activations per tensor; {PER_BLOCK_SCOPE.lstrip('.')} and "
+                      f"the LM head weight-only, block {block_size})", "form": "dynamic",
+            "integer_matmuls": ops.count("MatMulInteger"), "quantized_matmuls": ops.count("MatMulNBits"),
+            "per_block_modules": len(per_block) + len(head)}
+
+
+def quantize_llm(src: Path, dst: Path, form: str) -> dict:
+    """The LLM's INT8 file in ``form`` (one of ``LLM_FORMS``)."""
+    if form == "dynamic":
+        return quantize_dynamic_int8(src, dst)
+    if form == "weight-only":
+        return quantize_weight_only(src, dst)
+    raise EarthGPTXError(f"unknown LLM INT8 form {form!r}; one of {', '.join(LLM_FORMS)}")

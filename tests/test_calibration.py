@@ -259,7 +259,11 @@ def test_int8_build_records_accuracy_and_falls_back_honestly(int8_build):
             assert d["reason"].startswith(("parity:", "gate"))
         else:
             assert e["file"] == f"{part}.int8.onnx" and e["int8_parity"]["passed"]
-    assert "weight-only" in m["engines"]["llm"]["quantization"]["method"]
+    llm = m["engines"]["llm"]
+    assert llm["quantization"]["form"] in ("dynamic", "weight-only")  # the faster form first, then the other
+    if llm["quantization"]["form"] == "weight-only":
+        assert llm["first_form"]["quantization"]["form"] == "dynamic"
+    assert not (out / "int8-forms").exists() and (out / "llm.int8.onnx.data").is_file()
     feeds = np.load(out / "calibration" / "vision_encoder.npz")
     assert any(k.endswith("/pixel_values") for k in feeds.files)
     assert {str(feeds[k]) for k in feeds.files if k.endswith("/__modality__")} == {"optical", "sar", "infrared"}
@@ -419,3 +423,66 @@ def test_sirst_xml_without_mask_and_disagreeing_xml(data_root, tmp_path):
     reasons = " | ".join(f"{Path(p).name}: {why}" for p, why in skipped)
     assert "Misc_111.xml: xml <size> says 592x400 but the image is 325x220" in reasons
     assert "Misc_3.png: Misc_3.xml and Misc_3_pixels0.png disagree" in reasons
+
+
+@pytest.fixture(scope="module")
+def tiny_llm(tiny, tmp_path_factory):
+    """The tiny LLM in ONNX and a prefill feed of 24 tokens (no past)."""
+    from export.onnx_export import export_onnx
+    from export.specs import SPECS
+
+    model = tiny[0]
+    spec = SPECS["llm"](model.config)
+    src = export_onnx(spec, model.llm, tmp_path_factory.mktemp("llm") / "llm.onnx")
+    feed = {k: v.numpy() for k, v in spec.example_inputs({"batch": 1, "seq": 24, "past": 0, "total": 24}).items()}
+    return src, feed
+
+
+def test_lm_head_gemm_becomes_the_same_matmul(tiny_llm, tmp_path):
+    import onnxruntime as ort
+
+    from export.quantize import gemm_as_matmul
+
+    src, feed = tiny_llm
+    model = onnx.load(str(src))
+    gemms = sum(n.op_type == "Gemm" for n in model.graph.node)
+    assert gemms >= 1 and gemm_as_matmul(model) == gemms  # the LM head
+    assert not any(n.op_type == "Gemm" for n in model.graph.node)
+    onnx.save(model, str(tmp_path / "m.onnx"))
+    a = ort.InferenceSession(str(src), providers=["CPUExecutionProvider"]).run(None, feed)
+    b = ort.InferenceSession(str(tmp_path / "m.onnx"), providers=["CPUExecutionProvider"]).run(None, feed)
+    for x, y in zip(a, b):
+        np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("form", ["dynamic", "weight-only"])
+def test_llm_int8_forms_quantize_every_linear_layer_and_stay_close(tiny_llm, tmp_path, form):
+    """Both LLM forms leave no FP32 MatMul with a constant weight (the LM head included); the
+    dynamic one runs integer MatMuls except in ``down_proj`` and the head; both agree with FP32."""
+    import onnxruntime as ort
+
+    from export.quantize import quantize_llm
+
+    src, feed = tiny_llm
+    info = quantize_llm(src, tmp_path / "llm.int8.onnx", form)
+    q = onnx.load(str(tmp_path / "llm.int8.onnx"))
+    weights = {i.name for i in q.graph.initializer}
+    assert not [n.name for n in q.graph.node if n.op_type in ("MatMul", "Gemm") and n.input[1] in weights]
+    fp32 = onnx.load(str(src), load_external_data=False)
+    layers = sum(1 for n in fp32.graph.node if n.op_type == "MatMul") - 2 * model_layers(fp32) + 1  # + the head
+    ops = [n.op_type for n in q.graph.node]
+    assert info["form"] == form
+    if form == "dynamic":
+        assert ops.count("MatMulNBits") == model_layers(fp32) + 1  # every down_proj and the head
+        assert ops.count("MatMulInteger") == layers - ops.count("MatMulNBits")
+    else:
+        assert "MatMulInteger" not in ops and ops.count("MatMulNBits") == layers
+    a = ort.InferenceSession(str(src), providers=["CPUExecutionProvider"]).run(None, feed)
+    b = ort.InferenceSession(str(tmp_path / "llm.int8.onnx"), providers=["CPUExecutionProvider"]).run(None, feed)
+    for x, y in zip(a, b):
+        assert float(x.ravel() @ y.ravel() / np.linalg.norm(x) / np.linalg.norm(y)) > 0.99
+
+
+def model_layers(model) -> int:
+    """Decoder layers of an exported LLM: one ``Softmax`` each."""
+    return sum(1 for n in model.graph.node if n.op_type == "Softmax")

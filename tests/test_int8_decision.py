@@ -35,6 +35,29 @@ def test_decide_falls_back_per_part_with_the_reason():
     assert set(fallback) == {"vision_encoder", "llm", "pixel_decoder"} and not Gate().failures(report)
 
 
+def test_a_part_that_falls_back_gets_one_trial_in_its_second_form():
+    """The LLM's faster INT8 form breaks the gate; its second form, tried beside the parts kept,
+    passes and is kept. Where the second form fails too, both reasons are recorded."""
+    form = {"llm": "dynamic"}
+
+    def evaluate(int8_parts):
+        return _report(0.90 if "llm" in int8_parts and form["llm"] == "dynamic" else 0.999)
+
+    def switch():
+        form["llm"] = "weight-only"
+        return None
+
+    parts = ["vision_encoder", "prompt_encoder", "llm", "pixel_decoder"]
+    fallback, report = decide(parts, {}, evaluate, Gate(), {"llm": switch})
+    assert fallback == {} and form["llm"] == "weight-only" and not Gate().failures(report)
+
+    form["llm"] = "dynamic"
+    fallback, _ = decide(parts, {}, evaluate, Gate(), {"llm": lambda: "output 'logits' differs"})
+    assert fallback["llm"].startswith("gate, alone in INT8: sar mask_iou mean 0.9000")
+    assert fallback["llm"].endswith("; second form, parity: output 'logits' differs")
+    assert set(fallback) == {"llm"}
+
+
 def test_gate_checks_every_group_and_the_5th_percentile():
     gate = Gate()
     assert gate.failures(_report(0.99)) == []
