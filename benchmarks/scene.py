@@ -8,7 +8,10 @@ The scene is written window by window (deflate-compressed, tiled GeoTIFF; a sea 
 with bright ship-like rectangles), so making it never holds it either. What the numbers mean:
 ``peak_rss_mb`` is the process's high-water mark (model and runtime included);
 ``scene_raw_mb`` what the scene would take read whole: the loop's memory follows the tile
-and the objects found (their polygons: ``pieces``, ``polygon_vertices``), not the scene."""
+and the objects found (their polygons: ``pieces``, ``polygon_vertices``), not the scene.
+``scene_vs_tile_cost``: wall seconds per tile over the median tile call (``predict``, or the
+request when served with tiles in flight, where calls overlap and the ratio is below 1): what
+reading, tiling and merging add to the model's own cost."""
 from __future__ import annotations
 
 import argparse
@@ -160,10 +163,13 @@ def main() -> int:
         except RuntimeError as exc:
             print(exc, file=sys.stderr)
             return 1
-        r.pop("tile_ms")
+        tile_ms = r.pop("tile_ms")
+        # the loop's cost over the model's: wall time per tile against the median tile call
+        r["median_tile_ms"] = round(float(np.median(tile_ms)), 2) if tile_ms else None
+        r["scene_vs_tile_cost"] = round(1e3 * r["seconds"] / r["tiles"] / r["median_tile_ms"], 3) if tile_ms else None
         rows.append(r)
         print(f"{r['size']:>6} px  batch {r['batch']}  {r['tiles']:>5} tiles  {r['tiles_per_s']:7.2f} tiles/s  "
-              f"{r['seconds']:8.1f} s  "
+              f"{r['seconds']:8.1f} s  tile call {r['median_tile_ms']} ms (scene/tile cost {r['scene_vs_tile_cost']})  "
               f"peak RSS {r['peak_rss_mb']:7.1f} MB (before the scene {r['rss_before_scene_mb']:.1f}"
               + (f"; workers {r['worker_peak_rss_mb']}" if r["worker_peak_rss_mb"] else "") + ")  "
               f"scene read whole {r['scene_raw_mb']:.0f} MB  {r['objects']} objects from {r['pieces']} pieces, "
