@@ -59,17 +59,22 @@ def bench_backend(predictor, backend: str, precision: str, image: np.ndarray, re
         runner = predictor.runners[part]
         rows.append(Row(part, backend, precision, timed(lambda: runner(feed), repeats)))
 
-    def end_to_end(text, prompts, task):
+    def end_to_end(text, prompts, task, keep: list | None = None):
         def run():
             predictor.clear_cache()
-            predictor.predict(image, "sar", text, prompts, task=task, generation=gen)
+            start = time.perf_counter()
+            r = predictor.predict(image, "sar", text, prompts, task=task, generation=gen)
+            if keep is not None:
+                keep.append({**r.timings_ms, "total": (time.perf_counter() - start) * 1e3})
         return run
 
     e2e_repeats = max(3, repeats // 2)
     rows.append(Row("end_to_end_grounding", backend, precision,
                     timed(end_to_end("Where is the ship?", None, "grounding"), e2e_repeats)))
+    stages: list[dict] = []
     rows.append(Row("end_to_end_segmentation", backend, precision,
-                    timed(end_to_end("Segment the ship.", point, "segment"), e2e_repeats)))
+                    timed(end_to_end("Segment the ship.", point, "segment", stages), e2e_repeats),
+                    {"where_ms": where_the_time_goes(stages[1:])}))  # [0]: the warm-up call
     rows.append(Row("end_to_end_region", backend, precision,
                     timed(end_to_end("What is in <region1>?", VisualPrompts([], [(300, 300, 500, 450)], []), "region"),
                           e2e_repeats)))
@@ -92,14 +97,27 @@ def bench_backend(predictor, backend: str, precision: str, image: np.ndarray, re
     return rows
 
 
-def decode_ceiling(predictor, bandwidth_gbs: float, decode_ms: float, context: int, weight_bytes: int = 4) -> dict:
+STAGES = ("preprocess", "vision_encoder", "prompt_encoder", "llm_prefill", "llm_decode", "pixel_decoder",
+          "postprocess")
+
+
+def where_the_time_goes(calls: list[dict]) -> dict:
+    """Median milliseconds of each stage of a request (``Prediction.timings_ms``) over
+    ``calls``, and ``other``: the median of what the stages do not cover (tokenizing, prompt
+    assembly, Python between the parts)."""
+    out = {k: round(float(np.median([c.get(k, 0.0) for c in calls])), 2) for k in STAGES}
+    out["other"] = round(float(np.median([c["total"] - sum(c.get(k, 0.0) for k in STAGES) for c in calls])), 2)
+    return out
+
+
+def decode_ceiling(predictor, bandwidth_gbs: float, decode_ms: float, context: int, weight_bytes: float = 4) -> dict:
     """Bytes a decode step must read (the LLM's weights, ``weight_bytes`` per linear weight,
-    FP32 norms and lm_head, + its FP32 KV cache) vs the copy bandwidth."""
+    the LM head's included, FP32 norms, + its FP32 KV cache) vs the copy bandwidth."""
     c = predictor.config.llm
     vocab = predictor.embed_table.shape[0]
     per_layer = weight_bytes * (c.hidden * (c.hidden + 2 * c.kv_heads * c.head_dim) + c.hidden * c.hidden
                                 + 3 * c.hidden * c.intermediate) + 4 * 2 * c.hidden
-    weights = c.layers * per_layer + 4 * vocab * c.hidden  # lm_head (tied: the embedding table)
+    weights = c.layers * per_layer + weight_bytes * vocab * c.hidden  # lm_head (INT8 builds quantize it too)
     kv = 4 * 2 * c.layers * c.kv_heads * c.head_dim * context
     ceiling_ms = (weights + kv) / (bandwidth_gbs * 1e9) * 1e3
     return {"bytes_per_token": int(weights + kv), "bandwidth_gbs": round(bandwidth_gbs, 2),
@@ -148,7 +166,8 @@ def run_bench(preset: str, engines: list[Path], data_root: Path, repeats: int = 
     for backend, precision, predictor in backends:
         dec = next(r for r in rows if r.stage == "decode_per_token" and r.backend == backend
                    and r.precision == precision)
-        weight_bytes = 1 if part_precisions.get(precision, {}).get("llm") == "int8" else 4
+        # int8 weights + one FP32 scale per block of 128 (per channel in the dynamic form: less)
+        weight_bytes = 1 + 4 / 128 if part_precisions.get(precision, {}).get("llm") == "int8" else 4
         ceilings[f"{backend} {precision}"] = decode_ceiling(predictor, bandwidth, float(np.median(dec.samples)),
                                                             context, weight_bytes)
     machine = {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
@@ -170,6 +189,15 @@ def print_report(report: dict, console) -> None:
         ratio = f"{ref[r['stage']] / r['median_ms']:.2f}x" if r["stage"] in ref and r["median_ms"] else "-"
         table.add_row(r["stage"], r["backend"], r["precision"], f"{r['median_ms']:.1f}", f"{r['p95_ms']:.1f}", ratio)
     console.print(table)
+    where = [r for r in report["rows"] if r["stage"] == "end_to_end_segmentation" and r.get("where_ms")]
+    if where:
+        t = Table(title="end_to_end_segmentation: where the time goes (median ms per stage)")
+        t.add_column("stage", no_wrap=True)
+        for r in where:
+            t.add_column(f"{r['backend']} {r['precision']}", justify="right")
+        for stage in (*STAGES, "other"):
+            t.add_row(stage, *(f"{r['where_ms'][stage]:.1f}" for r in where))
+        console.print(t)
     for precision, parts in report["part_precisions"].items():
         console.print(f"onnxruntime {precision}: " + ", ".join(f"{p} {v}" for p, v in parts.items()))
     print_served(report, console)

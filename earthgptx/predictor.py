@@ -260,6 +260,7 @@ class Predictor:
         if gen.prefix is not None:
             self.prefix_cache.put(enc.key, gen.prefix, gen.prefix.nbytes)
         timings["llm"] = gen.prefill_ms + sum(gen.decode_ms)
+        timings["llm_prefill"], timings["llm_decode"] = gen.prefill_ms, sum(gen.decode_ms)
         return self._answer(enc, prompts, task, gen, timings)
 
     def predict_many(self, images: list[np.ndarray], modality: str, text: str, prompts: VisualPrompts | None = None,

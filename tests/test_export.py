@@ -241,6 +241,13 @@ def test_bench_writes_the_table_and_json(built, tmp_path):
     assert report["machine"]["copy_bandwidth_gbs"] > 0
     assert 0 < report["decode_vs_bandwidth"]["onnxruntime fp32"]["fraction_of_ceiling"]
     assert report["part_precisions"]["fp32"] == dict.fromkeys(PART_NAMES, "fp32")
+    for r in (r for r in report["rows"] if r["stage"] == "end_to_end_segmentation" and r["backend"] != "zmq"):
+        where = r["where_ms"]  # the stages of a segmentation request, each timed by the predictor
+        assert set(where) == {"preprocess", "vision_encoder", "prompt_encoder", "llm_prefill", "llm_decode",
+                              "pixel_decoder", "postprocess", "other"}
+        assert where["vision_encoder"] > 0 and where["llm_prefill"] > 0 and where["pixel_decoder"] > 0
+        assert sum(where.values()) <= r["p95_ms"] * 1.05
+    assert "where the time goes" in proc.stdout
     assert "click_to_mask" in proc.stdout and "speed-up" in proc.stdout and "zmq: overhead" in proc.stdout
 
 

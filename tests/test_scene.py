@@ -323,4 +323,5 @@ def test_scene_benchmark_writes_its_rows(tmp_path):
     for row in (one, four):
         assert row["size"] == 900 and row["tiles"] == len(plan_tiles(900, 900, 512, 64)) == 4
         assert row["tiles_per_s"] > 0 and row["peak_rss_mb"] >= row["rss_before_scene_mb"] > 0
+        assert row["median_tile_ms"] > 0 and row["scene_vs_tile_cost"] > 0
     assert "tiles/s" in proc.stdout and "peak RSS" in proc.stdout
