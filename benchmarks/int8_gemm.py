@@ -31,7 +31,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.timing import timed  # noqa: E402
+from benchmarks.timing import cpu_facts, timed  # noqa: E402
 
 SHAPES = {"attention q/o (576 -> 576)": (576, 576), "MLP up (576 -> 1536)": (576, 1536),
           "MLP down (1536 -> 576)": (1536, 576)}
@@ -127,13 +127,15 @@ def main(argv: list[str] | None = None) -> int:
     import onnxruntime as ort
 
     rows = measure(args.tokens, args.threads, args.repeats, args.seed)
-    print(f"\nonnxruntime {ort.__version__}, {args.threads} thread(s), median of {args.repeats}")
+    cpu = cpu_facts()
+    print(f"\n{cpu['cpu_model']} ({', '.join(cpu['isa']) or 'no AVX2'}); onnxruntime {ort.__version__}, "
+          f"{args.threads} thread(s), median of {args.repeats}")
     print(f"{'layer':<28} {'M':>4} {'form':<11} {'ms':>8} {'GFLOP/s':>8} {'vs fp32':>8} {'rel err':>9}  ops")
     for r in rows:
         print(f"{r['layer']:<28} {r['tokens']:>4} {r['form']:<11} {r['median_ms']:>8.3f} {r['gflops']:>8.1f} "
               f"{r['speedup_vs_fp32']:>7.2f}x {r['rel_error']:>9.2e}  {r['ops']}")
     if args.json:
-        args.json.write_text(json.dumps({"onnxruntime": ort.__version__, "threads": args.threads,
+        args.json.write_text(json.dumps({**cpu, "onnxruntime": ort.__version__, "threads": args.threads,
                                          "repeats": args.repeats, "rows": rows}, indent=1))
     return 0
 

@@ -23,7 +23,7 @@ import numpy as np
 from earthgptx.generation import GenerationConfig, generate
 from earthgptx.processing import VisualPrompts
 
-from .timing import Row, timed
+from .timing import Row, cpu_facts, timed
 
 SAR_IMAGE = "sar/hrsid/P0094_0_800_3000_3800.png"
 
@@ -170,7 +170,7 @@ def run_bench(preset: str, engines: list[Path], data_root: Path, repeats: int = 
         weight_bytes = 1 + 4 / 128 if part_precisions.get(precision, {}).get("llm") == "int8" else 4
         ceilings[f"{backend} {precision}"] = decode_ceiling(predictor, bandwidth, float(np.median(dec.samples)),
                                                             context, weight_bytes)
-    machine = {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
+    machine = {"cpu": platform.processor() or platform.machine(), **cpu_facts(), "cores": os.cpu_count(),
                "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
                "onnxruntime": onnxruntime.__version__, "copy_bandwidth_gbs": round(bandwidth, 2)}
     return {"machine": machine, "preset": preset, "engines": [str(e) for e in engines],
@@ -182,7 +182,9 @@ def print_report(report: dict, console) -> None:
     from rich.table import Table
 
     ref = {r["stage"]: r["median_ms"] for r in report["rows"] if r["backend"] == "pytorch"}
-    table = Table(title=f"egx bench: {report['preset']} ({report['machine']['cores']} cores)")
+    m = report["machine"]
+    isa = ", ".join(m.get("isa", [])) or "no AVX2"
+    table = Table(title=f"egx bench: {report['preset']} ({m.get('cpu_model', m['cpu'])}, {isa}; {m['cores']} cores)")
     for col in ("stage", "backend", "precision", "median ms", "p95 ms", "speed-up vs PyTorch"):
         table.add_column(col, no_wrap=True)
     for r in report["rows"]:

@@ -239,6 +239,7 @@ def test_bench_writes_the_table_and_json(built, tmp_path):
     four = {r["config"]: r["requests_per_s"] for r in report["rows"] if r["stage"] == "throughput_4_clients"}
     assert four == {k: t["requests_per_s"] for k, t in report["served"].items() if k != "in_process"}
     assert report["machine"]["copy_bandwidth_gbs"] > 0
+    assert report["machine"]["cpu_model"] and isinstance(report["machine"]["isa"], list)  # INT8 ratios depend on them
     assert 0 < report["decode_vs_bandwidth"]["onnxruntime fp32"]["fraction_of_ceiling"]
     assert report["part_precisions"]["fp32"] == dict.fromkeys(PART_NAMES, "fp32")
     for r in (r for r in report["rows"] if r["stage"] == "end_to_end_segmentation" and r["backend"] != "zmq"):
