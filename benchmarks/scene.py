@@ -138,7 +138,7 @@ def measure(size: int, preset: str, engines: str | None, served: bool, tile: int
 def main() -> int:
     p = argparse.ArgumentParser(prog="scene.py", description=__doc__.split("\n\n")[0])
     p.add_argument("--preset", default="tiny", choices=("default", "tiny", "small", "edge"),
-                   help="the PyTorch model (default: the shipped trained model)")
+                   help="the PyTorch model without --engines (default: tiny; 'default' is the shipped trained model)")
     p.add_argument("--engines", help="a build folder instead of the PyTorch preset")
     p.add_argument("--served", action="store_true",
                    help="through egx serve on --engines (2 workers, 4 tiles in flight)")
