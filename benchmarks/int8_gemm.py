@@ -31,7 +31,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.timing import cpu_facts, timed  # noqa: E402
+from benchmarks.timing import timed  # noqa: E402
+from runners.cpu import cpu_facts  # noqa: E402
 
 SHAPES = {"attention q/o (576 -> 576)": (576, 576), "MLP up (576 -> 1536)": (576, 1536),
           "MLP down (1536 -> 576)": (1536, 576)}

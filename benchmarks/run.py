@@ -22,8 +22,9 @@ import numpy as np
 
 from earthgptx.generation import GenerationConfig, generate
 from earthgptx.processing import VisualPrompts
+from runners.cpu import cpu_facts
 
-from .timing import Row, cpu_facts, timed
+from .timing import Row, timed
 
 SAR_IMAGE = "sar/hrsid/P0094_0_800_3000_3800.png"
 

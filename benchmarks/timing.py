@@ -1,9 +1,7 @@
-"""Timing for the benchmark: ``timed`` (milliseconds per call after a warm-up), ``Row``
-(one stage of one backend and precision, its samples, median and p95) and ``cpu_facts``
-(the processor and the instruction sets integer GEMMs depend on, recorded with every run)."""
+"""Timing for the benchmark: ``timed`` (milliseconds per call after a warm-up) and
+``Row`` (one stage of one backend and precision, its samples, median and p95)."""
 from __future__ import annotations
 
-import platform
 import time
 from dataclasses import dataclass
 
@@ -19,29 +17,6 @@ def timed(fn, repeats: int, warmup: int = 1) -> list[float]:
         fn()
         out.append((time.perf_counter() - t) * 1e3)
     return out
-
-
-ISA_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_int8", "amx_bf16")
-
-
-def cpu_facts() -> dict:
-    """``{"cpu_model", "isa"}``: the processor's name and which of ``ISA_FLAGS`` it has (Linux
-    ``/proc/cpuinfo``; elsewhere the platform's name and an empty list). INT8 speed-ups depend on
-    them: ONNX Runtime's U8S8 kernels use VNNI (or AMX) where present, slower AVX2 sequences
-    otherwise, so ratios measured on one machine hold only on machines with the same flags."""
-    model, flags = platform.processor() or platform.machine(), set()
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                key, _, value = line.partition(":")
-                if key.strip() == "model name":
-                    model = value.strip()
-                elif key.strip() == "flags":
-                    flags = set(value.split())
-                    break
-    except OSError:
-        pass
-    return {"cpu_model": model, "isa": [f for f in ISA_FLAGS if f in flags]}
 
 
 @dataclass

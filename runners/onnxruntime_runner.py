@@ -42,6 +42,7 @@ class OnnxRuntimeRunner(Runner):
         self.threads = threads
         self.session = None
         self.unsigned_activations = 0  # Q/DQ nodes rewritten to uint8 activations for the CPU
+        self.unsigned_weights = 0  # int8 weights rewritten as uint8 (CPUs whose u8 x s8 kernels saturate)
         self.input_names: list[str] = []
         self.output_names: list[str] = []
 
@@ -64,18 +65,23 @@ class OnnxRuntimeRunner(Runner):
         self.output_names = [o.name for o in self.session.get_outputs()]
 
     def _cpu_model(self) -> bytes | None:
-        """The model with uint8 activation Q/DQ (lossless; see ``qdq_cpu``) when the file has
-        int8 activation Q/DQ, else None (the file is used as is)."""
+        """The model as ``qdq_cpu.prepare_for_cpu`` leaves it (uint8 activation Q/DQ; uint8
+        weights on CPUs whose u8 x s8 kernels saturate; lossless) when the file has anything
+        to rewrite, else None (the file is used as is)."""
         import onnx
 
-        from .qdq_cpu import has_int8_activations, to_unsigned_activations
+        from .cpu import u8s8_saturates
+        from .qdq_cpu import has_int8_activations, has_int8_weights, prepare_for_cpu
 
-        if not has_int8_activations(onnx.load(str(self.path), load_external_data=False)):
+        saturates = u8s8_saturates()
+        header = onnx.load(str(self.path), load_external_data=False)
+        if not has_int8_activations(header) and not (saturates and has_int8_weights(header)):
             return None
         model = onnx.load(str(self.path))
-        self.unsigned_activations = to_unsigned_activations(model)
+        counts = prepare_for_cpu(model, saturates)
+        self.unsigned_activations, self.unsigned_weights = counts["unsigned_activations"], counts["unsigned_weights"]
         if model.ByteSize() >= 2**31 - 2**20:
-            raise EarthGPTXError(f"{self.name}: an INT8 Q/DQ model over 2 GB cannot be rewritten for the CPU in "
+            raise EarthGPTXError(f"{self.name}: an INT8 model over 2 GB cannot be rewritten for the CPU in "
                                  "memory; run it with --device cuda or build it with weight-only INT8")
         return model.SerializeToString()
 

@@ -8,10 +8,13 @@ literally around a float MatMul, slower than FP32 (measured on this project's Vi
 Rewriting an int8 activation's zero point ``z`` as the uint8 zero point ``z + 128`` is
 lossless: ``clamp(round(x / s) + z, -128, 127) + 128 == clamp(round(x / s) + z + 128, 0, 255)``
 and ``(q + 128) - (z + 128) == q - z``. So the runner applies it in memory when it opens the
-file for the CPU; the file on disk stays the one TensorRT consumes. Weights (a DQ whose
-input is an initializer) keep int8. On x86 CPUs without VNNI, ONNX Runtime's u8 x s8 kernels
-may saturate intermediate sums (its documentation suggests ``reduce_range`` there); the
-builds here were measured on an AVX512-VNNI CPU.
+file for the CPU; the file on disk stays the one TensorRT consumes.
+
+Weights (a DQ whose input is an initializer, ``MatMulInteger``'s constant B) keep int8 where
+the CPU multiplies u8 x s8 exactly (VNNI, AMX, ARM). On x86 CPUs without VNNI those kernels
+saturate (``runners.cpu``), so ``prepare_for_cpu`` there also rewrites the weights as uint8
+with their zero points + 128, by the same identity: lossless, and u8 x u8 kernels do not
+saturate.
 """
 from __future__ import annotations
 
@@ -70,3 +73,78 @@ def to_unsigned_activations(model) -> int:
         if name not in used:
             model.graph.initializer.remove(inits[name])
     return len(pairs)
+
+
+def _zero_point_u8(model, name: str | None, like: str, inits: dict, made: dict) -> str:
+    """The uint8 (+128) version of int8 zero point ``name`` (created once), or a zero point of
+    128 in the shape of the scale ``like`` when the node has none (int8 zero point 0)."""
+    from onnx import numpy_helper
+
+    key = name or f"<none:{like}>"
+    if key not in made:
+        if name:
+            values = numpy_helper.to_array(inits[name]).astype(np.int16) + 128
+        else:
+            values = np.full(numpy_helper.to_array(inits[like]).shape, 128, np.int16)
+        new = f"{name or like}_u8w"
+        model.graph.initializer.append(numpy_helper.from_array(values.astype(np.uint8), new))
+        made[key] = new
+    return made[key]
+
+
+def to_unsigned_weights(model) -> int:
+    """Rewrite in place every int8 weight initializer, and its zero point, as uint8 (+128): the
+    input of a ``DequantizeLinear`` (Q/DQ graphs) or input B of a ``MatMulInteger`` (the LLM's
+    dynamic form). Returns the number of weights rewritten. Same integers after the zero point
+    is taken off, so the same results; run where ``runners.cpu.u8s8_saturates``."""
+    from onnx import TensorProto, numpy_helper
+
+    inits = {i.name: i for i in model.graph.initializer}
+    converted: set[str] = set()
+    made: dict[str, str] = {}
+    for node in model.graph.node:
+        if node.op_type == "DequantizeLinear":
+            w, zp_slot, scale = node.input[0], 2, node.input[1]
+        elif node.op_type == "MatMulInteger" and len(node.input) > 1:
+            w, zp_slot, scale = node.input[1], 3, None
+        else:
+            continue
+        if w not in inits or inits[w].data_type != TensorProto.INT8:
+            continue
+        zp = node.input[zp_slot] if len(node.input) > zp_slot and node.input[zp_slot] else None
+        if zp is None and scale is None:  # MatMulInteger without b_zero_point: a scalar 0
+            model.graph.initializer.append(numpy_helper.from_array(np.zeros((), np.int8), f"{w}_zp0"))
+            inits[f"{w}_zp0"] = model.graph.initializer[-1]
+            zp = f"{w}_zp0"
+        new_zp = _zero_point_u8(model, zp, scale, inits, made)
+        while len(node.input) <= zp_slot:
+            node.input.append("")
+        node.input[zp_slot] = new_zp
+        if w not in converted:
+            values = numpy_helper.to_array(inits[w]).astype(np.int16) + 128
+            inits[w].CopyFrom(numpy_helper.from_array(values.astype(np.uint8), w))
+            converted.add(w)
+    used = {i for n in model.graph.node for i in n.input}
+    for name in [n for n in list(inits) if n not in used and inits[n].data_type == TensorProto.INT8
+                 and inits[n].name not in converted]:
+        model.graph.initializer.remove(inits[name])  # int8 zero points nothing reads any more
+    return len(converted)
+
+
+def has_int8_weights(model) -> bool:
+    """True if ``model`` (loaded with or without external data) has int8 weights that
+    ``to_unsigned_weights`` would rewrite."""
+    from onnx import TensorProto
+
+    int8 = {i.name for i in model.graph.initializer if i.data_type == TensorProto.INT8}
+    return any((n.op_type == "DequantizeLinear" and n.input[0] in int8)
+               or (n.op_type == "MatMulInteger" and len(n.input) > 1 and n.input[1] in int8)
+               for n in model.graph.node)
+
+
+def prepare_for_cpu(model, saturates: bool) -> dict[str, int]:
+    """What the CPU runner does to an INT8 model before ONNX Runtime opens it, in place:
+    uint8 activations always, uint8 weights where the CPU's u8 x s8 kernels ``saturates``.
+    Returns ``{"unsigned_activations", "unsigned_weights"}`` (counts)."""
+    return {"unsigned_activations": to_unsigned_activations(model),
+            "unsigned_weights": to_unsigned_weights(model) if saturates else 0}

@@ -106,10 +106,21 @@ def test_qdq_quantization_is_symmetric_and_keeps_act_matmuls_float(tiny, tmp_pat
         if n.op_type in ("LayerNormalization", "Softmax"):
             assert producers.get(n.input[0]) is None or producers[n.input[0]].op_type != "DequantizeLinear"
     a = ort.InferenceSession(str(src), providers=["CPUExecutionProvider"]).run(None, feeds[0])
-    b = ort.InferenceSession(str(tmp_path / "v.int8.onnx"), providers=["CPUExecutionProvider"]).run(None, feeds[0])
+    b = run_on_cpu(tmp_path / "v.int8.onnx", feeds[0])
     for x, y in zip(a, b):
         assert float(x.ravel() @ y.ravel() / np.linalg.norm(x) / np.linalg.norm(y)) > 0.98
 
+
+
+def run_on_cpu(path, feed: dict) -> list:
+    """Outputs of the ONNX file at ``path`` as the project runs it on this CPU
+    (``OnnxRuntimeRunner``: uint8 activations, and uint8 weights where u8 x s8 kernels
+    saturate), in the file's output order."""
+    from runners.onnxruntime_runner import OnnxRuntimeRunner
+
+    runner = OnnxRuntimeRunner("test", path, device="cpu")
+    out = runner.infer(feed)
+    return [out[name] for name in runner.output_names]
 
 @pytest.fixture(scope="module")
 def tiny_vision(tiny, tmp_path_factory):
@@ -132,8 +143,6 @@ def test_every_calibration_method_is_fed_in_chunks_and_stays_close_to_fp32(tiny_
                                                                           monkeypatch):
     """The calibrators see ``chunk`` feeds at a time (bounded memory), and the Q/DQ model
     agrees with FP32 on held-out inputs, and with the one made from all feeds in one pass."""
-    import onnxruntime as ort
-
     from export import quantize
 
     src, feeds, held_out = tiny_vision
@@ -149,10 +158,9 @@ def test_every_calibration_method_is_fed_in_chunks_and_stays_close_to_fp32(tiny_
     assert info["calibration_chunk"] == 4 and ranges == [(0, 4), (4, 8), (8, 12)]  # 4: largest divisor of 12 <= 5
     quantize.quantize_qdq(src, tmp_path / "one_pass.onnx", feeds, method, chunk=len(feeds))
     paths = {"fp32": src, "chunked": tmp_path / "chunked.onnx", "one_pass": tmp_path / "one_pass.onnx"}
-    run = {k: ort.InferenceSession(str(p), providers=["CPUExecutionProvider"]) for k, p in paths.items()}
     cos = lambda x, y: float(x.ravel() @ y.ravel() / np.linalg.norm(x) / np.linalg.norm(y))  # noqa: E731
     for feed in held_out:
-        ref, chunked, one_pass = (run[k].run(None, feed) for k in ("fp32", "chunked", "one_pass"))
+        ref, chunked, one_pass = (run_on_cpu(paths[k], feed) for k in ("fp32", "chunked", "one_pass"))
         for r, c, o in zip(ref, chunked, one_pass):
             assert cos(r, c) > 0.99 and cos(c, o) > 0.99
 
@@ -191,7 +199,7 @@ def test_histogram_calibration_takes_feeds_of_different_shapes(tiny, tmp_path, m
     info = quantize_qdq(src, tmp_path / "p.int8.onnx", feeds, method, chunk=2)
     assert info["calibration_chunk"] == 1  # no chunk of two holds one shape here
     a = ort.InferenceSession(str(src), providers=["CPUExecutionProvider"]).run(None, feeds[1])[0]
-    b = ort.InferenceSession(str(tmp_path / "p.int8.onnx"), providers=["CPUExecutionProvider"]).run(None, feeds[1])[0]
+    b = run_on_cpu(tmp_path / "p.int8.onnx", feeds[1])[0]
     assert float(a.ravel() @ b.ravel() / np.linalg.norm(a) / np.linalg.norm(b)) > 0.98
 
 
@@ -478,7 +486,7 @@ def test_llm_int8_forms_quantize_every_linear_layer_and_stay_close(tiny_llm, tmp
     else:
         assert "MatMulInteger" not in ops and ops.count("MatMulNBits") == layers
     a = ort.InferenceSession(str(src), providers=["CPUExecutionProvider"]).run(None, feed)
-    b = ort.InferenceSession(str(tmp_path / "llm.int8.onnx"), providers=["CPUExecutionProvider"]).run(None, feed)
+    b = run_on_cpu(tmp_path / "llm.int8.onnx", feed)
     for x, y in zip(a, b):
         assert float(x.ravel() @ y.ravel() / np.linalg.norm(x) / np.linalg.norm(y)) > 0.99
 

@@ -1,5 +1,6 @@
 """The CPU rewrite of symmetric int8 activation Q/DQ to uint8 (runners/qdq_cpu.py): lossless
-when the Q/DQ nodes run literally, and what lets ONNX Runtime fuse integer MatMuls."""
+when the Q/DQ nodes run literally, and what lets ONNX Runtime fuse integer MatMuls; and of
+int8 weights to uint8 where the CPU's u8 x s8 kernels saturate (x86 without VNNI)."""
 import collections
 
 import numpy as np
@@ -8,7 +9,9 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from runners.qdq_cpu import has_int8_activations, to_unsigned_activations
+from runners.cpu import u8s8_saturates
+from runners.qdq_cpu import (has_int8_activations, has_int8_weights, prepare_for_cpu, to_unsigned_activations,
+                              to_unsigned_weights)
 
 C, N = 64, 50
 
@@ -71,6 +74,8 @@ def test_rewrite_is_lossless_and_enables_integer_kernels(qdq_model, tmp_path):
     b = session(rewritten, literal).run(None, x)[0]
     assert np.array_equal(a, b)  # the same integers, the same floats
 
+    if u8s8_saturates():  # as the runner does there: uint8 weights too (test_unsigned_weights_are_lossless)
+        to_unsigned_weights(rewritten)
     full = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     fused_a = session(original, full, tmp_path / "a.onnx").run(None, x)[0]
     fused_b = session(rewritten, full, tmp_path / "b.onnx").run(None, x)[0]
@@ -88,10 +93,52 @@ def test_runner_rewrites_for_the_cpu_only(qdq_model):
     runner = OnnxRuntimeRunner("vision_encoder", qdq_model, device="cpu", threads=1)
     runner.activate()
     assert runner.unsigned_activations >= 5
+    assert runner.unsigned_weights == (3 if u8s8_saturates() else 0)  # this CPU's kernels decide
     rewritten = onnx.load(str(qdq_model))
-    to_unsigned_activations(rewritten)
+    prepare_for_cpu(rewritten, u8s8_saturates())
     expected = session(rewritten, ort.GraphOptimizationLevel.ORT_ENABLE_ALL).run(None, x)[0]
     np.testing.assert_array_equal(runner(x)["y"], expected)
     plain = OnnxRuntimeRunner("vision_encoder", qdq_model.parent / "fp32.onnx", device="cpu")
     plain.activate()
     assert plain.unsigned_activations == 0
+
+
+def test_unsigned_weights_are_lossless(qdq_model, tmp_path):
+    """int8 weights and their zero points + 128: the Q/DQ graph computes the same numbers when
+    run literally, and fused into integer kernels it stays at the literal result."""
+    x = {"x": np.random.default_rng(3).normal(size=(1, N, C)).astype(np.float32)}
+    original = onnx.load(str(qdq_model))
+    rewritten = onnx.load(str(qdq_model))
+    assert has_int8_weights(rewritten)
+    counts = prepare_for_cpu(rewritten, saturates=True)
+    assert counts["unsigned_weights"] == 3 and not has_int8_weights(rewritten)
+    assert not [i.name for i in rewritten.graph.initializer if i.data_type == TensorProto.INT8]
+    onnx.checker.check_model(rewritten)
+    literal = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    a = session(original, literal).run(None, x)[0]
+    np.testing.assert_array_equal(session(rewritten, literal).run(None, x)[0], a)
+    fused = session(rewritten, ort.GraphOptimizationLevel.ORT_ENABLE_ALL, tmp_path / "f.onnx").run(None, x)[0]
+    assert collections.Counter(n.op_type for n in onnx.load(str(tmp_path / "f.onnx")).graph.node)["QLinearMatMul"] == 3
+    assert float(fused.ravel() @ a.ravel() / np.linalg.norm(fused) / np.linalg.norm(a)) > 0.9999
+
+
+def test_unsigned_weights_make_integer_matmuls_exact():
+    """``MatMulInteger`` (the LLM's dynamic INT8 form) with large uint8 activations and int8
+    weights near +-127, per-column zero points: after the rewrite ONNX Runtime's result is the
+    exact integer product on any CPU (u8 x s8 pairs of this size overflow int16, which is where
+    VNNI-less kernels saturate)."""
+    rng = np.random.default_rng(4)
+    k, n = 256, 64
+    b = rng.choice(np.array([-127, -120, 120, 127], np.int8), size=(k, n))
+    zp = np.zeros(n, np.int8)
+    graph = helper.make_graph(
+        [helper.make_node("MatMulInteger", ["a", "b", "", "b_zp"], ["y"])], "mmi",
+        [helper.make_tensor_value_info("a", TensorProto.UINT8, [4, k])],
+        [helper.make_tensor_value_info("y", TensorProto.INT32, [4, n])],
+        [numpy_helper.from_array(b, "b"), numpy_helper.from_array(zp, "b_zp")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    assert to_unsigned_weights(model) == 1
+    onnx.checker.check_model(model)
+    a = rng.integers(200, 256, size=(4, k), dtype=np.uint8)
+    y = session(model, ort.GraphOptimizationLevel.ORT_ENABLE_ALL).run(None, {"a": a})[0]
+    np.testing.assert_array_equal(y, a.astype(np.int64) @ b.astype(np.int64))
