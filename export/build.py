@@ -154,9 +154,11 @@ def builder_info(device: str) -> dict:
     import torch
     import transformers
 
+    from runners.cpu import cpu_facts
+
     info = {"torch": torch.__version__, "transformers": transformers.__version__, "onnx": onnx.__version__,
             "onnxruntime": onnxruntime.__version__, "tensorrt": None, "device": device,
-            "host": platform.machine(), "cpu_count": os.cpu_count()}
+            "host": platform.machine(), "cpu_count": os.cpu_count(), **cpu_facts()}
     try:
         import tensorrt
 

@@ -125,7 +125,7 @@ def test_manifest_contract(built):
     m = json.loads((folder / "manifest.json").read_text())
     assert {"preset", "checkpoint_sha256", "created", "builder", "engines"} <= set(m)
     assert sorted(m["engines"]) == sorted(PART_NAMES) and m["preset"] == "tiny"
-    assert {"torch", "onnx", "onnxruntime", "tensorrt", "device"} <= set(m["builder"])
+    assert {"torch", "onnx", "onnxruntime", "tensorrt", "device", "cpu_model", "isa"} <= set(m["builder"])
     for name, e in m["engines"].items():
         assert {"file", "backend", "precision", "inputs", "outputs", "sha256", "parity"} <= set(e), name
         assert {"metric", "value", "tolerance", "passed"} <= set(e["parity"]) and e["parity"]["passed"]
