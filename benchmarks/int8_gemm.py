@@ -13,7 +13,10 @@ linear layers (hidden 576, MLP 1536) for a prefill of ``M`` tokens (``--tokens``
   (``export.quantize.quantize_weight_only``): the activations are quantized to int8 per row
   and block on the fly and the products are integer dot products (VNNI where the CPU has it);
 * ``dynamic``: ``onnxruntime.quantization.quantize_dynamic`` (per-channel int8 weights,
-  uint8 activations quantized per tensor at run time, ``MatMulInteger``, U8S8).
+  uint8 activations quantized per tensor at run time, ``MatMulInteger``, U8S8; on x86 CPUs
+  without VNNI the runner makes the weights uint8, U8U8, since U8S8 saturates there).
+
+Each file is opened as the project's CPU runner opens it (``OnnxRuntimeRunner``).
 
 For each: median milliseconds, GFLOP/s, speed against ``fp32`` and the relative error of the
 output against ``fp64`` (``max |y - y64| / max |y64|`` on random inputs shaped like a
@@ -88,7 +91,7 @@ def ops_of(path: Path) -> str:
 
 
 def measure(tokens: list[int], threads: int, repeats: int, seed: int) -> list[dict]:
-    import onnxruntime as ort
+    from runners.onnxruntime_runner import OnnxRuntimeRunner
 
     rng = np.random.default_rng(seed)
     rows = []
@@ -96,10 +99,11 @@ def measure(tokens: list[int], threads: int, repeats: int, seed: int) -> list[di
         w = rng.normal(0, 0.02, (k, n))
         with tempfile.TemporaryDirectory() as tmp:
             files = build_forms(Path(tmp), w)
-            opts = ort.SessionOptions()
-            opts.intra_op_num_threads, opts.inter_op_num_threads = threads, 1
-            sessions = {f: ort.InferenceSession(str(p), opts, providers=["CPUExecutionProvider"])
-                        for f, p in files.items()}
+            sessions = {}
+            for f, p in files.items():  # as the project opens them (runners.qdq_cpu.prepare_for_cpu)
+                runner = OnnxRuntimeRunner(f, p, device="cpu", threads=threads)
+                runner.activate()
+                sessions[f] = runner.session
             ops = {f: ops_of(p) for f, p in files.items()}
         for m in tokens:
             x = rng.normal(0, 1, (m, k))
