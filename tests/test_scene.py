@@ -358,3 +358,41 @@ def test_16_bit_and_complex_sar_scenes(tmp_path, tiny_predictor, dtype):
     assert tiles and all(t.dtype == np.dtype(dtype) for t in seen)
     assert any(np.array_equal(t, data[:512, :512]) for t in tiles)  # the first tile, as written
     assert isinstance(result.overview, str)  # the zoom-out answer, from the overview
+
+
+def test_a_scene_too_large_to_read_whole_runs_in_bounded_memory(tmp_path):
+    """A 40,000 x 40,000 sparse GeoTIFF (1.5 GB of pixels if read whole; a few blocks written,
+    the rest no-data) in 2,048-pixel tiles: every placed object is found once, and the process's
+    peak memory grows by a small fraction of the scene (measured in a fresh process)."""
+    side, objects = 40_000, [(1000, 1000, 1060, 1030), (1960, 5000, 2020, 5040), (30_000, 38_000, 30_080, 38_020)]
+    with rasterio.open(tmp_path / "big.tif", "w", driver="GTiff", height=side, width=side, count=1, dtype="uint8",
+                       crs="EPSG:32633", transform=TRANSFORM, nodata=0, tiled=True, blockxsize=512, blockysize=512,
+                       sparse_ok=True) as dst:
+        from rasterio.windows import Window as RasterWindow
+
+        for x0, y0, x1, y1 in objects:  # a sea of 40 around each object, the rest of the file no-data
+            bx, by = x0 // 512 * 512, y0 // 512 * 512
+            block = np.full((1024, 1024), 40, np.uint8)
+            block[y0 - by:y1 - by, x0 - bx:x1 - bx] = 220
+            dst.write(block[None], window=RasterWindow(bx, by, 1024, 1024))
+    assert (tmp_path / "big.tif").stat().st_size < 50e6
+    script = f"""
+import json, resource, sys
+sys.path.insert(0, {str(REPO / 'tests')!r})
+from test_scene import Threshold
+from earthgptx.scene.run import SceneOptions, run_scene
+from earthgptx.scene.source import SceneSource
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+with SceneSource({str(tmp_path / 'big.tif')!r}) as src:
+    r = run_scene(Threshold(), src, "sar", "Segment all ships.", "segment",
+                  SceneOptions(tile=2048, overlap=64, overview_text=None))
+after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+print(json.dumps({{"before": before, "after": after, "tiles": r.tiles,
+                  "boxes": sorted([round(v) for v in o.box] for o in r.objects)}}))
+"""
+    proc = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert out["boxes"] == sorted(list(o) for o in objects)
+    assert out["tiles"]["planned"] == len(plan_tiles(side, side, 2048, 64)) and out["tiles"]["skipped_no_data"] > 0
+    assert out["after"] - out["before"] < 300, out  # MB, against 1,526 MB for the scene read whole

@@ -47,7 +47,7 @@ class SceneOptions:
 @dataclass
 class SceneResult:
     """``objects`` in scene pixels; ``overview``: the zoom-out answer's text; ``tiles``:
-    planned / answered / skipped (no data)."""
+    planned / answered / skipped_no_data."""
 
     objects: list[SceneObject]
     overview: str | None
@@ -77,7 +77,7 @@ def run_scene(predictor, source: SceneSource, modality: str, text: str, task: st
         image, _ = source.overview(2 * size)
         gen = GenerationConfig(max_new_tokens=opts.max_new_tokens)
         overview = predictor.predict(image, modality, text, task=task, generation=gen, **pre).text
-        return SceneResult([], overview, task, {"planned": 0, "answered": 0, "skipped": 0},
+        return SceneResult([], overview, task, {"planned": 0, "answered": 0, "skipped_no_data": 0},
                            time.perf_counter() - start)
     if opts.overview_text:
         image, _ = source.overview(2 * size)
