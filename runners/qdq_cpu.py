@@ -75,18 +75,19 @@ def to_unsigned_activations(model) -> int:
     return len(pairs)
 
 
-def _zero_point_u8(model, name: str | None, like: str, inits: dict, made: dict) -> str:
-    """The uint8 (+128) version of int8 zero point ``name`` (created once), or a zero point of
-    128 in the shape of the scale ``like`` when the node has none (int8 zero point 0)."""
+def _zero_point_u8(model, name: str | None, like: str | None, weight: str, inits: dict, made: dict) -> str:
+    """The uint8 (+128) version of int8 zero point ``name`` (created once), or, when the node
+    has none (int8 zero point 0), 128 in the shape of the scale ``like`` (a scalar without one)."""
     from onnx import numpy_helper
 
-    key = name or f"<none:{like}>"
+    key = name or f"<none:{like or weight}>"
     if key not in made:
         if name:
             values = numpy_helper.to_array(inits[name]).astype(np.int16) + 128
         else:
-            values = np.full(numpy_helper.to_array(inits[like]).shape, 128, np.int16)
-        new = f"{name or like}_u8w"
+            shape = numpy_helper.to_array(inits[like]).shape if like else ()
+            values = np.full(shape, 128, np.int16)
+        new = f"{name or like or weight}_u8w"
         model.graph.initializer.append(numpy_helper.from_array(values.astype(np.uint8), new))
         made[key] = new
     return made[key]
@@ -112,11 +113,7 @@ def to_unsigned_weights(model) -> int:
         if w not in inits or inits[w].data_type != TensorProto.INT8:
             continue
         zp = node.input[zp_slot] if len(node.input) > zp_slot and node.input[zp_slot] else None
-        if zp is None and scale is None:  # MatMulInteger without b_zero_point: a scalar 0
-            model.graph.initializer.append(numpy_helper.from_array(np.zeros((), np.int8), f"{w}_zp0"))
-            inits[f"{w}_zp0"] = model.graph.initializer[-1]
-            zp = f"{w}_zp0"
-        new_zp = _zero_point_u8(model, zp, scale, inits, made)
+        new_zp = _zero_point_u8(model, zp, scale, w, inits, made)
         while len(node.input) <= zp_slot:
             node.input.append("")
         node.input[zp_slot] = new_zp
@@ -125,8 +122,7 @@ def to_unsigned_weights(model) -> int:
             inits[w].CopyFrom(numpy_helper.from_array(values.astype(np.uint8), w))
             converted.add(w)
     used = {i for n in model.graph.node for i in n.input}
-    for name in [n for n in list(inits) if n not in used and inits[n].data_type == TensorProto.INT8
-                 and inits[n].name not in converted]:
+    for name in [n for n in inits if n not in used and inits[n].data_type == TensorProto.INT8]:
         model.graph.initializer.remove(inits[name])  # int8 zero points nothing reads any more
     return len(converted)
 

@@ -122,22 +122,23 @@ def test_unsigned_weights_are_lossless(qdq_model, tmp_path):
     assert float(fused.ravel() @ a.ravel() / np.linalg.norm(fused) / np.linalg.norm(a)) > 0.9999
 
 
-def test_unsigned_weights_make_integer_matmuls_exact():
+@pytest.mark.parametrize("zero_point", [True, False])
+def test_unsigned_weights_make_integer_matmuls_exact(zero_point):
     """``MatMulInteger`` (the LLM's dynamic INT8 form) with large uint8 activations and int8
     weights near +-127, per-column zero points: after the rewrite ONNX Runtime's result is the
     exact integer product on any CPU (u8 x s8 pairs of this size overflow int16, which is where
-    VNNI-less kernels saturate)."""
+    VNNI-less kernels saturate). Without a ``b_zero_point`` (0) the rewrite adds one of 128."""
     rng = np.random.default_rng(4)
     k, n = 256, 64
     b = rng.choice(np.array([-127, -120, 120, 127], np.int8), size=(k, n))
     zp = np.zeros(n, np.int8)
     graph = helper.make_graph(
-        [helper.make_node("MatMulInteger", ["a", "b", "", "b_zp"], ["y"])], "mmi",
+        [helper.make_node("MatMulInteger", ["a", "b", "", "b_zp"] if zero_point else ["a", "b"], ["y"])], "mmi",
         [helper.make_tensor_value_info("a", TensorProto.UINT8, [4, k])],
         [helper.make_tensor_value_info("y", TensorProto.INT32, [4, n])],
-        [numpy_helper.from_array(b, "b"), numpy_helper.from_array(zp, "b_zp")])
+        [numpy_helper.from_array(b, "b")] + ([numpy_helper.from_array(zp, "b_zp")] if zero_point else []))
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    assert to_unsigned_weights(model) == 1
+    assert to_unsigned_weights(model) == 1 and not has_int8_weights(model)
     onnx.checker.check_model(model)
     a = rng.integers(200, 256, size=(4, k), dtype=np.uint8)
     y = session(model, ort.GraphOptimizationLevel.ORT_ENABLE_ALL).run(None, {"a": a})[0]
