@@ -19,6 +19,7 @@ def heldout_agreement(folder: Path, data_root: Path, images: int, seed: int) -> 
     """``{"claimed": build report, "heldout": report on unseen images, "images": [...]}``;
     reports as ``export.gate.summarize_outcomes``."""
     from calibration.dataset import evaluation_requests
+    from earthgptx.errors import EarthGPTXError
     from calibration.sampling import choose
     from earthgptx.config import PART_NAMES
     from earthgptx.predictor import Predictor
@@ -31,7 +32,8 @@ def heldout_agreement(folder: Path, data_root: Path, images: int, seed: int) -> 
     manifest = load_manifest(folder)
     accuracy = manifest.get("accuracy")
     if accuracy is None:
-        raise SystemExit(f"{folder}: not an INT8 build (its manifest has no accuracy section)")
+        raise EarthGPTXError(f"{folder}: not an INT8 build (its manifest has no accuracy section); "
+                             "build one with --precision int8 --calibration DIR")
     seen = accuracy["calibration"]["images"]
     exclude = frozenset(k.split("#")[0] for k in seen["calibration"] + seen["evaluation"])
     calset = choose(data_root, evaluation=images, calibration=1, seed=seed, exclude=exclude)
@@ -55,7 +57,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--json", type=Path, help="write the result here")
     args = p.parse_args(argv)
-    result = heldout_agreement(args.engines, args.data, args.images, args.seed)
+    from earthgptx.errors import EarthGPTXError
+
+    try:
+        result = heldout_agreement(args.engines, args.data, args.images, args.seed)
+    except EarthGPTXError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     console = Console(width=150)
     print_report(result["heldout"], console, f"kept pipeline ({', '.join(result['int8_parts'])} INT8) vs FP32, "
                                              "unseen images")
