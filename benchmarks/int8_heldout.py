@@ -40,7 +40,13 @@ def heldout_agreement(folder: Path, data_root: Path, images: int, seed: int) -> 
     kept = open_predictor(folder, device="cpu")
     fp32 = Predictor({p: OnnxRuntimeRunner(p, folder / f"{p}.onnx", device="cpu") for p in PART_NAMES},
                      kept.tokenizer, kept.config, kept.embed_table)
-    outcomes = Evaluation(fp32, calset.evaluation, evaluation_requests).compare(kept)
+    step = max(1, len(calset.evaluation) // 6)
+
+    def progress(what: str, done: int, total: int) -> None:  # minutes at the edge preset
+        if done % step == 0 or done == total:
+            print(f"{what}: {done}/{total} unseen images", file=sys.stderr, flush=True)
+
+    outcomes = Evaluation(fp32, calset.evaluation, evaluation_requests, progress=progress).compare(kept)
     return {"int8_parts": accuracy["int8_parts"], "claimed": accuracy["per_modality"],
             "heldout": summarize_outcomes(outcomes), "images": [i.key for i in calset.evaluation]}
 
