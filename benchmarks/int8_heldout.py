@@ -19,9 +19,9 @@ def heldout_agreement(folder: Path, data_root: Path, images: int, seed: int) -> 
     """``{"claimed": build report, "heldout": report on unseen images, "images": [...]}``;
     reports as ``export.gate.summarize_outcomes``."""
     from calibration.dataset import evaluation_requests
-    from earthgptx.errors import EarthGPTXError
     from calibration.sampling import choose
     from earthgptx.config import PART_NAMES
+    from earthgptx.errors import EarthGPTXError
     from earthgptx.predictor import Predictor
     from export.accuracy import Evaluation
     from export.gate import summarize_outcomes
