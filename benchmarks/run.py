@@ -188,9 +188,12 @@ def print_report(report: dict, console) -> None:
     table = Table(title=f"egx bench: {report['preset']} ({m.get('cpu_model', m['cpu'])}, {isa}; {m['cores']} cores)")
     for col in ("stage", "backend", "precision", "median ms", "p95 ms", "speed-up vs PyTorch"):
         table.add_column(col, no_wrap=True)
+    parts = report.get("part_precisions", {})
     for r in report["rows"]:
         ratio = f"{ref[r['stage']] / r['median_ms']:.2f}x" if r["stage"] in ref and r["median_ms"] else "-"
-        table.add_row(r["stage"], r["backend"], r["precision"], f"{r['median_ms']:.1f}", f"{r['p95_ms']:.1f}", ratio)
+        own = parts.get(r["precision"], {}).get(r["stage"]) if r["backend"] == "onnxruntime" else None
+        precision = r["precision"] if own in (None, r["precision"]) else f"{r['precision']} build, {own} part"
+        table.add_row(r["stage"], r["backend"], precision, f"{r['median_ms']:.1f}", f"{r['p95_ms']:.1f}", ratio)
     console.print(table)
     where = [r for r in report["rows"] if r["stage"] == "end_to_end_segmentation" and r.get("where_ms")]
     if where:
