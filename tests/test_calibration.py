@@ -111,7 +111,6 @@ def test_qdq_quantization_is_symmetric_and_keeps_act_matmuls_float(tiny, tmp_pat
         assert float(x.ravel() @ y.ravel() / np.linalg.norm(x) / np.linalg.norm(y)) > 0.98
 
 
-
 def run_on_cpu(path, feed: dict) -> list:
     """Outputs of the ONNX file at ``path`` as the project runs it on this CPU
     (``OnnxRuntimeRunner``: uint8 activations, and uint8 weights where u8 x s8 kernels
@@ -121,6 +120,7 @@ def run_on_cpu(path, feed: dict) -> list:
     runner = OnnxRuntimeRunner("test", path, device="cpu")
     out = runner.infer(feed)
     return [out[name] for name in runner.output_names]
+
 
 @pytest.fixture(scope="module")
 def tiny_vision(tiny, tmp_path_factory):
