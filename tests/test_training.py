@@ -444,7 +444,7 @@ def test_train_config_refuses_bad_values_and_sets_the_vision_norm(tmp_path):
 def test_vision_warmup_prepares_images_as_inference_and_trains_the_encoder_alone(data_root):
     """``--vision-warmup``: the images held in memory are what inference feeds the encoder, the
     ranks split each step's images between them, and the warm-up lowers the class loss while
-    touching nothing but the vision encoder and its training-only heads."""
+    touching nothing but the vision side (encoder, pixel decoder) and its training-only heads."""
     import contextlib
 
     from earthgptx.config import preset
@@ -487,7 +487,7 @@ def test_vision_warmup_prepares_images_as_inference_and_trains_the_encoder_alone
     with torch.no_grad():
         before = float(module(held, held_counts)["aux_class"])
     frozen = {k: v.clone() for k, v in module.state_dict().items()
-              if not k.startswith(("model.vision_encoder.", "aux_"))}
+              if not k.startswith(("model.vision_encoder.", "model.pixel_decoder.", "aux_"))}
     steps = warm_up_vision(module, module, images, 0.15, 32, 2e-3, 0, 0, 1, torch.device("cpu"),
                            contextlib.nullcontext(), lambda v: v, main=False)
     with torch.no_grad():
@@ -496,3 +496,49 @@ def test_vision_warmup_prepares_images_as_inference_and_trains_the_encoder_alone
     for k, v in module.state_dict().items():
         if k in frozen:
             assert torch.equal(v, frozen[k]), k
+
+
+def test_vision_warmup_batches_resample_crop_and_click_one_object(data_root):
+    """The warm-up's progressive-resizing batches: images and object maps resampled together to
+    the phase's size, crops of 70-100 % of each side; each image with objects carries a click on
+    one connected object whose coverage is the target, and the global click count is the same on
+    every rank."""
+    import cv2
+
+    from earthgptx.data.instructions import InstructionMix
+    from earthgptx.data.readers import dataset_samples
+    from earthgptx.pixel_decoder import LABEL_BOX_BOTTOM_RIGHT, LABEL_BOX_TOP_LEFT, LABEL_FOREGROUND
+    from earthgptx.training.loop import class_index
+    from earthgptx.training.warmup import VisionImages
+
+    samples = [x for x in dataset_samples(data_root, DATASETS) if x.dataset == "hrsid-mini"]
+    mix = InstructionMix(samples, seed=0)
+    images = VisionImages(mix, class_index(samples), 128, log=False)
+    small, _ = images.batch(0, 6, seed=0, size=64)
+    assert small["pixel_values"].shape == (6, 3, 64, 64) and small["objects"].shape[-2:] == (64, 64)
+    # resampling keeps an object map's area (in model pixels, up to the 4x smaller frame)
+    whole, _ = images.batch(0, 6, seed=0)
+    np.testing.assert_allclose(small["objects"].sum((1, 2)).numpy(), whole["objects"].sum((1, 2)).numpy() / 4,
+                               rtol=0.02)
+
+    batch, counts = images.batch(5, 8, seed=1, crops=True, clicks=True)
+    halves = [images.batch(5, 8, seed=1, rank=r, world=2, crops=True, clicks=True)[1] for r in (0, 1)]
+    assert counts["clicks"] == 8 and all(h["clicks"] == 8 for h in halves)  # every HRSID chip has objects
+    assert batch["mask_rows"].tolist() == batch["object_rows"].tolist() and bool(batch["mask_vision"].all())
+    for r, target in zip(batch["mask_rows"].tolist(), batch["targets"]):
+        objects = batch["objects"][batch["object_rows"].tolist().index(r)]
+        assert bool((target <= objects + 1e-6).all())  # a part of the image's objects ...
+        count, _ = cv2.connectedComponents((target.numpy() > 0).astype(np.uint8), connectivity=8)
+        assert count - 1 == int(bool((target > 0).any()))  # ... one connected object, or none
+    kinds = []
+    for idx, coords, labels in batch["point_groups"]:
+        for q, xy, lab in zip(idx.tolist(), coords[:, 0], labels[:, 0]):
+            target = batch["targets"][q]
+            kinds.append(lab.tolist())
+            if lab.tolist() == [LABEL_FOREGROUND]:  # a foreground point lies on its object
+                x, y = (int(v) for v in xy[0])
+                assert target[y, x] > 0
+            else:  # a box's corners enclose most of the object
+                (x0, y0), (x1, y1) = xy.tolist()
+                assert float(target[int(y0):int(y1) + 1, int(x0):int(x1) + 1].sum()) > 0.5 * float(target.sum())
+    assert len(kinds) == 8 and set(map(tuple, kinds)) == {(LABEL_FOREGROUND,), (LABEL_BOX_TOP_LEFT, LABEL_BOX_BOTTOM_RIGHT)}

@@ -1,4 +1,4 @@
-"""``egx train --vision-warmup MIN``: the vision encoder learns alone first.
+"""``egx train --vision-warmup MIN``: the vision side learns alone first.
 
 The paper starts its one-stage fusion training from pretrained vision encoders (DINOv2,
 ConvNeXt). None can be downloaded here, so the ``small`` preset's CNN starts from random
@@ -6,28 +6,45 @@ weights, and inside the fused steps it learns slowly: every step costs about 3 s
 LLM forward and backward, and the encoder's own heads see ~48 images in it. Measured
 (docs/training.md): the encoder trained alone as an AID classifier learned in 5 minutes of
 one core what run 4's whole 65-minute run on two cores taught its class head. So for its first
-``MIN`` minutes a run trains the encoder on its own, the stand-in for the paper's pretrained
-encoders; then the fused steps begin, with every task and modality in each step as before.
+``MIN`` minutes a run trains what needs no LLM on its own, the stand-in for the paper's
+pretrained encoders; then the fused steps begin, with every task and modality in each step.
 
 What trains here: the vision encoder through its two deep-supervision heads (``step.py``):
-the image class (AID, MSTAR) and where all objects are (ships, infrared targets, roads).
+the image class (AID, MSTAR) and where all objects are (ships, infrared targets, roads); and,
+in the last part, the prompt-driven pixel decoder through **clicks**: a point or a jittered
+box on one object of the image (a connected component of its object map) -> that object's
+mask, as vision items carry them in the fused steps (an image without objects: a point on the
+background -> no mask).
+
 Images are prepared once as inference prepares them (``processing.preprocess``) and held in
 memory as float16, ``(N, 3, S, S)``: about 0.4 MB an image at 256 px, 2 GB for the ~5,400
 such images of ``../shared/data`` in each data-parallel rank; a step then costs only the
 network. Each step draws ``batch`` images as vision items are drawn (a dataset by the square
-root of its size, then an image), each turned by a random quarter turn and mirrored half of
-the time together with its object map. No crops: resampling would change the statistics batch
-norm learns (``batchnorm.py``).
+root of its size, then an image), each turned by a random quarter turn, mirrored half of the
+time and cropped to 70-100 % of each side (80 % of the time), together with its object map.
+
+Schedule (CNN encoders, whose input size is free): **progressive resizing**. The first
+``LOW_RES_SHARE`` of the minutes run at half the model size (a quarter of the cost per image:
+four times the images), the rest at the model size, where the clicks train the pixel decoder
+(its positional grid is the model size's). The learning rate warms up over 50 steps and
+follows a cosine to 5 % over the minutes. Crops resampled to the model size change what batch
+norm sees; ``egx train`` re-estimates the statistics at its end (``batchnorm.py``).
 """
 from __future__ import annotations
 
+import math
 import sys
 import time
 
 import numpy as np
 import torch
+from torch.nn import functional as F
 
-from ..data.instructions import InstructionMix
+from ..data.instructions import InstructionMix, click_prompt
+from ..processing import Letterbox, VisualPrompts, decoder_points
+
+LOW_RES_SHARE = 2 / 3  # of the warm-up's minutes at half the model size (CNN encoders)
+CROP_P = 0.8  # the share of images cropped (as vision items are: batches.augment_geometry)
 
 
 class VisionImages:
@@ -45,6 +62,7 @@ class VisionImages:
 
         started = time.perf_counter()
         rows = [i for pool in mix.vision_pools.values() for i in pool]
+        self.size = size
         self.pools: dict[str, list[int]] = {}
         pixels, labels, objects, object_of = [], [], [], []
         for n, i in enumerate(rows):
@@ -67,50 +85,114 @@ class VisionImages:
             print(f"vision warm-up: {len(rows)} images in memory ({self.pixels.nbytes / 2**30:.1f} GiB), "
                   f"prepared in {time.perf_counter() - started:.0f} s", file=sys.stderr, flush=True)
 
-    def batch(self, k: int, n: int, seed: int, rank: int = 0, world: int = 1) -> tuple[dict, dict]:
+    def batch(self, k: int, n: int, seed: int, rank: int = 0, world: int = 1, size: int | None = None,
+              crops: bool = False, clicks: bool = False) -> tuple[dict, dict]:
         """Warm-up step ``k``'s global batch of ``n`` images, this rank's share as a
-        ``TrainModule`` batch (no text, no mask queries), and the global counts."""
+        ``TrainModule`` batch (no text), and the global counts.
+
+        ``size``: the side images and object maps are resampled to (default: as prepared);
+        ``crops``: crop 70-100 % of each side (``CROP_P`` of the images) before resampling;
+        ``clicks``: every image with an object map also carries a click query (a point or box
+        on one connected object -> its coverage; none left: a background point -> no mask)."""
         rng = np.random.default_rng([seed, k, 2])
         names = sorted(self.pools)
-        size = np.sqrt([len(self.pools[d]) for d in names])
+        weight = np.sqrt([len(self.pools[d]) for d in names])
+        full, size = self.size, size or self.size
         picks = []
         for _ in range(n):
-            pool = self.pools[names[int(rng.choice(len(names), p=size / size.sum()))]]
-            picks.append((pool[int(rng.integers(len(pool)))], int(rng.integers(4)), bool(rng.random() < 0.5)))
+            pool = self.pools[names[int(rng.choice(len(names), p=weight / weight.sum()))]]
+            i, quarter, mirror = pool[int(rng.integers(len(pool)))], int(rng.integers(4)), bool(rng.random() < 0.5)
+            side = int(round(full * rng.uniform(0.7, 1.0))) if crops and rng.random() < CROP_P else full
+            y0, x0 = (int(v) for v in rng.integers(full - side + 1, size=2))
+            picks.append((i, quarter, mirror, (y0, x0, side), int(rng.integers(2**31))))
         mine = picks[rank::world]
 
-        def turn(a: torch.Tensor, quarter: int, mirror: bool) -> torch.Tensor:
-            a = torch.rot90(a, quarter, (-2, -1))
-            return a.flip(-1) if mirror else a
+        def view(a: torch.Tensor, quarter: int, mirror: bool, crop: tuple, area: bool) -> torch.Tensor:
+            """``(C, S, S)`` -> turned, mirrored, cropped and resampled ``(C, size, size)`` float32."""
+            y0, x0, side = crop
+            a = torch.rot90(a[:, y0:y0 + side, x0:x0 + side].float(), quarter, (-2, -1))
+            a = a.flip(-1) if mirror else a
+            if side == size:
+                return a
+            if area and side > size:  # coverage stays coverage: the mean over each output cell
+                return F.interpolate(a[None], size=(size, size), mode="area")[0]
+            return F.interpolate(a[None], size=(size, size), mode="bilinear", align_corners=False,
+                                 antialias=side > size)[0]
 
-        pixels = torch.stack([turn(self.pixels[i], q, m) for i, q, m in mine]).float()
-        labels = self.labels[[i for i, _, _ in mine]]
-        ob = [(r, i, q, m) for r, (i, q, m) in enumerate(mine) if self.object_of[i] >= 0]
+        pixels = torch.stack([view(self.pixels[i], q, m, c, False) for i, q, m, c, _ in mine])
+        labels = self.labels[[p[0] for p in mine]]
+        ob = [(r, view(self.objects[self.object_of[p[0]]][None], *p[1:4], True)[0], p[4])
+              for r, p in enumerate(mine) if self.object_of[p[0]] >= 0]
         batch = {"pixel_values": pixels, "labels_cls": labels, "text_rows": torch.zeros(0, dtype=torch.long),
                  "size": len(mine), "tasks": ["vision"] * len(mine)}
+        counts = {"tokens": 1, "masks": 1, "clicks": 1, "images": n}
         if ob:
-            batch["object_rows"] = torch.tensor([r for r, _, _, _ in ob], dtype=torch.long)
-            batch["objects"] = torch.stack([turn(self.objects[self.object_of[i]], q, m) for _, i, q, m in ob]).float()
-        return batch, {"tokens": 1, "masks": 1, "clicks": 1, "images": n}
+            batch["object_rows"] = torch.tensor([r for r, _, _ in ob], dtype=torch.long)
+            batch["objects"] = torch.stack([o for _, o, _ in ob])
+        if clicks:
+            counts["clicks"] = max(1, sum(int(self.object_of[p[0]] >= 0) for p in picks))
+            if ob:
+                batch.update(click_batch([(r, o, np.random.default_rng([seed, k, 3, s])) for r, o, s in ob]))
+        return batch, counts
+
+
+def click_batch(items: list[tuple[int, torch.Tensor, np.random.Generator]]) -> dict:
+    """Click queries for ``(row, (S, S) object coverage, rng)`` items, as ``collate`` lays out
+    mask queries: one connected object of each map is clicked (``click_prompt``: a point on it or
+    its jittered box, model frame) and its coverage is the target; a map without objects gets a
+    uniform background point and an empty target."""
+    import cv2
+
+    rows, points, targets = [], [], []
+    for row, coverage, rng in items:
+        size = coverage.shape[-1]
+        count, parts = cv2.connectedComponents((coverage.numpy() > 0).astype(np.uint8), connectivity=8)
+        if count > 1:
+            part = parts == int(rng.integers(1, count))
+            points.append(decoder_points(click_prompt(part, rng), Letterbox(size, size, size)))
+            targets.append(coverage * torch.from_numpy(part))
+        else:
+            point = VisualPrompts([(float(rng.uniform(0, size)), float(rng.uniform(0, size)))], [], [])
+            points.append(decoder_points(point, Letterbox(size, size, size)))
+            targets.append(torch.zeros_like(coverage))
+        rows.append(row)
+    groups: dict[int, list[int]] = {}
+    for q, (_, labels) in enumerate(points):
+        groups.setdefault(len(labels), []).append(q)
+    return {"mask_rows": torch.tensor(rows, dtype=torch.long),
+            "seg_pos": torch.full((len(rows),), -1, dtype=torch.long),
+            "mask_vision": torch.ones(len(rows), dtype=torch.bool),
+            "targets": torch.stack(targets),
+            "point_groups": [(torch.tensor(qs, dtype=torch.long),
+                              torch.from_numpy(np.stack([points[q][0] for q in qs]))[:, None],
+                              torch.from_numpy(np.stack([points[q][1] for q in qs]))[:, None])
+                             for _, qs in sorted(groups.items())]}
 
 
 def warm_up_vision(net, module, images: VisionImages, minutes: float, batch: int, lr: float, seed: int,
                    rank: int, world: int, device: torch.device, autocast, all_sum, main: bool) -> int:
-    """Train ``module``'s vision encoder (and its training-only heads) alone for ``minutes``;
-    ``net`` is ``module`` or its DDP wrapper. Returns the steps taken (the same on every rank)."""
+    """Train ``module``'s vision encoder (and its training-only heads), then also its pixel
+    decoder on clicks, alone for ``minutes``; ``net`` is ``module`` or its DDP wrapper.
+    Returns the steps taken (the same on every rank: the clock is the ranks' mean)."""
     params = [p for name, p in module.named_parameters() if p.requires_grad and (
-        name.startswith("model.vision_encoder.") or name.startswith("aux_"))]
+        name.startswith(("model.vision_encoder.", "model.pixel_decoder.", "aux_")))]
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.05, betas=(0.9, 0.95))
+    full = images.size
+    low = full // 2 if module.model.config.vision.kind == "cnn" else full
     started = time.perf_counter()
-    k, shown = 0, 0.0
+    k, shown, seen = 0, 0.0, {low: 0, full: 0}
     while True:
-        elapsed = time.perf_counter() - started
-        if all_sum([float(elapsed >= 60 * minutes)])[0] > 0:  # every rank stops at the same step
+        elapsed = all_sum([time.perf_counter() - started])[0] / world  # every rank: the same clock
+        if elapsed >= 60 * minutes:
             break
-        b, counts = images.batch(k, batch, seed, rank, world)
+        t = elapsed / (60 * minutes)
+        size = low if t < LOW_RES_SHARE else full
+        b, counts = images.batch(k, batch, seed, rank, world, size=size, crops=True, clicks=size == full)
         b = {key: v.to(device) if torch.is_tensor(v) else v for key, v in b.items()}
+        if "point_groups" in b:
+            b["point_groups"] = [tuple(v.to(device) for v in g) for g in b["point_groups"]]
         for g in opt.param_groups:
-            g["lr"] = lr * min(1.0, (k + 1) / 50)
+            g["lr"] = lr * min(1.0, (k + 1) / 50) * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * t)))
         with autocast:
             losses = net(b, counts)
         opt.zero_grad(set_to_none=True)
@@ -118,11 +200,15 @@ def warm_up_vision(net, module, images: VisionImages, minutes: float, batch: int
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         k += 1
+        seen[size] += batch
         now = time.perf_counter() - started
         if main and (now - shown > 30 or k == 1):
             shown = now
-            print(f"vision warm-up: step {k}, {now / 60:.1f}/{minutes:g} min, "
-                  f"class {float(losses['aux_class'].detach()):.3f}, objects {float(losses['aux_dense'].detach()):.3f}, "
+            print(f"vision warm-up: step {k}, {now / 60:.1f}/{minutes:g} min, {size} px, "
+                  f"lr {opt.param_groups[0]['lr']:.2e}, class {float(losses['aux_class'].detach()):.3f}, "
+                  f"objects {float(losses['aux_dense'].detach()):.3f}, click {float(losses['click'].detach()):.3f}, "
                   f"{k * batch / now:.0f} images/s", file=sys.stderr, flush=True)
+    if main:
+        print("vision warm-up: " + ", ".join(f"{n} images at {s} px" for s, n in seen.items()), file=sys.stderr)
     module.zero_grad(set_to_none=True)
     return k
