@@ -225,6 +225,9 @@ def add_training_parsers(sub, add_source=add_model_source) -> None:
                    help="bf16 autocast or fp32 (auto: bf16 on CUDA and on CPUs with native bf16)")
     p.add_argument("--lora-rank", type=int, default=0, help="LoRA rank on the LLM's linear layers (0: LLM frozen)")
     p.add_argument("--lora-lr", type=float, default=5e-4, help="learning rate of the LoRA factors")
+    p.add_argument("--vision-lr", type=float, default=None,
+                   help="the vision encoder's peak learning rate in the fused steps (default: --lr); "
+                        "lower keeps more of what --vision-warmup taught it")
     p.add_argument("--fsdp", action="store_true",
                    help="under torchrun: shard parameters, gradients and optimizer state over the ranks (FSDP2)")
     p.add_argument("--llm", metavar="DIR", default=None,
@@ -308,7 +311,7 @@ def cmd_train(args: argparse.Namespace) -> int:
                       checkpoint_every=args.checkpoint_every, log_every=args.log_every, time_limit_min=args.time_limit,
                       lora_rank=args.lora_rank, lora_lr=args.lora_lr, precision=args.precision, fsdp=args.fsdp,
                       llm=args.llm, class_words=args.class_words, vision_norm=args.vision_norm,
-                      vision_warmup=args.vision_warmup,
+                      vision_warmup=args.vision_warmup, vision_lr=args.vision_lr,
                       **({"task_weights": args.task_weights} if args.task_weights else {}),
                       **({"vision_batch": args.vision_batch} if args.vision_batch is not None else {}))
     if args.dry_run:

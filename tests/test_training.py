@@ -542,3 +542,30 @@ def test_vision_warmup_batches_resample_crop_and_click_one_object(data_root):
                 (x0, y0), (x1, y1) = xy.tolist()
                 assert float(target[int(y0):int(y1) + 1, int(x0):int(x1) + 1].sum()) > 0.5 * float(target.sum())
     assert len(kinds) == 8 and set(map(tuple, kinds)) == {(LABEL_FOREGROUND,), (LABEL_BOX_TOP_LEFT, LABEL_BOX_BOTTOM_RIGHT)}
+
+
+def test_vision_lr_gives_the_vision_encoder_its_own_learning_rate(tmp_path):
+    """``--vision-lr``: the vision encoder's parameters (and only they) take it; every trained
+    parameter is in exactly one group; without it the groups are those older runs resume from."""
+    from earthgptx.config import preset
+    from earthgptx.errors import InputError
+    from earthgptx.model import build_model
+    from earthgptx.training.loop import TrainConfig, param_groups
+    from earthgptx.training.step import TrainModule
+
+    model, _ = build_model(preset("tiny"))
+    module = TrainModule(model, torch.zeros(3, dtype=torch.long), 0, [], num_classes=4, lora_rank=2)
+    vision = {id(p) for p in model.vision_encoder.parameters()}
+    trained = [p for p in module.parameters() if p.requires_grad]
+    cfg = TrainConfig(data=str(tmp_path), out=str(tmp_path / "o"), preset="tiny", lr=2e-3, vision_lr=5e-4,
+                      lora_lr=1e-3)
+    groups = param_groups(module, cfg)
+    members = [id(p) for g in groups for p in g["params"]]
+    assert sorted(members) == sorted(id(p) for p in trained)
+    for g in groups:
+        ids = {id(p) for p in g["params"]}
+        assert (g["scale"] == 0.25) == bool(ids & vision) and (not ids & vision or ids <= vision)
+    assert [g["scale"] for g in param_groups(module, TrainConfig(data=str(tmp_path), out=str(tmp_path / "o"),
+                                                                 preset="tiny", lr=2e-3, lora_lr=1e-3))] == [1.0, 1.0, 0.5]
+    with pytest.raises(InputError, match="--vision-lr"):
+        TrainConfig(data=str(tmp_path), out=str(tmp_path / "o"), vision_lr=0.0)

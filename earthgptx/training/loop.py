@@ -69,6 +69,7 @@ class TrainConfig:
     class_words: bool = True  # the vision encoder's classifier feeds class-name words to the LLM
     vision_norm: str | None = None  # the vision CNN's "group" or "batch" norm; None: the preset's
     vision_warmup: float = 0.0  # minutes the vision encoder trains alone before the fused steps (warmup.py)
+    vision_lr: float | None = None  # the vision encoder's peak learning rate in the fused steps (None: lr)
 
     def model_config(self, class_names: tuple[str, ...] = ()):
         """The preset's ``ModelConfig``, with the LLM of ``llm`` where one is named, a vision
@@ -102,6 +103,30 @@ class TrainConfig:
             raise InputError(f"--precision must be auto, bf16 or fp32, not {self.precision!r}")
         if self.vision_warmup < 0 or (self.time_limit_min is not None and self.vision_warmup >= self.time_limit_min):
             raise InputError("--vision-warmup must be 0 or more minutes, and less than --time-limit")
+        if self.vision_lr is not None and not self.vision_lr > 0:
+            raise InputError("--vision-lr must be a positive learning rate")
+
+
+def param_groups(module, cfg: TrainConfig) -> list[dict]:
+    """AdamW groups of ``module``'s trained parameters, each with its ``scale`` of the scheduled
+    learning rate: matrices with weight decay, the rest (and the added token rows) without, the
+    LoRA factors at ``lora_lr``; with ``vision_lr`` the vision encoder's own two groups at it
+    (after a warm-up, so that the fused steps refine what it learned rather than restart it)."""
+    lora = {id(p) for p in module.lora}
+    vision = {id(p) for p in module.model.vision_encoder.parameters()} if cfg.vision_lr is not None else set()
+    parts = [(lambda p: id(p) not in lora and id(p) not in vision, 1.0)]
+    if vision:
+        parts.append((lambda p: id(p) in vision, cfg.vision_lr / cfg.lr))
+    groups = []
+    for members, scale in parts:
+        trained = [p for p in module.parameters() if p.requires_grad and members(p)]
+        decay = [p for p in trained if p.ndim >= 2 and p is not module.added]
+        no_decay = [p for p in trained if p.ndim < 2 or p is module.added]
+        groups += [{"params": decay, "weight_decay": cfg.weight_decay, "scale": scale},
+                   {"params": no_decay, "weight_decay": 0.0, "scale": scale}]
+    if module.lora:
+        groups.append({"params": module.lora, "weight_decay": 0.0, "scale": cfg.lora_lr / cfg.lr})
+    return groups
 
 
 def class_index(samples: list) -> dict[tuple[str, str], int]:
@@ -266,13 +291,7 @@ def train(cfg: TrainConfig) -> Path:
     mix = InstructionMix(train_samples, cfg.task_weights, seed=cfg.seed)
 
     params = [p for p in module.parameters() if p.requires_grad]
-    lora = {id(p) for p in module.lora}
-    decay = [p for p in params if p.ndim >= 2 and p is not module.added and id(p) not in lora]
-    no_decay = [p for p in params if (p.ndim < 2 or p is module.added) and id(p) not in lora]
-    groups = [{"params": decay, "weight_decay": cfg.weight_decay, "scale": 1.0},
-              {"params": no_decay, "weight_decay": 0.0, "scale": 1.0}]
-    if module.lora:
-        groups.append({"params": module.lora, "weight_decay": 0.0, "scale": cfg.lora_lr / cfg.lr})
+    groups = param_groups(module, cfg)
     opt = torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.95))
     start = 0
     state_path = out / "state.pt"
