@@ -167,6 +167,20 @@ def augment_geometry(image: np.ndarray, masks: list[np.ndarray], rng: np.random.
     return apply(image), [apply(m) for m in masks]
 
 
+def point_groups(points: list[tuple[np.ndarray, np.ndarray]]) -> list[tuple[torch.Tensor, ...]]:
+    """Mask queries' ``(P, 2)`` coordinates and ``(P,)`` labels, grouped by point count: a list of
+    (rows into ``points``, ``(n, 1, P, 2)`` coordinates, ``(n, 1, P)`` labels). SAM attends to
+    every point token, padding ones too: rows are never padded to a common point count, they are
+    grouped by it (as at inference, where a query has its own points)."""
+    groups: dict[int, list[int]] = {}
+    for row, (_, labels) in enumerate(points):
+        groups.setdefault(len(labels), []).append(row)
+    return [(torch.tensor(rows, dtype=torch.long),
+             torch.from_numpy(np.stack([points[r][0] for r in rows])[:, None]),
+             torch.from_numpy(np.stack([points[r][1] for r in rows])[:, None]))
+            for _, rows in sorted(groups.items())]
+
+
 def collate(items: list[Encoded], pad_id: int) -> dict:
     """A batch: every image; text rows for the non-click items (right-padded); prompt rows
     for items with visual prompts (padded with ``PROMPT_PAD``); decoder queries for items
@@ -204,15 +218,7 @@ def collate(items: list[Encoded], pad_id: int) -> dict:
 
     mq = [i for i, it in enumerate(items) if it.target is not None]
     if mq:
-        # SAM attends to every point token, padding ones too: rows are never padded to a common
-        # point count, they are grouped by it (as at inference, where a query has its own points)
-        groups: dict[int, list[int]] = {}
-        for row, i in enumerate(mq):
-            groups.setdefault(len(items[i].points[1]), []).append(row)
-        batch["point_groups"] = [(torch.tensor(rows, dtype=torch.long),
-                                  torch.from_numpy(np.stack([items[mq[r]].points[0] for r in rows])[:, None]),
-                                  torch.from_numpy(np.stack([items[mq[r]].points[1] for r in rows])[:, None]))
-                                 for _, rows in sorted(groups.items())]
+        batch["point_groups"] = point_groups([items[i].points for i in mq])
         seg_pos = [items[i].seg_pos for i in mq]
         batch.update(mask_rows=torch.tensor(mq, dtype=torch.long), seg_pos=torch.tensor(seg_pos, dtype=torch.long),
                      mask_vision=torch.tensor([items[i].task == VISION_TASK for i in mq], dtype=torch.bool),

@@ -143,6 +143,8 @@ def click_batch(items: list[tuple[int, torch.Tensor, np.random.Generator]]) -> d
     uniform background point and an empty target."""
     import cv2
 
+    from .batches import point_groups
+
     rows, points, targets = [], [], []
     for row, coverage, rng in items:
         size = coverage.shape[-1]
@@ -156,17 +158,11 @@ def click_batch(items: list[tuple[int, torch.Tensor, np.random.Generator]]) -> d
             points.append(decoder_points(point, Letterbox(size, size, size)))
             targets.append(torch.zeros_like(coverage))
         rows.append(row)
-    groups: dict[int, list[int]] = {}
-    for q, (_, labels) in enumerate(points):
-        groups.setdefault(len(labels), []).append(q)
     return {"mask_rows": torch.tensor(rows, dtype=torch.long),
             "seg_pos": torch.full((len(rows),), -1, dtype=torch.long),
             "mask_vision": torch.ones(len(rows), dtype=torch.bool),
             "targets": torch.stack(targets),
-            "point_groups": [(torch.tensor(qs, dtype=torch.long),
-                              torch.from_numpy(np.stack([points[q][0] for q in qs]))[:, None],
-                              torch.from_numpy(np.stack([points[q][1] for q in qs]))[:, None])
-                             for _, qs in sorted(groups.items())]}
+            "point_groups": point_groups(points)}
 
 
 def warm_up_vision(net, module, images: VisionImages, minutes: float, batch: int, lr: float, seed: int,
