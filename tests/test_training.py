@@ -443,9 +443,12 @@ def test_train_config_refuses_bad_values_and_sets_the_vision_norm(tmp_path):
 
 def test_vision_warmup_prepares_images_as_inference_and_trains_the_encoder_alone(data_root):
     """``--vision-warmup``: the images held in memory are what inference feeds the encoder, the
-    ranks split each step's images between them, and the warm-up lowers the class loss while
-    touching nothing but the vision side (encoder, pixel decoder) and its training-only heads."""
+    ranks split each step's images between them, object steps (model size, clicks) and class
+    steps (half size, then the model size) share the minutes, and the warm-up lowers the class
+    loss while touching nothing but the vision side (encoder, pixel decoder) and its
+    training-only heads."""
     import contextlib
+    import dataclasses
 
     from earthgptx.config import preset
     from earthgptx.data.instructions import InstructionMix
@@ -479,20 +482,38 @@ def test_vision_warmup_prepares_images_as_inference_and_trains_the_encoder_alone
     # the warm-up learns: on 12 MSTAR chips and the ships it fits the class loss down (a
     # tiny encoder on all 2,335 chips moves too little in seconds to tell from noise)
     few = [x for x in samples if x.dataset == "hrsid-mini"] + [x for x in samples if x.dataset == "mstar"][:12]
-    images = VisionImages(InstructionMix(few, seed=0), classes, 128, log=False)
+    images = VisionImages(InstructionMix(few, seed=0), classes, 256, log=False)
     torch.manual_seed(0)
-    model, tokenizer = build_model(preset("tiny"))
+    tiny = preset("tiny")  # with the CNN encoder (whose class steps start at half size) at 256 px
+    model, tokenizer = build_model(dataclasses.replace(tiny, vision=dataclasses.replace(
+        tiny.vision, kind="cnn", patch_size=8, image_size=256)))
     module = TrainModule(model, torch.zeros(3, dtype=torch.long), 0, [], num_classes=len(classes)).train()
     held, held_counts = images.batch(10_000, 64, seed=0)
     with torch.no_grad():
         before = float(module(held, held_counts)["aux_class"])
     frozen = {k: v.clone() for k, v in module.state_dict().items()
               if not k.startswith(("model.vision_encoder.", "model.pixel_decoder.", "aux_"))}
+    assert images.groups == {"objects": ["hrsid-mini"], "classes": ["mstar"]}
+    only, _ = images.batch(0, 8, seed=0, group="objects")
+    assert bool((only["labels_cls"] == -1).all()) and only["objects"].shape[0] == 8  # ships only
+    calls = []
+    batch_of = images.batch
+
+    def recorded(*args, **kw):  # which group each step drew, at which size, with clicks or not
+        calls.append((kw["group"], kw["size"], kw["clicks"]))
+        return batch_of(*args, **kw)
+
+    images.batch = recorded
     steps = warm_up_vision(module, module, images, 0.15, 32, 2e-3, 0, 0, 1, torch.device("cpu"),
                            contextlib.nullcontext(), lambda v: v, main=False)
     with torch.no_grad():
         after = float(module(held, held_counts)["aux_class"])
     assert steps > 5 and after < 0.5 * before, (steps, before, after)
+    # object steps at the model size with clicks from the start; class steps first at half size
+    assert len(calls) == steps and {c for c in calls if c[0] == "objects"} == {("objects", 256, True)}
+    classes = [size for group, size, clicks in calls if group == "classes" and not clicks]
+    assert classes[0] == 128 and set(classes) == {128, 256} and classes == sorted(classes)
+    assert calls.index(("objects", 256, True)) < calls.index(("classes", 256, False))
     for k, v in module.state_dict().items():
         if k in frozen:
             assert torch.equal(v, frozen[k]), k

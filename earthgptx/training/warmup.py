@@ -23,12 +23,18 @@ network. Each step draws ``batch`` images as vision items are drawn (a dataset b
 root of its size, then an image), each turned by a random quarter turn, mirrored half of the
 time and cropped to 70-100 % of each side (80 % of the time), together with its object map.
 
-Schedule (CNN encoders, whose input size is free): **progressive resizing**. The first
-``LOW_RES_SHARE`` of the minutes run at half the model size (a quarter of the cost per image:
-four times the images), the rest at the model size, where the clicks train the pixel decoder
-(its positional grid is the model size's). The learning rate warms up over 50 steps and
-follows a cosine to 5 % over the minutes. Crops resampled to the model size change what batch
-norm sees; ``egx train`` re-estimates the statistics at its end (``batchnorm.py``).
+Schedule: **two kinds of step**, each a whole global batch from one group of datasets.
+*Object steps* draw from the datasets with object maps (ships, infrared targets, roads) and
+always run at the model size, where a 2-3 px infrared target still has pixels and the pixel
+decoder's positional grid is its own: they train the dense head and, through **clicks**, the
+pixel decoder. *Class steps* draw from the classified datasets (AID, MSTAR); for CNN encoders,
+whose input size is free, their first ``LOW_RES_SHARE`` of the minutes run at half the model
+size (**progressive resizing**: a quarter of the cost per image), the rest at the model size.
+The ranks share one clock and the time object steps took (the means of theirs); a step is an
+object step while those have had less than ``OBJECT_SHARE`` of the time. The learning rate
+warms up over 50 steps and follows a cosine to 5 % over the minutes, so both kinds train at
+the high rate from the start. Crops resampled to the model size change what batch norm sees;
+``egx train`` re-estimates the statistics at its end (``batchnorm.py``).
 """
 from __future__ import annotations
 
@@ -43,7 +49,8 @@ from torch.nn import functional as F
 from ..data.instructions import InstructionMix, click_prompt
 from ..processing import Letterbox, VisualPrompts, decoder_points
 
-LOW_RES_SHARE = 2 / 3  # of the warm-up's minutes at half the model size (CNN encoders)
+LOW_RES_SHARE = 2 / 3  # of the warm-up's minutes in which class steps run at half the model size (CNN)
+OBJECT_SHARE = 0.35  # of the warm-up's time given to object steps (model size, clicks)
 CROP_P = 0.8  # the share of images cropped (as vision items are: batches.augment_geometry)
 
 
@@ -52,7 +59,9 @@ class VisionImages:
 
     ``pixels`` ``(N, 3, S, S)`` float16 (model frame); ``labels`` ``(N,)`` int64 class index
     (-1: none); ``objects`` ``(M, S, S)`` float16 coverage of all objects for the images that
-    have them, ``object_of`` ``(N,)`` their row in it (-1: none); ``pools`` dataset -> rows.
+    have them, ``object_of`` ``(N,)`` their row in it (-1: none); ``pools`` dataset -> rows;
+    ``groups``: ``"objects"`` (the datasets with object maps) and ``"classes"`` (the others)
+    -> dataset names, each group only if it has a dataset.
     """
 
     def __init__(self, mix: InstructionMix, classes: dict, size: int, log: bool = True) -> None:
@@ -81,21 +90,25 @@ class VisionImages:
         self.labels = torch.tensor(labels, dtype=torch.long)
         self.objects = torch.stack(objects) if objects else torch.zeros(0, size, size, dtype=torch.float16)
         self.object_of = torch.tensor(object_of, dtype=torch.long)
+        with_objects = {d for d, pool in self.pools.items() if any(object_of[n] >= 0 for n in pool)}
+        self.groups = {kind: names for kind, names in (
+            ("objects", sorted(with_objects)), ("classes", sorted(set(self.pools) - with_objects))) if names}
         if log:
             print(f"vision warm-up: {len(rows)} images in memory ({self.pixels.nbytes / 2**30:.1f} GiB), "
                   f"prepared in {time.perf_counter() - started:.0f} s", file=sys.stderr, flush=True)
 
     def batch(self, k: int, n: int, seed: int, rank: int = 0, world: int = 1, size: int | None = None,
-              crops: bool = False, clicks: bool = False) -> tuple[dict, dict]:
+              crops: bool = False, clicks: bool = False, group: str | None = None) -> tuple[dict, dict]:
         """Warm-up step ``k``'s global batch of ``n`` images, this rank's share as a
         ``TrainModule`` batch (no text), and the global counts.
 
         ``size``: the side images and object maps are resampled to (default: as prepared);
         ``crops``: crop 70-100 % of each side (``CROP_P`` of the images) before resampling;
         ``clicks``: every image with an object map also carries a click query (a point or box
-        on one connected object -> its coverage; none left: a background point -> no mask)."""
+        on one connected object -> its coverage; none left: a background point -> no mask);
+        ``group``: draw only from that group's datasets (``groups``; default: every dataset)."""
         rng = np.random.default_rng([seed, k, 2])
-        names = sorted(self.pools)
+        names = self.groups[group] if group else sorted(self.pools)
         weight = np.sqrt([len(self.pools[d]) for d in names])
         full, size = self.size, size or self.size
         picks = []
@@ -176,14 +189,19 @@ def warm_up_vision(net, module, images: VisionImages, minutes: float, batch: int
     full = images.size
     low = full // 2 if module.model.config.vision.kind == "cnn" else full
     started = time.perf_counter()
-    k, shown, seen = 0, 0.0, {low: 0, full: 0}
+    k, shown, on_objects, seen = 0, 0.0, 0.0, {}
     while True:
-        elapsed = all_sum([time.perf_counter() - started])[0] / world  # every rank: the same clock
+        # every rank: the same clock and the same kind of step (the means of the ranks' times)
+        elapsed, objects_s = (v / world for v in all_sum([time.perf_counter() - started, on_objects]))
         if elapsed >= 60 * minutes:
             break
         t = elapsed / (60 * minutes)
-        size = low if t < LOW_RES_SHARE else full
-        b, counts = images.batch(k, batch, seed, rank, world, size=size, crops=True, clicks=size == full)
+        group = "objects" if "objects" in images.groups and (
+            "classes" not in images.groups or objects_s < OBJECT_SHARE * elapsed) else "classes"
+        size = full if group == "objects" or t >= LOW_RES_SHARE else low
+        began = time.perf_counter()
+        b, counts = images.batch(k, batch, seed, rank, world, size=size, crops=True, clicks=group == "objects",
+                                 group=group)
         b = {key: v.to(device) if torch.is_tensor(v) else v for key, v in b.items()}
         if "point_groups" in b:
             b["point_groups"] = [tuple(v.to(device) for v in g) for g in b["point_groups"]]
@@ -196,15 +214,18 @@ def warm_up_vision(net, module, images: VisionImages, minutes: float, batch: int
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         k += 1
-        seen[size] += batch
+        on_objects += time.perf_counter() - began if group == "objects" else 0.0
+        seen[group, size] = seen.get((group, size), 0) + batch
         now = time.perf_counter() - started
         if main and (now - shown > 30 or k == 1):
             shown = now
-            print(f"vision warm-up: step {k}, {now / 60:.1f}/{minutes:g} min, {size} px, "
+            print(f"vision warm-up: step {k}, {now / 60:.1f}/{minutes:g} min ({objects_s / max(elapsed, 1e-9):.0%} "
+                  f"on objects), {group} at {size} px, "
                   f"lr {opt.param_groups[0]['lr']:.2e}, class {float(losses['aux_class'].detach()):.3f}, "
                   f"objects {float(losses['aux_dense'].detach()):.3f}, click {float(losses['click'].detach()):.3f}, "
                   f"{k * batch / now:.0f} images/s", file=sys.stderr, flush=True)
     if main:
-        print("vision warm-up: " + ", ".join(f"{n} images at {s} px" for s, n in seen.items()), file=sys.stderr)
+        print("vision warm-up: " + ", ".join(f"{n} {g} images at {s} px" for (g, s), n in sorted(seen.items())),
+              file=sys.stderr)
     module.zero_grad(set_to_none=True)
     return k
