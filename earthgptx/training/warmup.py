@@ -11,7 +11,7 @@ pretrained encoders; then the fused steps begin, with every task and modality in
 
 What trains here: the vision encoder through its two deep-supervision heads (``step.py``):
 the image class (AID, MSTAR) and where all objects are (ships, infrared targets, roads); and,
-in the last part, the prompt-driven pixel decoder through **clicks**: a point or a jittered
+in the object steps, the prompt-driven pixel decoder through **clicks**: a point or a jittered
 box on one object of the image (a connected component of its object map) -> that object's
 mask, as vision items carry them in the fused steps (an image without objects: a point on the
 background -> no mask).
@@ -180,8 +180,8 @@ def click_batch(items: list[tuple[int, torch.Tensor, np.random.Generator]]) -> d
 
 def warm_up_vision(net, module, images: VisionImages, minutes: float, batch: int, lr: float, seed: int,
                    rank: int, world: int, device: torch.device, autocast, all_sum, main: bool) -> int:
-    """Train ``module``'s vision encoder (and its training-only heads), then also its pixel
-    decoder on clicks, alone for ``minutes``; ``net`` is ``module`` or its DDP wrapper.
+    """Train ``module``'s vision encoder (and its training-only heads) and, in the object
+    steps, its pixel decoder on clicks, alone for ``minutes``; ``net`` is ``module`` or its DDP wrapper.
     Returns the steps taken (the same on every rank: the clock is the ranks' mean)."""
     params = [p for name, p in module.named_parameters() if p.requires_grad and (
         name.startswith(("model.vision_encoder.", "model.pixel_decoder.", "aux_")))]
