@@ -511,8 +511,8 @@ def test_vision_warmup_prepares_images_as_inference_and_trains_the_encoder_alone
     assert steps > 5 and after < 0.5 * before, (steps, before, after)
     # object steps at the model size with clicks from the start; class steps first at half size
     assert len(calls) == steps and {c for c in calls if c[0] == "objects"} == {("objects", 256, True)}
-    classes = [size for group, size, clicks in calls if group == "classes" and not clicks]
-    assert classes[0] == 128 and set(classes) == {128, 256} and classes == sorted(classes)
+    class_sizes = [size for group, size, clicks in calls if group == "classes" and not clicks]
+    assert class_sizes[0] == 128 and set(class_sizes) == {128, 256} and class_sizes == sorted(class_sizes)
     assert calls.index(("objects", 256, True)) < calls.index(("classes", 256, False))
     for k, v in module.state_dict().items():
         if k in frozen:
