@@ -504,11 +504,12 @@ def test_vision_warmup_prepares_images_as_inference_and_trains_the_encoder_alone
         return batch_of(*args, **kw)
 
     images.batch = recorded
+    # a clock on which each step takes 0.15 s: 60 steps in the 0.15 minutes, on any machine
     steps = warm_up_vision(module, module, images, 0.15, 32, 2e-3, 0, 0, 1, torch.device("cpu"),
-                           contextlib.nullcontext(), lambda v: v, main=False)
+                           contextlib.nullcontext(), lambda v: v, main=False, clock=lambda: 0.15 * len(calls))
     with torch.no_grad():
         after = float(module(held, held_counts)["aux_class"])
-    assert steps > 5 and after < 0.5 * before, (steps, before, after)
+    assert steps == 60 and after < 0.5 * before, (steps, before, after)
     # object steps at the model size with clicks from the start; class steps first at half size
     assert len(calls) == steps and {c for c in calls if c[0] == "objects"} == {("objects", 256, True)}
     class_sizes = [size for group, size, clicks in calls if group == "classes" and not clicks]

@@ -41,6 +41,7 @@ from __future__ import annotations
 import math
 import sys
 import time
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -179,27 +180,30 @@ def click_batch(items: list[tuple[int, torch.Tensor, np.random.Generator]]) -> d
 
 
 def warm_up_vision(net, module, images: VisionImages, minutes: float, batch: int, lr: float, seed: int,
-                   rank: int, world: int, device: torch.device, autocast, all_sum, main: bool) -> int:
+                   rank: int, world: int, device: torch.device, autocast, all_sum, main: bool,
+                   clock: Callable[[], float] = time.perf_counter) -> int:
     """Train ``module``'s vision encoder (and its training-only heads) and, in the object
     steps, its pixel decoder on clicks, alone for ``minutes``; ``net`` is ``module`` or its DDP wrapper.
+    ``clock``: seconds, for the schedule, the share of object steps and the stop (tests pass one
+    that advances a fixed time per step, so that what they check does not hang on the machine's speed).
     Returns the steps taken (the same on every rank: the clock is the ranks' mean)."""
     params = [p for name, p in module.named_parameters() if p.requires_grad and (
         name.startswith(("model.vision_encoder.", "model.pixel_decoder.", "aux_")))]
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.05, betas=(0.9, 0.95))
     full = images.size
     low = full // 2 if module.model.config.vision.kind == "cnn" else full
-    started = time.perf_counter()
+    started = clock()
     k, shown, on_objects, seen = 0, 0.0, 0.0, {}
     while True:
         # every rank: the same clock and the same kind of step (the means of the ranks' times)
-        elapsed, objects_s = (v / world for v in all_sum([time.perf_counter() - started, on_objects]))
+        elapsed, objects_s = (v / world for v in all_sum([clock() - started, on_objects]))
         if elapsed >= 60 * minutes:
             break
         t = elapsed / (60 * minutes)
         group = "objects" if "objects" in images.groups and (
             "classes" not in images.groups or objects_s < OBJECT_SHARE * elapsed) else "classes"
         size = full if group == "objects" or t >= LOW_RES_SHARE else low
-        began = time.perf_counter()
+        began = clock()
         b, counts = images.batch(k, batch, seed, rank, world, size=size, crops=True, clicks=group == "objects",
                                  group=group)
         b = {key: v.to(device) if torch.is_tensor(v) else v for key, v in b.items()}
@@ -214,9 +218,9 @@ def warm_up_vision(net, module, images: VisionImages, minutes: float, batch: int
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         k += 1
-        on_objects += time.perf_counter() - began if group == "objects" else 0.0
+        on_objects += clock() - began if group == "objects" else 0.0
         seen[group, size] = seen.get((group, size), 0) + batch
-        now = time.perf_counter() - started
+        now = clock() - started
         if main and (now - shown > 30 or k == 1):
             shown = now
             print(f"vision warm-up: step {k}, {now / 60:.1f}/{minutes:g} min ({objects_s / max(elapsed, 1e-9):.0%} "
