@@ -222,7 +222,7 @@ def add_training_parsers(sub, add_source=add_model_source) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.add_argument("--precision", choices=("auto", "bf16", "fp32"), default="auto",
-                   help="bf16 autocast or fp32 (auto: bf16 on CUDA and on CPUs with native bf16)")
+                   help="bf16 autocast or fp32 (auto: bf16 on CUDA and on CPUs with AMX, fp32 elsewhere)")
     p.add_argument("--lora-rank", type=int, default=0, help="LoRA rank on the LLM's linear layers (0: LLM frozen)")
     p.add_argument("--lora-lr", type=float, default=5e-4, help="learning rate of the LoRA factors")
     p.add_argument("--vision-lr", type=float, default=None,
