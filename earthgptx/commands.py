@@ -228,6 +228,9 @@ def add_training_parsers(sub, add_source=add_model_source) -> None:
     p.add_argument("--vision-lr", type=float, default=None,
                    help="the vision encoder's peak learning rate in the fused steps (default: --lr); "
                         "lower keeps more of what --vision-warmup taught it")
+    p.add_argument("--pixel-lr", type=float, default=None,
+                   help="the pixel decoder's peak learning rate in the fused steps (default: --lr); "
+                        "lower keeps more of what --vision-warmup's clicks taught it")
     p.add_argument("--fsdp", action="store_true",
                    help="under torchrun: shard parameters, gradients and optimizer state over the ranks (FSDP2)")
     p.add_argument("--llm", metavar="DIR", default=None,
@@ -311,7 +314,7 @@ def cmd_train(args: argparse.Namespace) -> int:
                       checkpoint_every=args.checkpoint_every, log_every=args.log_every, time_limit_min=args.time_limit,
                       lora_rank=args.lora_rank, lora_lr=args.lora_lr, precision=args.precision, fsdp=args.fsdp,
                       llm=args.llm, class_words=args.class_words, vision_norm=args.vision_norm,
-                      vision_warmup=args.vision_warmup, vision_lr=args.vision_lr,
+                      vision_warmup=args.vision_warmup, vision_lr=args.vision_lr, pixel_lr=args.pixel_lr,
                       **({"task_weights": args.task_weights} if args.task_weights else {}),
                       **({"vision_batch": args.vision_batch} if args.vision_batch is not None else {}))
     if args.dry_run:

@@ -580,9 +580,10 @@ def test_vision_warmup_batches_resample_crop_and_click_one_object(data_root):
     assert len(kinds) == 8 and set(map(tuple, kinds)) == both
 
 
-def test_vision_lr_gives_the_vision_encoder_its_own_learning_rate(tmp_path):
-    """``--vision-lr``: the vision encoder's parameters (and only they) take it; every trained
-    parameter is in exactly one group; without it the groups are those older runs resume from."""
+def test_vision_and_pixel_lr_give_their_parts_their_own_learning_rates(tmp_path):
+    """``--vision-lr`` / ``--pixel-lr``: the vision encoder's / pixel decoder's parameters (and
+    only they) take it; every trained parameter is in exactly one group; without them the groups
+    are those older runs resume from."""
     from earthgptx.config import preset
     from earthgptx.errors import InputError
     from earthgptx.model import build_model
@@ -592,19 +593,27 @@ def test_vision_lr_gives_the_vision_encoder_its_own_learning_rate(tmp_path):
     model, _ = build_model(preset("tiny"))
     module = TrainModule(model, torch.zeros(3, dtype=torch.long), 0, [], num_classes=4, lora_rank=2)
     vision = {id(p) for p in model.vision_encoder.parameters()}
+    pixel = {id(p) for p in model.pixel_decoder.parameters()}
     trained = [p for p in module.parameters() if p.requires_grad]
-    cfg = TrainConfig(data=str(tmp_path), out=str(tmp_path / "o"), preset="tiny", lr=2e-3, vision_lr=5e-4,
-                      lora_lr=1e-3)
-    groups = param_groups(module, cfg)
-    members = [id(p) for g in groups for p in g["params"]]
-    assert sorted(members) == sorted(id(p) for p in trained)
-    for g in groups:
-        ids = {id(p) for p in g["params"]}
-        assert (g["scale"] == 0.25) == bool(ids & vision) and (not ids & vision or ids <= vision)
+    for pixel_lr in (None, 1.5e-3):
+        cfg = TrainConfig(data=str(tmp_path), out=str(tmp_path / "o"), preset="tiny", lr=2e-3, vision_lr=5e-4,
+                          pixel_lr=pixel_lr, lora_lr=1e-3)
+        groups = param_groups(module, cfg)
+        members = [id(p) for g in groups for p in g["params"]]
+        assert sorted(members) == sorted(id(p) for p in trained)
+        for g in groups:
+            ids = {id(p) for p in g["params"]}
+            assert (g["scale"] == 0.25) == bool(ids & vision) and (not ids & vision or ids <= vision)
+            if pixel_lr is not None:
+                assert (g["scale"] == 0.75) == bool(ids & pixel)
+                assert not ids & pixel or ids <= pixel
+            elif ids & pixel:
+                assert g["scale"] == 1.0
     plain = TrainConfig(data=str(tmp_path), out=str(tmp_path / "o"), preset="tiny", lr=2e-3, lora_lr=1e-3)
     assert [g["scale"] for g in param_groups(module, plain)] == [1.0, 1.0, 0.5]
-    with pytest.raises(InputError, match="--vision-lr"):
-        TrainConfig(data=str(tmp_path), out=str(tmp_path / "o"), vision_lr=0.0)
+    for flag, field in (("--vision-lr", "vision_lr"), ("--pixel-lr", "pixel_lr")):
+        with pytest.raises(InputError, match=flag):
+            TrainConfig(data=str(tmp_path), out=str(tmp_path / "o"), **{field: 0.0})
 
 
 def test_the_model_card_command_names_the_recipe_options():
@@ -612,7 +621,7 @@ def test_the_model_card_command_names_the_recipe_options():
     from earthgptx.training.ship import _args
 
     cfg = {"out": "runs/r", "steps": 6000, "batch_size": 16, "lr": 0.002, "lora_rank": 8, "time_limit_min": 65.0,
-           "vision_batch": 48, "vision_norm": None, "vision_warmup": 30.0, "vision_lr": 0.0005}
+           "vision_batch": 48, "vision_norm": None, "vision_warmup": 30.0, "vision_lr": 0.0005, "pixel_lr": 0.001}
     assert _args(cfg) == ("--out runs/r --steps 6000 --batch-size 16 --lr 0.002 --lora-rank 8 --time-limit 65 "
-                          "--vision-batch 48 --vision-warmup 30 --vision-lr 0.0005")
+                          "--vision-batch 48 --vision-warmup 30 --vision-lr 0.0005 --pixel-lr 0.001")
     assert "--vision-warmup" not in _args({**cfg, "vision_warmup": 0.0, "vision_lr": None})

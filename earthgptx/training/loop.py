@@ -63,13 +63,14 @@ class TrainConfig:
     time_limit_min: float | None = None
     lora_rank: int = 0  # 0: the LLM frozen; r > 0: LoRA of rank r on every LLM linear layer
     lora_lr: float = 5e-4
-    precision: str = "auto"  # "bf16" autocast, "fp32", or "auto": bf16 where the device computes it natively
+    precision: str = "auto"  # "bf16" autocast, "fp32", or "auto": bf16 on CUDA and on CPUs with AMX (use_bf16)
     fsdp: bool = False  # shard parameters, gradients and optimizer state over torchrun ranks (fsdp.py)
     llm: str | None = None  # a Hugging Face Llama folder as the base LLM instead of the preset's
     class_words: bool = True  # the vision encoder's classifier feeds class-name words to the LLM
     vision_norm: str | None = None  # the vision CNN's "group" or "batch" norm; None: the preset's
     vision_warmup: float = 0.0  # minutes the vision encoder trains alone before the fused steps (warmup.py)
     vision_lr: float | None = None  # the vision encoder's peak learning rate in the fused steps (None: lr)
+    pixel_lr: float | None = None  # the pixel decoder's peak learning rate in the fused steps (None: lr)
 
     def model_config(self, class_names: tuple[str, ...] = ()):
         """The preset's ``ModelConfig``, with the LLM of ``llm`` where one is named, a vision
@@ -105,18 +106,23 @@ class TrainConfig:
             raise InputError("--vision-warmup must be 0 or more minutes, and less than --time-limit")
         if self.vision_lr is not None and not self.vision_lr > 0:
             raise InputError("--vision-lr must be a positive learning rate")
+        if self.pixel_lr is not None and not self.pixel_lr > 0:
+            raise InputError("--pixel-lr must be a positive learning rate")
 
 
 def param_groups(module, cfg: TrainConfig) -> list[dict]:
     """AdamW groups of ``module``'s trained parameters, each with its ``scale`` of the scheduled
     learning rate: matrices with weight decay, the rest (and the added token rows) without, the
-    LoRA factors at ``lora_lr``; with ``vision_lr`` the vision encoder's own two groups at it
-    (after a warm-up, so that the fused steps refine what it learned rather than restart it)."""
+    LoRA factors at ``lora_lr``; with ``vision_lr`` the vision encoder's own two groups at it and
+    with ``pixel_lr`` the pixel decoder's (after a warm-up, which trains both, so that the fused
+    steps refine what it taught them rather than restart it)."""
     lora = {id(p) for p in module.lora}
-    vision = {id(p) for p in module.model.vision_encoder.parameters()} if cfg.vision_lr is not None else set()
-    parts = [(lambda p: id(p) not in lora and id(p) not in vision, 1.0)]
-    if vision:
-        parts.append((lambda p: id(p) in vision, cfg.vision_lr / cfg.lr))
+    own = []  # (parameter ids, scale) of the parts with a rate of their own
+    for part, rate in ((module.model.vision_encoder, cfg.vision_lr), (module.model.pixel_decoder, cfg.pixel_lr)):
+        if rate is not None:
+            own.append(({id(p) for p in part.parameters()}, rate / cfg.lr))
+    taken = lora.union(*(ids for ids, _ in own))
+    parts = [(lambda p: id(p) not in taken, 1.0)] + [(lambda p, ids=ids: id(p) in ids, scale) for ids, scale in own]
     groups = []
     for members, scale in parts:
         trained = [p for p in module.parameters() if p.requires_grad and members(p)]

@@ -115,7 +115,8 @@ def _args(cfg: dict) -> str:
     """The ``egx train`` options of a run's ``train_config.json`` that its recipe depends on."""
     keys = {"out": "--out", "steps": "--steps", "batch_size": "--batch-size", "lr": "--lr",
             "lora_rank": "--lora-rank", "time_limit_min": "--time-limit", "vision_batch": "--vision-batch",
-            "vision_norm": "--vision-norm", "vision_warmup": "--vision-warmup", "vision_lr": "--vision-lr"}
+            "vision_norm": "--vision-norm", "vision_warmup": "--vision-warmup", "vision_lr": "--vision-lr",
+            "pixel_lr": "--pixel-lr"}
     return " ".join(f"{flag} {cfg[k]:g}" if isinstance(cfg[k], float) else f"{flag} {cfg[k]}"
                     for k, flag in keys.items() if cfg.get(k) not in (None, 0.0))
 
