@@ -14,8 +14,9 @@ click batch that training uses.
   ``no_grad`` on ``--batches`` batches of each kind, batch norm in training mode (batch
   statistics) and in eval mode (running statistics): the warm-up's object batches
   (``training.warmup.VisionImages``, 64 images at the model size, crops, one connected object
-  clicked) and the fused steps' vision items (48 drawn from every dataset, as ``egx train``
-  draws them, and 48 from the object datasets alone).
+  clicked) and the fused steps' batches (``training.loop.StepBatches``: one instruction and
+  48 vision items drawn from every dataset, as ``egx train`` draws them, or from the object
+  datasets alone).
 Prints a table and writes JSON. Needs the checkpoint's classes: a ``small`` checkpoint trained
 on the same ``--data``.
 """
@@ -79,13 +80,15 @@ def readme_example(checkpoint: Path, root: Path) -> dict[str, float]:
 
 
 def click_losses(model, tokenizer, root: Path, batches: int) -> dict[str, float]:
-    from earthgptx.data.instructions import InstructionMix, clicks_on
-    from earthgptx.training.batches import Encoder, collate
-    from earthgptx.training.loop import TrainConfig, class_index, load_split
+    from earthgptx.data.instructions import InstructionMix
+    from earthgptx.training.batches import Encoder
+    from earthgptx.training.loop import StepBatches, TrainConfig, class_index, load_split
     from earthgptx.training.step import TrainModule
     from earthgptx.training.warmup import VisionImages
 
-    train, _ = load_split(TrainConfig(data=str(root), out="unused"))
+    # one instruction beside the 48 vision items: the smallest fused step egx train makes
+    cfg = TrainConfig(data=str(root), out="unused", batch_size=1, vision_batch=48)
+    train, _ = load_split(cfg)
     classes = class_index(train)
     enc = Encoder(model.config, tokenizer, augment=True, seed=0, classes=classes)
     module = TrainModule(model, torch.from_numpy(enc.prefix_ids), enc.image_id, enc.region_ids,
@@ -93,22 +96,15 @@ def click_losses(model, tokenizer, root: Path, batches: int) -> dict[str, float]
     mixes = {"fused, all datasets": InstructionMix(train, seed=0),
              "fused, object datasets": InstructionMix([s for s in train if s.dataset in OBJECT_DATASETS], seed=0)}
     images = VisionImages(mixes["fused, object datasets"], classes, model.config.vision.image_size, log=False)
-    pad = tokenizer.pad_token_id or 0
-
-    def fused(mix, k: int, n: int = 48):
-        insts = mix.images(k, n)
-        items = [enc(x, rng=np.random.default_rng([0, k, j])) for j, x in enumerate(insts)]
-        return collate(items, pad), {"tokens": 1, "masks": max(1, sum(x.target is not None for x in insts)),
-                                     "clicks": max(1, sum(clicks_on(x) for x in insts)), "images": n}
-
+    kinds = {"warm-up objects": lambda k: images.batch(k, 64, 0, size=images.size, crops=True, clicks=True,
+                                                        group="objects"),
+             **{name: StepBatches(mix, enc, cfg, 0, 0, 1, tokenizer.pad_token_id or 0).__getitem__
+                for name, mix in mixes.items()}}
     out = {}
     for mode in ("train", "eval"):
         module.train(mode == "train")
         module.model.llm.eval()
         with torch.no_grad():
-            kinds = {"warm-up objects": lambda k: images.batch(k, 64, 0, size=images.size, crops=True, clicks=True,
-                                                                group="objects"),
-                     **{name: (lambda k, m=mix: fused(m, k)) for name, mix in mixes.items()}}
             for name, make in kinds.items():
                 out[f"{name}, batch norm {mode}"] = float(np.mean([float(module(*make(k))["click"])
                                                                    for k in range(batches)]))
