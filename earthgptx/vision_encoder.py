@@ -11,7 +11,8 @@ CNN (learns from a few thousand images, where a ViT would not; batch norm in the
 preset, see ``_norm``) and a
 feature pyramid whose stride-8 output is the dense embedding, so that infrared targets of
 a few pixels keep their own cells; the stride-16 and -32 maps are pooled into the tokens.
-Same inputs and outputs either way.
+``kind="effnet"`` is ``ConvEncoder`` with EfficientNet-Lite0 (``effnet_lite``) as its stages,
+which ``egx train`` starts from ImageNet weights. Same inputs and outputs either way.
 
 Class words (``VisionConfig.class_names``, the trained default): a linear classifier on the
 mean grid token gives probabilities over the training data's classes; ``class_words`` holds
@@ -90,29 +91,40 @@ class ConvEncoder(nn.Module):
     Stages at strides 4, 8, 16, 32 (``cnn_dims``, ``cnn_depths`` residual blocks each); an
     FPN (1x1 laterals, top-down upsample-and-add) gives the stride-8 dense map; the
     stride-16 and stride-32 maps are average-pooled to the ``token_grid`` and concatenated.
+
+    With ``cfg.kind == "effnet"`` the stages are ``effnet_lite.EffNetLite0`` (``backbone``).
     """
 
     def __init__(self, cfg: VisionConfig) -> None:
         super().__init__()
-        d = cfg.cnn_dims
         self.cfg = cfg
-        nm = cfg.norm
-        self.stem = nn.Sequential(_down(3, d[0] // 2, nm), _down(d[0] // 2, d[0], nm))  # stride 4
-        self.stages = nn.ModuleList()
-        for i, (c, n) in enumerate(zip(d, cfg.cnn_depths)):
-            down = [] if i == 0 else [_down(d[i - 1], c, nm)]
-            self.stages.append(nn.Sequential(*down, *(ResBlock(c, nm) for _ in range(n))))
+        if cfg.kind == "effnet":
+            from .effnet_lite import DIMS, EffNetLite0
+
+            self.backbone = EffNetLite0()
+            d = (None, *DIMS)
+        else:
+            d = cfg.cnn_dims
+            nm = cfg.norm
+            self.stem = nn.Sequential(_down(3, d[0] // 2, nm), _down(d[0] // 2, d[0], nm))  # stride 4
+            self.stages = nn.ModuleList()
+            for i, (c, n) in enumerate(zip(d, cfg.cnn_depths)):
+                down = [] if i == 0 else [_down(d[i - 1], c, nm)]
+                self.stages.append(nn.Sequential(*down, *(ResBlock(c, nm) for _ in range(n))))
         e = cfg.embed_dim
         self.lateral = nn.ModuleList(nn.Conv2d(c, e, 1) for c in d[1:])
         self.out_dim = d[2] + d[3]
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        feats = []
-        x = self.stem(x)
-        for stage in self.stages:
-            x = stage(x)
-            feats.append(x)
-        c2, c3, c4 = feats[1], feats[2], feats[3]  # strides 8, 16, 32
+        if self.cfg.kind == "effnet":
+            c2, c3, c4 = self.backbone(x)
+        else:
+            feats = []
+            x = self.stem(x)
+            for stage in self.stages:
+                x = stage(x)
+                feats.append(x)
+            c2, c3, c4 = feats[1], feats[2], feats[3]  # strides 8, 16, 32
         top = self.lateral[2](c4)
         mid = self.lateral[1](c3) + F.interpolate(top, size=c3.shape[-2:], mode="nearest")
         dense = self.lateral[0](c2) + F.interpolate(mid, size=c2.shape[-2:], mode="nearest")
@@ -140,7 +152,7 @@ class VisionEncoder(nn.Module):
         if cfg.class_names:
             self.classifier = nn.Linear(llm_hidden, len(cfg.class_names))
             self.register_buffer("class_words", torch.zeros(len(cfg.class_names), cfg.class_tokens, llm_hidden))
-        if cfg.kind == "cnn":
+        if cfg.kind in ("cnn", "effnet"):
             self.conv = ConvEncoder(cfg)
             self.projector = MLP([self.conv.out_dim, llm_hidden, llm_hidden])
             self.neck = nn.Sequential(nn.Conv2d(cfg.embed_dim, cfg.embed_dim, 3, padding=1, bias=False),
@@ -174,7 +186,7 @@ class VisionEncoder(nn.Module):
 
     def _grid(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Grid tokens ``(B, token_grid**2, llm_hidden)`` and the dense embedding."""
-        if self.cfg.kind == "cnn":
+        if self.cfg.kind in ("cnn", "effnet"):
             pooled, dense = self.conv(pixel_values)
             return self.projector(pooled.flatten(2).transpose(1, 2)), self.neck(dense)
         b, g = pixel_values.shape[0], self.cfg.grid

@@ -22,7 +22,11 @@ from torch import nn
 
 
 def batch_norms(module: nn.Module) -> list[nn.modules.batchnorm._BatchNorm]:
-    return [m for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    """The batch-norm layers of ``module`` that trained: a frozen one (``requires_grad`` off,
+    e.g. the pretrained first blocks of ``effnet_lite``) keeps the statistics the layers after
+    it were trained with."""
+    return [m for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
+            and (m.weight is None or m.weight.requires_grad)]
 
 
 @torch.no_grad()

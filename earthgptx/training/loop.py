@@ -286,6 +286,12 @@ def train(cfg: TrainConfig) -> Path:
     classes = class_index(train_samples)
     model_config = cfg.model_config(class_names(classes))
     model, tokenizer = build_model(model_config)
+    if model_config.vision.kind == "effnet":  # ImageNet weights to start from, the first blocks kept
+        from ..effnet_lite import load_imagenet
+
+        backbone = model.vision_encoder.conv.backbone
+        load_imagenet(backbone)
+        backbone.freeze()
     encoder = Encoder(model.config, tokenizer, augment=True, seed=cfg.seed, classes=classes)
     module = TrainModule(model, torch.from_numpy(encoder.prefix_ids), encoder.image_id, encoder.region_ids,
                          num_classes=len(classes), lora_rank=cfg.lora_rank).to(device)

@@ -52,6 +52,8 @@ from ..processing import Letterbox, VisualPrompts, decoder_points
 
 LOW_RES_SHARE = 2 / 3  # of the warm-up's minutes in which class steps run at half the model size (CNN)
 OBJECT_SHARE = 0.35  # of the warm-up's time given to object steps (model size, clicks)
+PRETRAINED = "model.vision_encoder.conv.backbone."  # parameters that start from ImageNet weights (effnet)
+PRETRAINED_LR_SCALE = 0.3  # their share of the warm-up's rate: refined, not overwritten by the new heads' rate
 CROP_P = 0.8  # the share of images cropped (as vision items are: batches.augment_geometry)
 
 
@@ -187,11 +189,15 @@ def warm_up_vision(net, module, images: VisionImages, minutes: float, batch: int
     ``clock``: seconds, for the schedule, the share of object steps and the stop (tests pass one
     that advances a fixed time per step, so that what they check does not hang on the machine's speed).
     Returns the steps taken (the same on every rank: the clock is the ranks' mean)."""
-    params = [p for name, p in module.named_parameters() if p.requires_grad and (
+    named = [(name, p) for name, p in module.named_parameters() if p.requires_grad and (
         name.startswith(("model.vision_encoder.", "model.pixel_decoder.", "aux_")))]
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.05, betas=(0.9, 0.95))
+    params = [p for _, p in named]
+    pretrained = [p for name, p in named if name.startswith(PRETRAINED)]
+    opt = torch.optim.AdamW([{"params": [p for name, p in named if not name.startswith(PRETRAINED)], "scale": 1.0},
+                             {"params": pretrained, "scale": PRETRAINED_LR_SCALE}],
+                            lr=lr, weight_decay=0.05, betas=(0.9, 0.95))
     full = images.size
-    low = full // 2 if module.model.config.vision.kind == "cnn" else full
+    low = full // 2 if module.model.config.vision.kind in ("cnn", "effnet") else full
     started = clock()
     k, shown, on_objects, seen = 0, 0.0, 0.0, {}
     while True:
@@ -210,7 +216,7 @@ def warm_up_vision(net, module, images: VisionImages, minutes: float, batch: int
         if "point_groups" in b:
             b["point_groups"] = [tuple(v.to(device) for v in g) for g in b["point_groups"]]
         for g in opt.param_groups:
-            g["lr"] = lr * min(1.0, (k + 1) / 50) * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * t)))
+            g["lr"] = g["scale"] * lr * min(1.0, (k + 1) / 50) * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * t)))
         with autocast:
             losses = net(b, counts)
         opt.zero_grad(set_to_none=True)
