@@ -166,7 +166,7 @@ def resolve_source(preset_name: str | None, checkpoint: str | Path | None) -> tu
     """``(preset, checkpoint)`` with the default filled in when neither is named: the trained
     default model, or the ``edge`` preset where none ships. Naming both is an error."""
     if preset_name is not None and checkpoint is not None:
-        raise CheckpointError("give one of a preset (--preset tiny|small|edge) or a checkpoint folder (--checkpoint DIR)")
+        raise CheckpointError("give one of a preset (--preset tiny|small|lite|edge) or a checkpoint folder (--checkpoint DIR)")
     if preset_name is None and checkpoint is None:
         shipped = default_model()
         return (None, str(shipped)) if shipped else ("edge", None)

@@ -35,9 +35,9 @@ def _box(text: str) -> tuple[float, float, float, float]:
 def add_model_source(p: argparse.ArgumentParser):
     """``--preset`` | ``--checkpoint``; returns the group (the dispatcher adds ``--engines``)."""
     src = p.add_mutually_exclusive_group()
-    src.add_argument("--preset", choices=("tiny", "small", "edge"),
+    src.add_argument("--preset", choices=("tiny", "small", "lite", "edge"),
                      help="untrained built-in architecture, PyTorch (default: the trained model that ships, "
-                          "earthgptx/default_model; edge for pretrained vision folders, small/tiny untrained)")
+                          "earthgptx/default_model; edge for pretrained vision folders, small/lite/tiny untrained)")
     src.add_argument("--checkpoint", metavar="DIR", help="checkpoint folder (config.json + model.safetensors)")
     return src
 
@@ -172,7 +172,7 @@ def add_model_parsers(sub, add_source=add_model_source) -> None:
 
     p = sub.add_parser("info", help="parameter counts of a preset or checkpoint")
     src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--preset", choices=("tiny", "small", "edge", "paper"))
+    src.add_argument("--preset", choices=("tiny", "small", "lite", "edge", "paper"))
     src.add_argument("--checkpoint", metavar="DIR")
     p.add_argument("--json", action="store_true")
 
