@@ -619,8 +619,8 @@ def test_the_model_card_command_names_the_recipe_options():
     """A shipped card's ``egx train`` command carries the warm-up and vision options a run used."""
     from earthgptx.training.ship import _args
 
-    cfg = {"out": "runs/r", "steps": 6000, "batch_size": 16, "lr": 0.002, "lora_rank": 8, "time_limit_min": 65.0,
+    cfg = {"preset": "lite", "out": "runs/r", "steps": 6000, "batch_size": 16, "lr": 0.002, "lora_rank": 8, "time_limit_min": 65.0,
            "vision_batch": 48, "vision_norm": None, "vision_warmup": 30.0, "vision_lr": 0.0005, "pixel_lr": 0.001}
-    assert _args(cfg) == ("--out runs/r --steps 6000 --batch-size 16 --lr 0.002 --lora-rank 8 --time-limit 65 "
+    assert _args(cfg) == ("--preset lite --out runs/r --steps 6000 --batch-size 16 --lr 0.002 --lora-rank 8 --time-limit 65 "
                           "--vision-batch 48 --vision-warmup 30 --vision-lr 0.0005 --pixel-lr 0.001")
     assert "--vision-warmup" not in _args({**cfg, "vision_warmup": 0.0, "vision_lr": None})

