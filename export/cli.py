@@ -14,7 +14,7 @@ def add_build_arguments(p: argparse.ArgumentParser) -> None:
     from .gate import Gate
 
     src = p.add_mutually_exclusive_group()
-    src.add_argument("--preset", choices=("tiny", "small", "edge"),
+    src.add_argument("--preset", choices=("tiny", "small", "lite", "edge"),
                      help="untrained built-in architecture (default: the trained model that ships, "
                           "earthgptx/default_model, into engines/default)")
     src.add_argument("--checkpoint", metavar="DIR", help="checkpoint folder (e.g. from egx train)")
