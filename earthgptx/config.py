@@ -58,6 +58,11 @@ class VisionConfig:
     norm: str = "group"
 
     @property
+    def pyramid(self) -> bool:
+        """A ``ConvEncoder`` (``cnn`` or ``effnet``): one CNN, a feature pyramid, any input size."""
+        return self.kind in ("cnn", "effnet")
+
+    @property
     def grid(self) -> int:
         """Side of the ViT patch grid and of the dense image embedding."""
         return self.image_size // self.patch_size

@@ -152,7 +152,7 @@ class VisionEncoder(nn.Module):
         if cfg.class_names:
             self.classifier = nn.Linear(llm_hidden, len(cfg.class_names))
             self.register_buffer("class_words", torch.zeros(len(cfg.class_names), cfg.class_tokens, llm_hidden))
-        if cfg.kind in ("cnn", "effnet"):
+        if cfg.pyramid:
             self.conv = ConvEncoder(cfg)
             self.projector = MLP([self.conv.out_dim, llm_hidden, llm_hidden])
             self.neck = nn.Sequential(nn.Conv2d(cfg.embed_dim, cfg.embed_dim, 3, padding=1, bias=False),
@@ -186,7 +186,7 @@ class VisionEncoder(nn.Module):
 
     def _grid(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Grid tokens ``(B, token_grid**2, llm_hidden)`` and the dense embedding."""
-        if self.cfg.kind in ("cnn", "effnet"):
+        if self.cfg.pyramid:
             pooled, dense = self.conv(pixel_values)
             return self.projector(pooled.flatten(2).transpose(1, 2)), self.neck(dense)
         b, g = pixel_values.shape[0], self.cfg.grid

@@ -12,22 +12,21 @@ from earthgptx.config import preset
 from earthgptx.effnet_lite import EffNetLite0, imagenet_weights_path, load_imagenet
 from earthgptx.errors import InputError
 
-AID = "../shared/data/optical/aid"
 SCENES = ("Beach", "Forest", "Parking", "Port", "Farmland", "Stadium")
 
 
 def _aid_features(backbone: EffNetLite0, data_root) -> tuple[np.ndarray, np.ndarray]:
-    """Pooled stride-32 features of 12 AID images of each of ``SCENES`` at 128 px, and their labels."""
-    from PIL import Image
-
-    from earthgptx.processing import PIXEL_MEAN, PIXEL_STD
+    """Pooled stride-32 features of 12 AID images of each of ``SCENES``, prepared at 128 px as
+    inference prepares them (``processing.preprocess``), and their labels."""
+    from earthgptx.imageio import read_image
+    from earthgptx.processing import preprocess
 
     rows = [json.loads(line) for line in open(data_root / "optical/aid/annotations.jsonl")]
     random.Random(0).shuffle(rows)
     chosen = [r for c in SCENES for r in [r for r in rows if r["class"] == c][:12]]
-    x = np.stack([np.asarray(Image.open(data_root / "optical/aid" / r["image"]).convert("RGB").resize((128, 128)),
-                             dtype=np.float32) / 255 for r in chosen])
-    x = torch.from_numpy((x - PIXEL_MEAN) / PIXEL_STD).permute(0, 3, 1, 2).contiguous()
+    x = torch.from_numpy(np.concatenate([
+        preprocess(read_image(data_root / "optical/aid" / r["image"]).data, "optical", 128).pixel_values
+        for r in chosen]))
     with torch.no_grad():
         feats = backbone.eval()(x)[2].mean((2, 3)).numpy()
     return feats, np.array([SCENES.index(r["class"]) for r in chosen])

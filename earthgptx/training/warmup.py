@@ -197,7 +197,7 @@ def warm_up_vision(net, module, images: VisionImages, minutes: float, batch: int
                              {"params": pretrained, "scale": PRETRAINED_LR_SCALE}],
                             lr=lr, weight_decay=0.05, betas=(0.9, 0.95))
     full = images.size
-    low = full // 2 if module.model.config.vision.kind in ("cnn", "effnet") else full
+    low = full // 2 if module.model.config.vision.pyramid else full
     started = clock()
     k, shown, on_objects, seen = 0, 0.0, 0.0, {}
     while True:
