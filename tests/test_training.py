@@ -532,18 +532,18 @@ def test_vision_warmup_prepares_images_as_inference_and_trains_the_encoder_alone
             assert torch.equal(v, frozen[k]), k
 
 
-def test_vision_warmup_batches_resample_crop_and_click_one_object(data_root):
+def test_vision_warmup_batches_resample_crop_and_click_several_objects(data_root):
     """The warm-up's progressive-resizing batches: images and object maps resampled together to
-    the phase's size, crops of 70-100 % of each side; each image with objects carries a click on
-    one connected object whose coverage is the target, and the global click count is the same on
-    every rank."""
+    the phase's size, crops of 70-100 % of each side; each image with objects carries clicks on
+    up to three distinct connected objects, each one's coverage its target, the image's clicks
+    sharing its weight; the global click count (images with objects) is the same on every rank."""
     import cv2
 
     from earthgptx.data.instructions import InstructionMix
     from earthgptx.data.readers import dataset_samples
     from earthgptx.pixel_decoder import LABEL_BOX_BOTTOM_RIGHT, LABEL_BOX_TOP_LEFT, LABEL_FOREGROUND
     from earthgptx.training.loop import class_index
-    from earthgptx.training.warmup import VisionImages
+    from earthgptx.training.warmup import CLICKS_PER_IMAGE, VisionImages
 
     samples = [x for x in dataset_samples(data_root, DATASETS) if x.dataset == "hrsid-mini"]
     mix = InstructionMix(samples, seed=0)
@@ -558,12 +558,22 @@ def test_vision_warmup_batches_resample_crop_and_click_one_object(data_root):
     batch, counts = images.batch(5, 8, seed=1, crops=True, clicks=True)
     halves = [images.batch(5, 8, seed=1, rank=r, world=2, crops=True, clicks=True)[1] for r in (0, 1)]
     assert counts["clicks"] == 8 and all(h["clicks"] == 8 for h in halves)  # every HRSID chip has objects
-    assert batch["mask_rows"].tolist() == batch["object_rows"].tolist() and bool(batch["mask_vision"].all())
-    for r, target in zip(batch["mask_rows"].tolist(), batch["targets"]):
+    rows = batch["mask_rows"].tolist()
+    assert sorted(set(rows)) == batch["object_rows"].tolist() and bool(batch["mask_vision"].all())
+    for r, target in zip(rows, batch["targets"]):
         objects = batch["objects"][batch["object_rows"].tolist().index(r)]
         assert bool((target <= objects + 1e-6).all())  # a part of the image's objects ...
         count, _ = cv2.connectedComponents((target.numpy() > 0).astype(np.uint8), connectivity=8)
         assert count - 1 == int(bool((target > 0).any()))  # ... one connected object, or none
+    for r, objects in zip(batch["object_rows"].tolist(), batch["objects"]):
+        # up to CLICKS_PER_IMAGE distinct objects an image, sharing its weight in the loss
+        mine = [q for q, row in enumerate(rows) if row == r]
+        count, _ = cv2.connectedComponents((objects.numpy() > 0).astype(np.uint8), connectivity=8)
+        assert len(mine) == max(1, min(CLICKS_PER_IMAGE, count - 1))
+        assert float(batch["click_weight"][mine].sum()) == pytest.approx(1.0)
+        hit = torch.stack([batch["targets"][q] > 0 for q in mine]).sum(0)
+        assert int(hit.max()) <= 1  # no object clicked twice
+    assert len(rows) > 8  # HRSID chips hold several ships: more queries than images
     kinds = []
     for idx, coords, labels in batch["point_groups"]:
         for q, xy, lab in zip(idx.tolist(), coords[:, 0], labels[:, 0]):
@@ -576,7 +586,7 @@ def test_vision_warmup_batches_resample_crop_and_click_one_object(data_root):
                 (x0, y0), (x1, y1) = xy.tolist()
                 assert float(target[int(y0):int(y1) + 1, int(x0):int(x1) + 1].sum()) > 0.5 * float(target.sum())
     both = {(LABEL_FOREGROUND,), (LABEL_BOX_TOP_LEFT, LABEL_BOX_BOTTOM_RIGHT)}
-    assert len(kinds) == 8 and set(map(tuple, kinds)) == both
+    assert len(kinds) == len(rows) and set(map(tuple, kinds)) == both
 
 
 def test_vision_and_pixel_lr_give_their_parts_their_own_learning_rates(tmp_path):

@@ -24,7 +24,8 @@ vision encoder's own, which feeds the LLM its class words, where the model has t
 a training-only 1x1 head on the dense embedding that predicts where all objects are (BCE +
 Dice, ``aux_dense``). Vision items with
 objects also carry a click query (a point or box on one object -> its mask, ``click``: the
-mask terms above with their weights, averaged over those queries): clicks need no LLM, so the
+mask terms above with their weights, averaged over the images that carry them; a warm-up image
+may carry several, which share its weight): clicks need no LLM, so the
 prompt-driven pixel decoder sees an object in nearly every vision item. The LLM's answer
 is still the only output; these give the encoder a direct signal every time an image is
 seen, where the text loss reaches it only through the frozen LLM.
@@ -181,6 +182,8 @@ class TrainModule(nn.Module):
             vis = batch["mask_vision"]
             if bool(vis.any()):  # vision items' clicks: the same three terms, their own mean
                 per_row = WEIGHTS["mask_bce"] * bce + WEIGHTS["mask_dice"] * dice + WEIGHTS["iou"] * (scores - iou) ** 2
+                if "click_weight" in batch:  # several clicks on one image share its weight
+                    per_row = per_row * batch["click_weight"]
                 losses["click"] = per_row[vis].sum() / counts["clicks"]
         cls = batch["labels_cls"]
         if bool((cls >= 0).any()):

@@ -55,6 +55,7 @@ OBJECT_SHARE = 0.35  # of the warm-up's time given to object steps (model size, 
 PRETRAINED = "model.vision_encoder.conv.backbone."  # parameters that start from ImageNet weights (effnet)
 PRETRAINED_LR_SCALE = 0.3  # their share of the warm-up's rate: refined, not overwritten by the new heads' rate
 CROP_P = 0.8  # the share of images cropped (as vision items are: batches.augment_geometry)
+CLICKS_PER_IMAGE = 3  # distinct objects clicked on an object step's image (the decoder is cheap beside the encoder)
 
 
 class VisionImages:
@@ -107,8 +108,9 @@ class VisionImages:
 
         ``size``: the side images and object maps are resampled to (default: as prepared);
         ``crops``: crop 70-100 % of each side (``CROP_P`` of the images) before resampling;
-        ``clicks``: every image with an object map also carries a click query (a point or box
-        on one connected object -> its coverage; none left: a background point -> no mask);
+        ``clicks``: every image with an object map also carries click queries (``click_batch``: a
+        point or box on each of up to ``CLICKS_PER_IMAGE`` connected objects -> its coverage;
+        none left: a background point -> no mask);
         ``group``: draw only from that group's datasets (``groups``; default: every dataset)."""
         rng = np.random.default_rng([seed, k, 2])
         names = self.groups[group] if group else sorted(self.pools)
@@ -154,29 +156,37 @@ class VisionImages:
 
 def click_batch(items: list[tuple[int, torch.Tensor, np.random.Generator]]) -> dict:
     """Click queries for ``(row, (S, S) object coverage, rng)`` items, as ``collate`` lays out
-    mask queries: one connected object of each map is clicked (``click_prompt``: a point on it or
-    its jittered box, model frame) and its coverage is the target; a map without objects gets a
-    uniform background point and an empty target."""
+    mask queries: up to ``CLICKS_PER_IMAGE`` distinct connected objects of each map are clicked
+    (``click_prompt``: a point on it or its jittered box, model frame), each with its coverage as
+    the target; a map without objects gets a uniform background point and an empty target.
+    ``click_weight`` ``(Q,)``: 1 / the image's query count, so that each image weighs one click
+    in the loss whatever its object count (the global normaliser stays the images with objects)."""
     import cv2
 
     from .batches import point_groups
 
-    rows, points, targets = [], [], []
+    rows, points, targets, weights = [], [], [], []
     for row, coverage, rng in items:
         size = coverage.shape[-1]
         count, parts = cv2.connectedComponents((coverage.numpy() > 0).astype(np.uint8), connectivity=8)
         if count > 1:
-            part = parts == int(rng.integers(1, count))
-            points.append(decoder_points(click_prompt(part, rng), Letterbox(size, size, size)))
-            targets.append(coverage * torch.from_numpy(part))
+            picked = rng.permutation(np.arange(1, count))[:CLICKS_PER_IMAGE]
+            for label in picked:
+                part = parts == int(label)
+                points.append(decoder_points(click_prompt(part, rng), Letterbox(size, size, size)))
+                targets.append(coverage * torch.from_numpy(part))
+                rows.append(row)
+                weights.append(1.0 / len(picked))
         else:
             point = VisualPrompts([(float(rng.uniform(0, size)), float(rng.uniform(0, size)))], [], [])
             points.append(decoder_points(point, Letterbox(size, size, size)))
             targets.append(torch.zeros_like(coverage))
-        rows.append(row)
+            rows.append(row)
+            weights.append(1.0)
     return {"mask_rows": torch.tensor(rows, dtype=torch.long),
             "seg_pos": torch.full((len(rows),), -1, dtype=torch.long),
             "mask_vision": torch.ones(len(rows), dtype=torch.bool),
+            "click_weight": torch.tensor(weights, dtype=torch.float32),
             "targets": torch.stack(targets),
             "point_groups": point_groups(points)}
 
