@@ -9,7 +9,8 @@ click batch that training uses.
   and AID, preprocessed as inference preprocesses them.
 - ``readme``: ``egx predict --checkpoint CKPT`` on the README's SAR example ("Segment the
   ship.", a point at 346,323): the share of the HRSID instance mask under the point that the
-  answer's masks cover, and their IoU with it (original frame).
+  answer's masks cover, and their IoU with it (original frame); as the README runs it (zoomed
+  into the window around the point) and with ``--no-zoom`` (the whole chip at the model size).
 - ``click``: the click loss (``training.step``: 2 BCE + 2 Dice + IoU-score error) under
   ``no_grad`` on ``--batches`` batches of each kind, batch norm in training mode (batch
   statistics) and in eval mode (running statistics): the warm-up's object batches
@@ -60,7 +61,7 @@ def classifier_accuracy(model, root: Path, images: int) -> dict[str, float]:
     return out
 
 
-def readme_example(checkpoint: Path, root: Path) -> dict[str, float]:
+def readme_example(checkpoint: Path, root: Path, zoom: bool = True) -> dict[str, float]:
     from earthgptx.data.readers import hrsid_sample
     from earthgptx.rle import rle_to_mask
 
@@ -68,7 +69,7 @@ def readme_example(checkpoint: Path, root: Path) -> dict[str, float]:
     x, y = README_POINT
     done = subprocess.run([sys.executable, "-m", "egx", "predict", "--checkpoint", str(checkpoint), "--image",
                            str(image), "--modality", "sar", "--text", "Segment the ship.", "--point", f"{x},{y}",
-                           "--json"], capture_output=True, text=True, check=True)
+                           "--json", *([] if zoom else ["--no-zoom"])], capture_output=True, text=True, check=True)
     answer = json.loads(done.stdout)
     truth = next(m for m in hrsid_sample(image.parent, image).masks if m[y, x])
     pred = np.zeros_like(truth)
@@ -126,6 +127,7 @@ def main(argv: list[str] | None = None) -> int:
     report = {"checkpoint": str(args.checkpoint),
               "classifier": classifier_accuracy(model, args.data, args.images),
               "readme": readme_example(args.checkpoint, args.data),
+              "readme, --no-zoom": readme_example(args.checkpoint, args.data, zoom=False),
               "click": click_losses(model, tokenizer, args.data, args.batches)}
     print(f"{'measure':52s} value")
     for group, values in report.items():

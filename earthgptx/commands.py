@@ -169,6 +169,9 @@ def add_model_parsers(sub, add_source=add_model_source) -> None:
     p = sub.add_parser("predict", help="answer a text (+ visual) prompt about one image")
     add_source(p)
     add_prompt_arguments(p)
+    p.add_argument("--no-zoom", action="store_true",
+                   help="with --point/--box/--scribble on an image over twice the model's input side, answer on "
+                        "the whole image squashed to the input side, not on the window around the prompts")
 
     p = sub.add_parser("info", help="parameter counts of a preset or checkpoint")
     src = p.add_mutually_exclusive_group(required=True)
@@ -263,6 +266,8 @@ def add_training_parsers(sub, add_source=add_model_source) -> None:
     p.add_argument("--dataset", action="append", help="only this dataset (repeatable)")
     p.add_argument("--limit", type=int, default=None, help="images per dataset (default: all)")
     p.add_argument("--task", action="append", choices=("classify", "caption", "segment", "grounding", "click"))
+    p.add_argument("--no-zoom", action="store_true", help="clicks on large images answered on the whole image "
+                                                          "(as `egx predict --no-zoom`)")
     p.add_argument("--json", metavar="PATH", help="also write the report as JSON")
 
 
@@ -348,7 +353,7 @@ def cmd_eval(args: argparse.Namespace, open_predictor) -> int:
     samples = list(dataset_samples(root, tuple(args.dataset) if args.dataset else None))
     chosen = select([s for s in samples if split(s) == args.split], args.limit)
     train_samples = [s for s in samples if split(s) == "train"]
-    opts = EvalOptions(limit=args.limit, **({"tasks": tuple(args.task)} if args.task else {}))
+    opts = EvalOptions(limit=args.limit, zoom=not args.no_zoom, **({"tasks": tuple(args.task)} if args.task else {}))
     report = evaluate(predictor, chosen, opts, train_samples)
     report["model"] = args.engines or args.checkpoint or args.preset or "default"
     print(format_table(report))
@@ -374,7 +379,7 @@ def cmd_predict(args: argparse.Namespace, open_predictor) -> int:
 
     from .generation import GenerationConfig
     from .imageio import read_image, read_mask
-    from .processing import VisualPrompts
+    from .processing import VisualPrompts, zoom_window
 
     g = generation_options(args)
     generation = GenerationConfig(**{k: v for k, v in g.items() if k != "stop"}, stop_strings=tuple(g["stop"]))
@@ -382,9 +387,17 @@ def cmd_predict(args: argparse.Namespace, open_predictor) -> int:
     raster = read_image(args.image)
     prompts = VisualPrompts(list(args.point), list(args.box), [read_mask(s) for s in args.scribble])
     predictor = open_predictor(args)
-    warn_if_scaled_down(raster.data.shape, predictor.config.vision.image_size)
+    size = predictor.config.vision.image_size
+    window = None if args.no_zoom else zoom_window(raster.data.shape[0], raster.data.shape[1], prompts, size)
+    if window is None:
+        warn_if_scaled_down(raster.data.shape, size)
+    else:
+        x0, y0, x1, y1 = window
+        print(f"note: answering on the {x1 - x0}x{y1 - y0} px window at ({x0}, {y0}) around the prompts, seen at "
+              f"{size} px (--no-zoom: the whole {raster.data.shape[1]}x{raster.data.shape[0]} image)", file=sys.stderr)
     result = predictor.predict(np.asarray(raster.data), args.modality, text, prompts, task=args.task,
-                               generation=generation, on_text=text_sink(args), **preprocess_options(args))
+                               generation=generation, on_text=text_sink(args), zoom=not args.no_zoom,
+                               **preprocess_options(args))
     print_answer(result.to_json(), args, raster, prompts)
     return 0
 

@@ -25,7 +25,7 @@ from .errors import InputError
 from .generation import Generated, GenerationConfig, drive, generate_batch, generate_steps
 from .image_cache import DEFAULT_CACHE_BYTES, DEFAULT_PREFIX_CACHE_BYTES, ImageCache, encoding_key, image_id
 from .processing import (Letterbox, VisualPrompts, check_modality, component_boxes, decoder_points,
-                         parse_text_boxes, preprocess, prompt_encoder_feed)
+                         parse_text_boxes, preprocess, prompt_encoder_feed, zoom_window)
 from .prompting import IMAGE_TOKEN, SEG_TOKEN, STOP_TOKENS, build_prompt, region_token, splice
 from .rle import mask_to_rle
 from .tasks import TASKS
@@ -191,14 +191,22 @@ class Predictor:
     # -- the one entry point --------------------------------------------------------
     def predict(self, image: np.ndarray, modality: str, text: str, prompts: VisualPrompts | None = None,
                 task: str = "auto", generation: GenerationConfig | None = None,
-                on_text: Callable[[str], None] | None = None, cache: bool = True,
+                on_text: Callable[[str], None] | None = None, cache: bool = True, zoom: bool = True,
                 **preprocess_options) -> Prediction:
         """Answer ``text`` about ``image`` (see the module docstring for the tasks).
-        ``cache=False`` for images seen once (see ``encode_image``)."""
+        ``cache=False`` for images seen once (see ``encode_image``). ``zoom``: a request with
+        visual prompts on an image larger than ``processing.ZOOM_FACTOR`` model sides is answered
+        on the window around its prompts (``processing.zoom_window``; masks, boxes and
+        ``boxes_normalized`` still in the whole image's frames, boxes written in the text in the
+        window's); ``False``: on the whole image."""
         prompts = prompts or VisualPrompts([], [], [])
         task = self.check_request(text, prompts, task)
         image = np.asarray(image)
         self._check_prompts(image, prompts)
+        window = zoom_window(image.shape[0], image.shape[1], prompts, self.config.vision.image_size) \
+            if zoom and image.ndim >= 2 else None
+        if window is not None:
+            preprocess_options = dict(preprocess_options, window=window)
         start = time.perf_counter()
         enc, vision_ms = self.encode_image(image, modality, cache=cache, **preprocess_options)
         timings = {"preprocess": (time.perf_counter() - start) * 1e3 - vision_ms, "vision_encoder": vision_ms}
@@ -357,7 +365,8 @@ class Predictor:
         text_boxes = parse_text_boxes(gen_text)
         boxes = np.concatenate([lb.boxes_from_model(dec_boxes), lb.boxes_from_normalized(text_boxes)]).reshape(-1, 4)
         return Prediction(
-            text=gen_text, task=task, boxes=boxes, boxes_normalized=lb.boxes_to_normalized(boxes),
+            text=gen_text, task=task, boxes=boxes,
+            boxes_normalized=Letterbox(lb.orig_h, lb.orig_w, lb.size).boxes_to_normalized(boxes),
             box_sources=["pixel_decoder"] * len(dec_boxes) + ["text"] * len(text_boxes),
             masks=masks, scores=[float(s) for s in scores], timings_ms=timings,
             token_ids=token_ids, finish_reason=finish,

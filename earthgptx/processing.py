@@ -8,7 +8,9 @@ Frames
   ``(x=column, y=row)`` and mean the pixel's centre ``(x + 0.5, y + 0.5)``; boxes are
   continuous edges ``[x0, y0, x1, y1]`` (XYXY, ``x1`` exclusive), as in COCO.
 * **model**: the square model input of side ``S``: the image is resized by
-  ``S / max(H, W)`` to ``(new_h, new_w)`` and padded at the bottom and right.
+  ``S / max(H, W)`` to ``(new_h, new_w)`` and padded at the bottom and right. A request
+  with visual prompts on a large image may see only a **window** of it (``zoom_window``):
+  then that window is what is resized and padded, and ``Letterbox`` maps to and from it.
 * **normalised**: model frame divided by ``S``, i.e. 0-1 of the padded square.
   Boxes written in generated text use this frame (EarthGPT's convention).
 """
@@ -30,51 +32,79 @@ STRETCH_PERCENTILES = {"optical": (0.5, 99.5), "sar": (1.0, 99.5), "infrared": (
 
 @dataclass(frozen=True)
 class Letterbox:
-    """The resize-and-pad from an ``(orig_h, orig_w)`` image to an ``S x S`` model input."""
+    """The resize-and-pad from an ``(orig_h, orig_w)`` image to an ``S x S`` model input.
+
+    With a **window** (``win_h, win_w > 0``: the ``win_h x win_w`` pixels from column ``x0``,
+    row ``y0``; ``zoom_window``) only that part of the image is resized and padded: points,
+    boxes and masks still come and go in the whole image's frame, and a mask from the model
+    is zero outside the window."""
 
     orig_h: int
     orig_w: int
     size: int
+    x0: int = 0
+    y0: int = 0
+    win_h: int = 0
+    win_w: int = 0
+
+    @property
+    def crop_h(self) -> int:
+        """Rows of the original the model sees (the window's, else the image's)."""
+        return self.win_h or self.orig_h
+
+    @property
+    def crop_w(self) -> int:
+        return self.win_w or self.orig_w
+
+    @property
+    def window(self) -> tuple[int, int, int, int] | None:
+        """``(x0, y0, x1, y1)`` edges of the window in the original, or None for the whole image."""
+        return (self.x0, self.y0, self.x0 + self.win_w, self.y0 + self.win_h) if self.win_h else None
 
     @property
     def scale(self) -> float:
-        return self.size / max(self.orig_h, self.orig_w)
+        return self.size / max(self.crop_h, self.crop_w)
 
     @property
     def new_h(self) -> int:
-        return max(1, min(self.size, int(round(self.orig_h * self.scale))))
+        return max(1, min(self.size, int(round(self.crop_h * self.scale))))
 
     @property
     def new_w(self) -> int:
-        return max(1, min(self.size, int(round(self.orig_w * self.scale))))
+        return max(1, min(self.size, int(round(self.crop_w * self.scale))))
 
     @property
     def sx(self) -> float:
-        return self.new_w / self.orig_w
+        return self.new_w / self.crop_w
 
     @property
     def sy(self) -> float:
-        return self.new_h / self.orig_h
+        return self.new_h / self.crop_h
+
+    def crop(self, a: np.ndarray) -> np.ndarray:
+        """The window's part of an ``(H, W, ...)`` array in the original frame (all of it without one)."""
+        return a[self.y0:self.y0 + self.crop_h, self.x0:self.x0 + self.crop_w] if self.win_h else a
 
     # points ------------------------------------------------------------------
     def points_to_model(self, points: np.ndarray) -> np.ndarray:
         """``(..., 2)`` pixel indices (x, y) in the original -> continuous model coordinates."""
         p = np.asarray(points, dtype=np.float64)
-        return np.stack([(p[..., 0] + 0.5) * self.sx, (p[..., 1] + 0.5) * self.sy], axis=-1)
+        return np.stack([(p[..., 0] - self.x0 + 0.5) * self.sx, (p[..., 1] - self.y0 + 0.5) * self.sy], axis=-1)
 
     def points_from_model(self, points: np.ndarray) -> np.ndarray:
         p = np.asarray(points, dtype=np.float64)
-        return np.stack([p[..., 0] / self.sx - 0.5, p[..., 1] / self.sy - 0.5], axis=-1)
+        return np.stack([p[..., 0] / self.sx - 0.5 + self.x0, p[..., 1] / self.sy - 0.5 + self.y0], axis=-1)
 
     # boxes -------------------------------------------------------------------
     def boxes_to_model(self, boxes: np.ndarray) -> np.ndarray:
         """``(..., 4)`` XYXY edges in the original -> model frame."""
-        b = np.asarray(boxes, dtype=np.float64)
+        b = np.asarray(boxes, dtype=np.float64) - np.array([self.x0, self.y0, self.x0, self.y0])
         return b * np.array([self.sx, self.sy, self.sx, self.sy])
 
     def boxes_from_model(self, boxes: np.ndarray) -> np.ndarray:
         """Model-frame XYXY -> original pixels, clipped to the image."""
         b = np.asarray(boxes, dtype=np.float64) / np.array([self.sx, self.sy, self.sx, self.sy])
+        b = b + np.array([self.x0, self.y0, self.x0, self.y0])
         return np.clip(b, 0, [self.orig_w, self.orig_h, self.orig_w, self.orig_h])
 
     def boxes_from_normalized(self, boxes: np.ndarray) -> np.ndarray:
@@ -93,7 +123,7 @@ class Letterbox:
         side = side or self.size
         k = side / self.size
         w, h = max(1, int(round(self.new_w * k))), max(1, int(round(self.new_h * k)))
-        small = cv2.resize(mask.astype(np.float32), (w, h), interpolation=cv2.INTER_AREA)
+        small = cv2.resize(self.crop(mask).astype(np.float32), (w, h), interpolation=cv2.INTER_AREA)
         out = np.zeros((side, side), dtype=np.float32)
         out[:h, :w] = small > 0
         return out
@@ -104,18 +134,23 @@ class Letterbox:
         a pixel or two), zero in the padding."""
         import cv2
 
-        small = cv2.resize(mask.astype(np.float32), (self.new_w, self.new_h), interpolation=cv2.INTER_AREA)
+        small = cv2.resize(self.crop(mask).astype(np.float32), (self.new_w, self.new_h), interpolation=cv2.INTER_AREA)
         out = np.zeros((self.size, self.size), dtype=np.float32)
         out[: self.new_h, : self.new_w] = np.clip(small, 0.0, 1.0)
         return out
 
     def mask_from_model(self, logits: np.ndarray) -> np.ndarray:
-        """``(S, S)`` mask logits in the model frame -> ``(H, W)`` bool mask of the original."""
+        """``(S, S)`` mask logits in the model frame -> ``(H, W)`` bool mask of the original
+        (False outside the window)."""
         import cv2
 
         crop = np.ascontiguousarray(logits[: self.new_h, : self.new_w], dtype=np.float32)
-        full = cv2.resize(crop, (self.orig_w, self.orig_h), interpolation=cv2.INTER_LINEAR)
-        return full > 0
+        part = cv2.resize(crop, (self.crop_w, self.crop_h), interpolation=cv2.INTER_LINEAR) > 0
+        if not self.win_h:
+            return part
+        full = np.zeros((self.orig_h, self.orig_w), dtype=bool)
+        full[self.y0:self.y0 + self.crop_h, self.x0:self.x0 + self.crop_w] = part
+        return full
 
 
 @dataclass(frozen=True)
@@ -135,7 +170,8 @@ def check_modality(modality: str) -> str:
 
 
 def preprocess(image: np.ndarray, modality: str, size: int, *, sar_scaling: str = "auto",
-               sar_kind: str = "amplitude", speckle_filter: bool = False) -> PreparedImage:
+               sar_kind: str = "amplitude", speckle_filter: bool = False,
+               window: tuple[int, int, int, int] | None = None) -> PreparedImage:
     """Turn a raw raster into the model input.
 
     ``image``: ``(H, W)``, ``(H, W, C)`` any numeric dtype, or complex (SAR SLC).
@@ -146,6 +182,8 @@ def preprocess(image: np.ndarray, modality: str, size: int, *, sar_scaling: str 
     ``"auto"``, ``"db"``, ``"linear"``; ``sar_kind``: ``"amplitude"`` or ``"intensity"``).
     The image is first resized (area averaging, i.e. multi-looking for SAR) so that
     huge scenes never become full-size float copies.
+    ``window``: ``(x0, y0, x1, y1)`` pixel edges (``zoom_window``): only that part is prepared
+    (and stretched), and the ``letterbox`` maps it back into the whole image's frame.
     """
     import cv2
 
@@ -154,6 +192,15 @@ def preprocess(image: np.ndarray, modality: str, size: int, *, sar_scaling: str 
     if image.size == 0 or image.ndim not in (2, 3) or min(image.shape[:2]) < 1:
         raise InputError(f"empty or malformed image of shape {image.shape}; expected (H, W) or (H, W, C)")
     bands = _bands_for(image, modality)
+    lb = Letterbox(image.shape[0], image.shape[1], size)
+    if window is not None:
+        x0, y0, x1, y1 = (int(v) for v in window)
+        if not (0 <= x0 < x1 <= lb.orig_w and 0 <= y0 < y1 <= lb.orig_h):
+            raise InputError(f"window {list(window)} is not inside the {lb.orig_w}x{lb.orig_h} image; "
+                             f"give x0,y0,x1,y1 pixel edges with 0 <= x0 < x1 <= {lb.orig_w} and "
+                             f"0 <= y0 < y1 <= {lb.orig_h}")
+        lb = Letterbox(lb.orig_h, lb.orig_w, size, x0, y0, y1 - y0, x1 - x0)
+        bands = lb.crop(bands)
     if np.iscomplexobj(bands):
         if modality != "sar":
             raise InputError(f"complex-valued data is SAR SLC; got modality {modality!r}: use --modality sar")
@@ -170,7 +217,6 @@ def preprocess(image: np.ndarray, modality: str, size: int, *, sar_scaling: str 
     elif sar_kind not in ("amplitude", "intensity"):
         raise InputError(f"sar_kind must be 'amplitude' or 'intensity', got {sar_kind!r}")
 
-    lb = Letterbox(image.shape[0], image.shape[1], size)
     interp = cv2.INTER_AREA if lb.scale < 1 else cv2.INTER_LINEAR
     work = cv2.resize(work, (lb.new_w, lb.new_h), interpolation=interp)
     if work.ndim == 2:
@@ -273,6 +319,15 @@ def check_point(point: tuple[float, float], lb: Letterbox) -> None:
         raise InputError(
             f"point ({x}, {y}) is outside the {lb.orig_w}x{lb.orig_h} image; points are pixel "
             f"(column, row) with 0 <= x < {lb.orig_w} and 0 <= y < {lb.orig_h}")
+    _check_in_window((x, y, x + 1, y + 1), lb, f"point ({x}, {y})")
+
+
+def _check_in_window(box: tuple[float, float, float, float], lb: Letterbox, what: str) -> None:
+    if lb.window is not None:
+        x0, y0, x1, y1 = lb.window
+        if not (x0 <= box[0] and box[2] <= x1 and y0 <= box[1] and box[3] <= y1):
+            raise InputError(f"{what} is outside the window {list(lb.window)} the image was encoded in; "
+                             "encode the image with a window that holds every prompt (zoom_window) or without one")
 
 
 def check_box(box: tuple[float, float, float, float], lb: Letterbox) -> None:
@@ -281,6 +336,7 @@ def check_box(box: tuple[float, float, float, float], lb: Letterbox) -> None:
         raise InputError(
             f"box {list(box)} is not inside the {lb.orig_w}x{lb.orig_h} image; boxes are "
             f"x0,y0,x1,y1 pixel edges with 0 <= x0 < x1 <= {lb.orig_w} and 0 <= y0 < y1 <= {lb.orig_h}")
+    _check_in_window(box, lb, f"box {list(box)}")
 
 
 def check_freeform(mask: np.ndarray, lb: Letterbox) -> None:
@@ -290,6 +346,7 @@ def check_freeform(mask: np.ndarray, lb: Letterbox) -> None:
             "draw the scribble/mask at the image's size")
     if not mask.any():
         raise InputError("free-form mask is empty: draw at least one pixel")
+    _check_in_window(mask_box(mask), lb, "the free-form mask")
 
 
 def mask_box(mask: np.ndarray) -> tuple[float, float, float, float]:
@@ -297,6 +354,46 @@ def mask_box(mask: np.ndarray) -> tuple[float, float, float, float]:
     rows = np.flatnonzero(mask.any(axis=1))
     cols = np.flatnonzero(mask.any(axis=0))
     return float(cols[0]), float(rows[0]), float(cols[-1] + 1), float(rows[-1] + 1)
+
+
+ZOOM_FACTOR = 2  # zoom_window: images up to this many model sides answer whole; larger ones zoom
+
+
+def zoom_window(h: int, w: int, prompts: "VisualPrompts", size: int,
+                factor: float = ZOOM_FACTOR) -> tuple[int, int, int, int] | None:
+    """Where to look for a request with visual prompts on an ``(h, w)`` image: ``(x0, y0, x1,
+    y1)`` pixel edges of a window of ``factor * size`` pixels a side (or 1.25 times the prompts'
+    extent, if larger), on a grid of half the model side, the grid's window whose centre is
+    nearest the prompts' (so the prompts lie at least ``(factor - 0.5) * size / 2`` pixels inside
+    a full window, and nearby clicks share a window and its cached encoding), shifted inside
+    the image; or None (answer on the whole image) when there are no prompts or the image is
+    no larger than the window.
+
+    Squashing an 800 px chip or a whole scene to the model's ``size`` leaves a ship a few
+    pixels; around a click the window keeps it at about ``size / (factor * size)`` of its
+    original scale, as ``egx predict``'s warning for large images advises (a crop of about
+    ``2 * size`` around what matters)."""
+    if not len(prompts) or max(h, w) <= factor * size:
+        return None
+    boxes = [(x, y, x + 1.0, y + 1.0) for x, y in prompts.points] + list(prompts.boxes)
+    boxes += [mask_box(m) for m in prompts.freeforms]
+    b = np.asarray(boxes, dtype=np.float64)
+    ex0, ey0, ex1, ey1 = b[:, 0].min(), b[:, 1].min(), b[:, 2].max(), b[:, 3].max()
+    step = max(1, size // 2)  # windows on a grid of half the model side: nearby clicks share one (and its encoding)
+    side = int(np.ceil(max(factor * size, 1.25 * max(ex1 - ex0, ey1 - ey0)) / step)) * step
+    if side >= max(h, w):
+        return None
+
+    def span(lo: float, hi: float, n: int) -> tuple[int, int]:
+        if side >= n:
+            return 0, n
+        start = int(np.floor(((lo + hi) / 2 - side / 2) / step + 0.5)) * step
+        start = min(max(start, 0), n - side)
+        return start, start + side
+
+    x0, x1 = span(ex0, ex1, w)
+    y0, y1 = span(ey0, ey1, h)
+    return x0, y0, x1, y1
 
 
 def component_boxes(mask: np.ndarray, min_area: int = 1) -> np.ndarray:

@@ -94,6 +94,7 @@ class Encoded(BaseModel):
     image_id: str
     modality: str
     letterbox: tuple[int, int, int]
+    window: tuple[int, int, int, int] | None = None  # x0, y0, x1, y1: the zoom window encoded (processing.zoom_window)
     timings_ms: dict[str, Finite] = {}
 
 

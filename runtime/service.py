@@ -18,9 +18,9 @@ import numpy as np
 from earthgptx import vision_encoder
 from earthgptx.errors import InputError
 from earthgptx.generation import GenerationConfig
-from earthgptx.image_cache import image_id
+from earthgptx.image_cache import encoding_key, image_id
 from earthgptx.predictor import EncodedImage, PendingAnswer
-from earthgptx.processing import Letterbox, VisualPrompts, check_modality
+from earthgptx.processing import Letterbox, VisualPrompts, check_modality, zoom_window
 
 from .protocol import (MAX_IMAGE_PIXELS, MAX_TEXT_TOKENS, MODEL_TASKS, ErrorCode, Message, ProtocolError,
                        error_header, tensors)
@@ -165,16 +165,24 @@ class RequestHandler:
             raise _bad(str(exc)) from None
 
     # -- stages ---------------------------------------------------------------------
-    def _encoding(self, req: Request) -> tuple[EncodedImage, dict, str]:
-        """(encoding, timings, the image's public id). Cached per client scope."""
+    def _encoding(self, req: Request, prompts: VisualPrompts | None = None) -> tuple[EncodedImage, dict, str]:
+        """(encoding, timings, the image's public id). Cached per client scope. With
+        ``prompts`` on an image over twice the model side, the encoding of the window around
+        them (``processing.zoom_window``), as ``Predictor.predict`` zooms: a window not encoded
+        yet needs the image's pixels, so an id-only request for one gets ``IMAGE_UNKNOWN`` and
+        the client sends the image again."""
         key, modality, options = image_spec(req.header)
         image = req.tensors.get("image")
+        window = self._window(req, key, modality, options, image, prompts)
+        if window is not None:
+            options = dict(options, window=window)
         if image is None:
             if key is None:
                 raise _bad("send the image as a buffer named 'image', or 'image.id' of an uploaded one")
             enc = self.predictor.cached(self._scoped(req, key), modality, **options)
             if enc is None:
-                raise ProtocolError(ErrorCode.IMAGE_UNKNOWN, f"image {key[:12]}... is not cached here; "
+                zoomed = "" if window is None else f" in the window {list(window)} around the prompts"
+                raise ProtocolError(ErrorCode.IMAGE_UNKNOWN, f"image {key[:12]}... is not cached here{zoomed}; "
                                                              "send it again with the request")
             return enc, {"preprocess": 0.0, "vision_encoder": 0.0}, key
         actual = image_id(image)
@@ -184,6 +192,22 @@ class RequestHandler:
         enc, vision_ms = self.predictor.encode_image(image, modality, self._scoped(req, actual), **options)
         timings = {"preprocess": (time.perf_counter() - start) * 1e3 - vision_ms, "vision_encoder": vision_ms}
         return enc, timings, actual
+
+    def _window(self, req: Request, key: str | None, modality: str, options: dict, image: np.ndarray | None,
+                prompts: VisualPrompts | None) -> tuple[int, int, int, int] | None:
+        """The zoom window of a request (``Predictor.predict``'s rule), from the image sent or,
+        for an id-only request, the size its whole-image encoding recorded; None without prompts,
+        for small images, or when neither is at hand (then the image is unknown anyway)."""
+        if prompts is None or not len(prompts):
+            return None
+        if image is not None and image.ndim >= 2:
+            h, w = image.shape[:2]
+        else:
+            whole = self.predictor.cached(self._scoped(req, key), modality, **options) if key else None
+            if whole is None:
+                return None
+            h, w = whole.letterbox.orig_h, whole.letterbox.orig_w
+        return zoom_window(h, w, prompts, self.predictor.config.vision.image_size)
 
     @staticmethod
     def _scoped(req: Request, key: str) -> str:
@@ -205,12 +229,12 @@ class RequestHandler:
         return prompts, generation
 
     def _encode(self, req: Request, emit: Emit, upload: bool) -> None:
-        if not upload:
-            self._precheck(req, self._check_task(req.header))
-        enc, timings, key = self._encoding(req)
+        prompts = None if upload else self._precheck(req, self._check_task(req.header))[0]
+        enc, timings, key = self._encoding(req, prompts)
         lb = enc.letterbox
         header = {"event": "encoded", "image_id": key, "modality": enc.modality,
-                  "letterbox": [lb.orig_h, lb.orig_w, lb.size], "timings_ms": timings}
+                  "letterbox": [lb.orig_h, lb.orig_w, lb.size], "window": list(lb.window) if lb.window else None,
+                  "timings_ms": timings}
         if upload:
             emit(Message(dict(header, event="result")), True)
         else:  # to the language stage, through the broker
@@ -219,7 +243,7 @@ class RequestHandler:
     def _answer(self, req: Request, emit: Emit) -> "Started":
         task = self._check_task(req.header)
         prompts, generation = self._precheck(req, task)
-        enc, timings, key = self._handed_on(req) if self.stage == "language" else self._encoding(req)
+        enc, timings, key = self._handed_on(req) if self.stage == "language" else self._encoding(req, prompts)
         seq = [0]
 
         def on_text(piece: str) -> None:
@@ -230,14 +254,22 @@ class RequestHandler:
                                        on_text if req.header.stream else None, timings)
         return Started(pending, key, emit)
 
-    @staticmethod
-    def _handed_on(req: Request) -> tuple[EncodedImage, dict, str]:
+    def _handed_on(self, req: Request) -> tuple[EncodedImage, dict, str]:
+        """The vision stage's encoding as the language stage gets it; its key (for the prompt
+        prefix cache) names what was encoded as ``_encoding``'s does: scope, image, modality,
+        pre-processing options and zoom window."""
         enc_h = req.header.encoded
         tokens, embedding = (req.tensors.get(name) for name in ENCODING_TENSORS)
         if enc_h is None or tokens is None or embedding is None:
             raise ProtocolError(ErrorCode.INTERNAL, "language stage got a request without its encoding")
         h, w, size = enc_h.letterbox
-        enc = EncodedImage(Letterbox(h, w, size), enc_h.modality, tokens, embedding, enc_h.image_id)
+        x0, y0, x1, y1 = enc_h.window or (0, 0, 0, 0)
+        lb = Letterbox(h, w, size, x0, y0, y1 - y0, x1 - x0)
+        _, _, options = image_spec(req.header)
+        if enc_h.window is not None:
+            options = dict(options, window=tuple(enc_h.window))
+        key = encoding_key(self._scoped(req, enc_h.image_id), enc_h.modality, options)
+        enc = EncodedImage(lb, enc_h.modality, tokens, embedding, key)
         return enc, dict(enc_h.timings_ms), enc_h.image_id
 
     @staticmethod

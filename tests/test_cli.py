@@ -71,8 +71,13 @@ def test_a_far_larger_image_is_warned_about(tmp_path, data_root):
     big = cv2.resize(cv2.imread(SAR), (2400, 2400))
     cv2.imwrite(str(tmp_path / "big.png"), big)
     proc = egx("predict", "--preset", "tiny", "--image", str(tmp_path / "big.png"), "--modality", "sar", "--task",
-               "click", "--point", "1000,1000", "--masks", "none", "--json")
+               "click", "--point", "1000,1000", "--masks", "none", "--json", "--no-zoom")
     assert "warning: the image is 2400x2400 px" in proc.stderr and "smaller" in proc.stderr
+    # zoomed (the default with a prompt): the window around the click is said instead
+    proc = egx("predict", "--preset", "tiny", "--image", str(tmp_path / "big.png"), "--modality", "sar", "--task",
+               "click", "--point", "1000,1000", "--masks", "none", "--json")
+    assert "warning" not in proc.stderr
+    assert "note: answering on the 256x256 px window at (896, 896) around the prompts" in proc.stderr
     cv2.imwrite(str(tmp_path / "crop.png"), big[:500, :500])  # within 4x the tiny model's 128 px input
     proc = egx("predict", "--preset", "tiny", "--image", str(tmp_path / "crop.png"), "--modality", "sar", "--task",
                "click", "--point", "300,300", "--masks", "none", "--json")

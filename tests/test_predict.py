@@ -7,7 +7,7 @@ import torch
 from earthgptx.errors import InputError
 from earthgptx.generation import GenerationConfig
 from earthgptx.imageio import read_image
-from earthgptx.processing import VisualPrompts, polygon_mask, Letterbox
+from earthgptx.processing import Letterbox, VisualPrompts, polygon_mask, zoom_window
 from earthgptx.prompting import build_prompt, splice
 
 SAR = "sar/hrsid/P0094_0_800_3000_3800.png"
@@ -110,10 +110,37 @@ def test_region_tokens_are_spliced_where_named(tiny_predictor):
 
 
 def test_click_skips_the_llm(tiny_predictor, sar):
-    r = tiny_predictor.predict(sar, "sar", "", VisualPrompts([(100, 200)], [(300, 300, 500, 450)], []), task="click")
+    r = tiny_predictor.predict(sar, "sar", "", VisualPrompts([(100, 200)], [(300, 300, 500, 450)], []), task="click",
+                               zoom=False)
     assert r.task == "click" and len(r.masks) == 1 and r.masks[0].shape == (800, 800)
     assert "llm" not in r.timings_ms and r.text == ""
     assert r.timings_ms["vision_encoder"] == 0.0  # the image was encoded by an earlier test: cache hit
+
+
+def test_zoomed_answers_are_the_windows_answers_in_the_whole_frame(tiny_predictor, sar):
+    """A click or a prompted segment on an image over twice the model side is answered on the
+    window around it (``zoom_window``): the same tokens, scores and masks as the request on the
+    cropped window with the prompts shifted into it, masks pasted back and boxes shifted; a
+    nearby click reuses the window's encoding."""
+    size = tiny_predictor.config.vision.image_size
+    click = VisualPrompts([(346, 323)], [], [])
+    x0, y0, x1, y1 = zoom_window(800, 800, click, size)
+    assert (x1 - x0, y1 - y0) == (2 * size, 2 * size)
+    crop = np.ascontiguousarray(sar[y0:y1, x0:x1])
+    inside = VisualPrompts([(346 - x0, 323 - y0)], [], [])
+    for text, task in (("", "click"), ("Segment the ship.", "segment")):
+        got = tiny_predictor.predict(sar, "sar", text, click, task=task, generation=GEN)
+        want = tiny_predictor.predict(crop, "sar", text, inside, task=task, generation=GEN)
+        assert got.token_ids == want.token_ids and len(got.masks) == len(want.masks) >= 1, task
+        np.testing.assert_allclose(got.scores, want.scores, atol=1e-6)
+        for g, w in zip(got.masks, want.masks):
+            assert g.shape == (800, 800) and not g[:y0].any() and not g[y1:].any() and not g[:, x1:].any()
+            np.testing.assert_array_equal(g[y0:y1, x0:x1], w)
+        np.testing.assert_allclose(got.boxes, want.boxes + [x0, y0, x0, y0], atol=1e-6)
+        whole = tiny_predictor.predict(sar, "sar", text, click, task=task, generation=GEN, zoom=False)
+        assert not np.array_equal(got.scores, whole.scores)  # the window is not the squashed image
+    again = tiny_predictor.predict(sar, "sar", "", VisualPrompts([(340, 330)], [], []), task="click")
+    assert again.timings_ms["vision_encoder"] == 0.0  # the same window: its encoding is cached
 
 
 @pytest.mark.parametrize("text, task", [("Describe this image.", "caption"),
@@ -242,18 +269,19 @@ def test_prefill_on_a_cached_prefix_equals_the_whole_prefill(tiny, tiny_build):
 
 def test_prompts_on_a_cached_image_give_the_uncached_answers(tiny, tiny_build, sar):
     """Four prompts on one image: the first fills the prefix cache, the others prefill only
-    their own tokens; every answer (tokens, masks, scores) equals a fresh predictor's."""
+    their own tokens; every answer (tokens, masks, scores) equals a fresh predictor's. (Without
+    zoom: a zoomed request's window is an image, and a prefix, of its own.)"""
     reqs = [("Describe the image.", VisualPrompts([], [], []), "caption"),
             ("Segment the ship.", VisualPrompts([(346, 323)], [], []), "segment"),
             ("Where is the ship?", VisualPrompts([], [], []), "grounding"),
             ("What is in <region1>?", VisualPrompts([], [(300, 300, 400, 400)], []), "region")]
     for name, make in _predictors(tiny, tiny_build):
         cached = make()
-        answers = [cached.predict(sar, "sar", text, p, task=task, generation=GEN) for text, p, task in reqs]
+        answers = [cached.predict(sar, "sar", text, p, task=task, generation=GEN, zoom=False) for text, p, task in reqs]
         stats = cached.prefix_cache.stats()
         assert (stats.entries, stats.misses, stats.hits) == (1, 1, 3), name
         for (text, p, task), got in zip(reqs, answers):
-            fresh = make().predict(sar, "sar", text, p, task=task, generation=GEN)
+            fresh = make().predict(sar, "sar", text, p, task=task, generation=GEN, zoom=False)
             assert got.token_ids == fresh.token_ids and got.text == fresh.text, (name, task)
             assert got.to_json()["masks"] == fresh.to_json()["masks"], (name, task)
             np.testing.assert_allclose(got.scores, fresh.scores, atol=1e-5, err_msg=f"{name} {task}")

@@ -11,7 +11,7 @@ from earthgptx.data.readers import shared_samples, sirst_samples
 from earthgptx.errors import InputError
 from earthgptx.imageio import read_image
 from earthgptx.processing import (PIXEL_MEAN, PIXEL_STD, Letterbox, VisualPrompts, format_box, parse_text_boxes,
-                                  preprocess)
+                                  preprocess, zoom_window)
 
 S = 448
 
@@ -209,3 +209,64 @@ def test_inside_point_lies_on_non_convex_objects():
     x, y = inside_point(ring)
     assert ring[int(y), int(x)]
     np.testing.assert_array_equal(crop_boxes(np.array([[10, 5, 20, 15]]), 8, 2), [[2, 3, 12, 13]])
+
+
+def test_zoom_window_holds_the_prompts_and_stays_in_the_image():
+    """``zoom_window``: none for small images or no prompts; else about 2 model sides around
+    the prompts (more for a large box), shifted inside the image."""
+    size = 256
+    click = VisualPrompts([(346, 323)], [], [])
+    assert zoom_window(512, 400, click, size) is None  # no larger than the window: whole image
+    assert zoom_window(800, 800, VisualPrompts([], [], []), size) is None
+    assert zoom_window(800, 800, click, size) == (128, 128, 640, 640)  # the grid's window nearest the click
+    assert zoom_window(800, 800, VisualPrompts([(5, 790)], [], []), size) == (0, 288, 512, 800)  # shifted in
+    big = VisualPrompts([(100, 100)], [(50, 60, 750, 500)], [])
+    assert zoom_window(3000, 2000, big, size) == (0, 0, 896, 896)  # 1.25 x the extent, shifted in
+    scribble = np.zeros((1000, 3000), bool)
+    scribble[400:420, 2900:2990] = True
+    x0, y0, x1, y1 = zoom_window(1000, 3000, VisualPrompts([], [], [scribble]), size)
+    assert (x1 - x0, y1 - y0) == (512, 512) and x1 == 3000 and y0 <= 400 and 420 <= y1
+    tall = zoom_window(4000, 300, click, size)  # narrower than the window: every column
+    assert tall[0] == 0 and tall[2] == 300 and tall[3] - tall[1] == 512
+    # on a grid of half the model side: a click's centre lies 192 px or more inside its window's edges
+    # (unless the window meets the image's), and nearby clicks share a window
+    rng = np.random.default_rng(0)
+    for x, y in rng.uniform(0, 2000, size=(200, 2)):
+        x0, y0, x1, y1 = zoom_window(2000, 2000, VisualPrompts([(x, y)], [], []), size)
+        assert (x0 % 128 == 0 or x1 == 2000) and (y0 % 128 == 0 or y1 == 2000) and (x1 - x0, y1 - y0) == (512, 512)
+        cx, cy = x + 0.5, y + 0.5  # the clicked pixel's centre
+        assert (cx - x0 >= 192 or x0 == 0) and (x1 - cx >= 192 or x1 == 2000)
+        assert (cy - y0 >= 192 or y0 == 0) and (y1 - cy >= 192 or y1 == 2000)
+    assert zoom_window(800, 800, VisualPrompts([(340, 330)], [], []), size) == zoom_window(800, 800, click, size)
+
+
+def test_window_maps_prompts_masks_and_boxes_to_the_whole_image():
+    """A letterbox with a window is the plain letterbox of the cropped image, shifted: points,
+    boxes and masks round-trip in the whole image's frame; a mask from the model is pasted at
+    the window and empty outside it; preprocess(window=...) equals preprocessing the crop."""
+    rng = np.random.default_rng(0)
+    image = rng.integers(0, 256, size=(800, 700), dtype=np.uint8)
+    window = (100, 250, 612, 762)
+    prepared = preprocess(image, "sar", 256, window=window)
+    plain = preprocess(image[250:762, 100:612], "sar", 256)
+    np.testing.assert_array_equal(prepared.pixel_values, plain.pixel_values)
+    lb, crop = prepared.letterbox, plain.letterbox
+    assert lb.window == window and (lb.orig_h, lb.orig_w) == (800, 700) and lb.scale == crop.scale == 0.5
+    pts = np.array([[100, 250], [611, 761], [346, 323]], dtype=float)
+    np.testing.assert_allclose(lb.points_to_model(pts), crop.points_to_model(pts - [100, 250]))
+    np.testing.assert_allclose(lb.points_from_model(lb.points_to_model(pts)), pts, atol=1e-9)
+    box = np.array([300.0, 300.0, 420.0, 360.0])
+    np.testing.assert_allclose(lb.boxes_to_model(box), [100.0, 25.0, 160.0, 55.0])
+    np.testing.assert_allclose(lb.boxes_from_normalized(lb.boxes_to_normalized(box)), box, atol=1e-9)
+    mask = np.zeros((800, 700), bool)
+    mask[300:360, 300:420] = True
+    np.testing.assert_array_equal(lb.mask_to_model(mask), crop.mask_to_model(mask[250:762, 100:612]))
+    back = lb.mask_from_model(np.where(lb.mask_to_model(mask) > 0, 1.0, -1.0).astype(np.float32))
+    assert back.shape == (800, 700)
+    np.testing.assert_array_equal(back, mask)  # an even scale: exact
+    everywhere = lb.mask_from_model(np.ones((256, 256), np.float32))
+    assert everywhere.sum() == 512 * 512 and everywhere[250:762, 100:612].all()
+    with pytest.raises(InputError, match="outside the window"):
+        VisualPrompts([(50, 50)], [], []).check(lb)
+    with pytest.raises(InputError, match="not inside the 700x800 image"):
+        preprocess(image, "sar", 256, window=(0, 0, 701, 100))

@@ -292,12 +292,31 @@ def test_retry_with_the_same_id_is_not_run_twice(server, sar):
     assert first == second and server.broker.answered == before + 1
 
 
+def test_a_zoomed_click_by_id_needs_the_image_once_per_window(server, reference, sar):
+    """A click on a large image is answered on the window around it (``zoom_window``): by id,
+    a window not encoded yet is ``image_unknown`` (the client then sends the image); a nearby
+    click in the same window goes by id; the answer is ``Predictor.predict``'s."""
+    with connect(server) as c:
+        key = c.upload(sar, "sar")
+        header = {"task": "click", "points": [[346, 323]], "image": {"modality": "sar", "id": key}}
+        with pytest.raises(ServerError) as err:
+            c.request(dict(header, id=uuid.uuid4().hex), {})
+        assert err.value.code == ErrorCode.IMAGE_UNKNOWN and "window" in str(err.value)
+        out = c.predict(sar, "sar", "", [(346, 323)], task="click")  # by id, refused, then sent again
+        near = c.request(dict(header, id=uuid.uuid4().hex, points=[[340, 330]]), {}).header["result"]
+    ref = reference.predict(sar, "sar", "", VisualPrompts([(346, 323)], [], []), task="click").to_json()
+    assert_same(out, ref)
+    assert near["timings_ms"]["vision_encoder"] == 0.0 and near["masks"][0]["size"] == [800, 800]
+
+
 def test_many_clients_each_answered_exactly_once(server, sar):
     replies, errors = [], []
 
+    small = np.ascontiguousarray(sar[:256, :256])  # no zoom: every click by id on the uploaded encoding
+
     def one_client(k: int) -> None:
         with connect(server) as c:
-            key = c.upload(sar, "sar")  # cached images are each client's own
+            key = c.upload(small, "sar")  # cached images are each client's own
             for i in range(50):
                 rid = f"c{k}-r{i}"
                 try:

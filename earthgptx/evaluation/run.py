@@ -37,6 +37,7 @@ class EvalOptions:
     caption_tokens: int = 40
     answer_tokens: int = 12
     tasks: tuple[str, ...] = ("classify", "caption", "segment", "grounding", "click")
+    zoom: bool = True  # clicks on large images answered on the window around them (Predictor.predict)
 
 
 def _pick(options: tuple[str, ...], key: str) -> str:
@@ -168,7 +169,7 @@ def _segment_tasks(predictor, image, s: Sample, key: str, opts: EvalOptions, gen
         order = np.argsort([-m.sum() for m in s.masks])[:CLICKS_PER_IMAGE]
         for k in order:
             point = inside_point(s.masks[k])
-            r = predictor.predict(image, s.modality, "", VisualPrompts([point], [], []), task="click")
+            r = predictor.predict(image, s.modality, "", VisualPrompts([point], [], []), task="click", zoom=opts.zoom)
             inter, union, iou = M.mask_iou(r.masks[0], s.masks[k])
             acc.add("click", s, inter=inter, union=union, iou=iou)
             base.add("click", s, inter=0, union=int(s.masks[k].sum()), iou=0.0)
