@@ -363,7 +363,8 @@ class Predictor:
                 timings["postprocess"] = (time.perf_counter() - start) * 1e3
 
         text_boxes = parse_text_boxes(gen_text)
-        boxes = np.concatenate([lb.boxes_from_model(dec_boxes), lb.boxes_from_normalized(text_boxes)]).reshape(-1, 4)
+        boxes = np.concatenate([lb.mask_boxes_from_model(dec_boxes),
+                                lb.boxes_from_normalized(text_boxes)]).reshape(-1, 4)
         return Prediction(
             text=gen_text, task=task, boxes=boxes,
             boxes_normalized=Letterbox(lb.orig_h, lb.orig_w, lb.size).boxes_to_normalized(boxes),

@@ -107,6 +107,12 @@ class Letterbox:
         b = b + np.array([self.x0, self.y0, self.x0, self.y0])
         return np.clip(b, 0, [self.orig_w, self.orig_h, self.orig_w, self.orig_h])
 
+    def mask_boxes_from_model(self, boxes: np.ndarray) -> np.ndarray:
+        """The pixel decoder's ``(K, 4)`` tight mask boxes (model frame; all zero for an empty
+        mask) -> original pixels, an empty mask's box still all zero (not the window's corner)."""
+        b = np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
+        return self.boxes_from_model(b) * b.any(axis=1, keepdims=True)
+
     def boxes_from_normalized(self, boxes: np.ndarray) -> np.ndarray:
         return self.boxes_from_model(np.asarray(boxes, dtype=np.float64) * self.size)
 

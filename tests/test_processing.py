@@ -266,6 +266,9 @@ def test_window_maps_prompts_masks_and_boxes_to_the_whole_image():
     np.testing.assert_array_equal(back, mask)  # an even scale: exact
     everywhere = lb.mask_from_model(np.ones((256, 256), np.float32))
     assert everywhere.sum() == 512 * 512 and everywhere[250:762, 100:612].all()
+    # the decoder's box of an empty mask (all zero) stays all zero, not the window's corner
+    np.testing.assert_allclose(lb.mask_boxes_from_model(np.array([[0.0, 0, 0, 0], [100, 25, 160, 55]])),
+                               [[0, 0, 0, 0], [300, 300, 420, 360]])
     with pytest.raises(InputError, match="outside the window"):
         VisualPrompts([(50, 50)], [], []).check(lb)
     with pytest.raises(InputError, match="not inside the 700x800 image"):
