@@ -5,9 +5,12 @@ reference). Prints a table of medians and ratios, and writes JSON with ``--json`
 Stages: the part names, ``end_to_end_grounding``, ``end_to_end_segmentation``,
 ``end_to_end_region`` (a new image each time), ``prefix_cached_segmentation`` (a new prompt
 on an image whose embedding and prompt-prefix KV are cached), ``click_to_mask`` (a new point
-on an already-encoded image, up to its COCO RLE at the original size) and
+in an already-encoded zoom window, up to its COCO RLE at the original size),
+``click_to_mask_new_window`` (a point anywhere: on a zoomed image mostly a window that must be
+encoded first) and
 ``decode_per_token``; through ``egx serve`` (backend ``zmq``, benchmarks/served.py):
-``zmq_overhead``, ``click_to_mask``, ``end_to_end_segmentation`` and throughput rows.
+``zmq_overhead``, ``click_to_mask``, ``click_to_mask_new_window``, ``end_to_end_segmentation``
+and throughput rows.
 Decode is also reported against this machine's memory bandwidth: the bytes a token must read
 (weights + KV cache) / the measured copy bandwidth."""
 from __future__ import annotations
@@ -24,6 +27,7 @@ from earthgptx.generation import GenerationConfig, generate
 from earthgptx.processing import VisualPrompts
 from runners.cpu import cpu_facts
 
+from .served import points_anywhere, points_in_window
 from .timing import Row, timed
 
 SAR_IMAGE = "sar/hrsid/P0094_0_800_3000_3800.png"
@@ -80,17 +84,23 @@ def bench_backend(predictor, backend: str, precision: str, image: np.ndarray, re
                     timed(end_to_end("What is in <region1>?", VisualPrompts([], [(300, 300, 500, 450)], []), "region"),
                           e2e_repeats)))
     # a new prompt on an image seen before: its embedding and prompt-prefix KV are cached
+    # (asked with the same point, so that a zoomed request finds the same window's encoding)
     predictor.clear_cache()
-    predictor.predict(image, "sar", "Describe the image.", generation=GenerationConfig(max_new_tokens=1))
+    predictor.predict(image, "sar", "What is in <region1>?", point, task="region",
+                      generation=GenerationConfig(max_new_tokens=1))
     rows.append(Row("prefix_cached_segmentation", backend, precision,
                     timed(lambda: predictor.predict(image, "sar", "Segment the ship.", point, task="segment",
                                                     generation=gen), e2e_repeats)))
-    rng = np.random.default_rng(0)
-    clicks = [VisualPrompts([(float(x), float(y))], [], []) for x, y in rng.integers(0, 800, (repeats + 1, 2))]
-    it = iter(clicks)
-    # a click answered as the user gets it: prompt, pixel decoder, the mask at the original size, COCO RLE
+    # a click answered as the user gets it: prompt, pixel decoder, the mask at the original size,
+    # COCO RLE; new points in the zoom window already encoded, and points anywhere (on a zoomed
+    # image mostly a window not encoded yet: its vision encoder call is in the time)
+    size = predictor.config.vision.image_size
+    near = iter(VisualPrompts([p], [], []) for p in points_in_window(repeats + 1, size, image.shape))
     rows.append(Row("click_to_mask", backend, precision,
-                    timed(lambda: predictor.predict(image, "sar", "", next(it), task="click").to_json(), repeats)))
+                    timed(lambda: predictor.predict(image, "sar", "", next(near), task="click").to_json(), repeats)))
+    far = iter(VisualPrompts([p], [], []) for p in points_anywhere(repeats + 1, image.shape, seed=1))
+    rows.append(Row("click_to_mask_new_window", backend, precision,
+                    timed(lambda: predictor.predict(image, "sar", "", next(far), task="click").to_json(), repeats)))
     llm_feed = feeds["llm"]
     g = generate(predictor.runners["llm"], llm_feed["inputs_embeds"], predictor.embed_table, predictor.config.llm,
                  GenerationConfig(max_new_tokens=max(16, repeats)), set(), -1, lambda ids: "")
