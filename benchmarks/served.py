@@ -2,7 +2,8 @@
 same engines: the transport overhead (a ``ping`` carrying a 448 px RGB image through
 broker and worker), ``click_to_mask`` (new points in an encoded zoom window),
 ``click_to_mask_new_window`` (points anywhere: mostly a window not encoded yet, which the
-client sends the image again for) and ``end_to_end_segmentation`` through the server, and throughput (requests/s with 4 concurrent clients: rows ``throughput_4_clients``
+client sends the image again for) and ``end_to_end_segmentation`` through the server, and
+throughput (requests/s with 4 concurrent clients: rows ``throughput_4_clients``
 with ``config`` and ``requests_per_s``) with 1 worker, 1 worker decoding up to 4 requests
 together (``--batch 4``) and 2 workers on a cached image, and with 1 worker vs ``--staged``
 when every request brings a new image."""
@@ -69,7 +70,8 @@ def _throughput(address: str, image: np.ndarray, clients: int, per_client: int, 
 ANCHOR = (400.0, 400.0)  # the benchmark's point on the 800 px SAR chip
 
 
-def points_in_window(n: int, size: int, shape: tuple[int, ...] = (800, 800), seed: int = 0) -> list[tuple[float, float]]:
+def points_in_window(n: int, size: int, shape: tuple[int, ...] = (800, 800),
+                     seed: int = 0) -> list[tuple[float, float]]:
     """``n`` random points that ``Predictor.predict`` zooms into the same window as ``ANCHOR``
     (``processing.zoom_window``; anywhere on the image when it is not zoomed): new prompts on an
     already-encoded window, as a user clicks around one place."""
@@ -90,7 +92,8 @@ def points_in_window(n: int, size: int, shape: tuple[int, ...] = (800, 800), see
 def points_anywhere(n: int, shape: tuple[int, ...] = (800, 800), seed: int = 0) -> list[tuple[float, float]]:
     """``n`` random points on the image: on a zoomed image most fall in a window not encoded yet."""
     h, w = shape[:2]
-    return [(float(x), float(y)) for x, y in zip(*(np.random.default_rng(seed).integers(0, v, n) for v in (w, h)))]
+    rng = np.random.default_rng(seed)
+    return [(float(rng.integers(w)), float(rng.integers(h))) for _ in range(n)]
 
 
 def bench_zmq(folder: Path, precision: str, image: np.ndarray, repeats: int, predictor, log) -> tuple[list[Row], dict]:

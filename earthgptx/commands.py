@@ -379,7 +379,7 @@ def cmd_predict(args: argparse.Namespace, open_predictor) -> int:
 
     from .generation import GenerationConfig
     from .imageio import read_image, read_mask
-    from .processing import VisualPrompts, zoom_window
+    from .processing import VisualPrompts
 
     g = generation_options(args)
     generation = GenerationConfig(**{k: v for k, v in g.items() if k != "stop"}, stop_strings=tuple(g["stop"]))
@@ -388,7 +388,7 @@ def cmd_predict(args: argparse.Namespace, open_predictor) -> int:
     prompts = VisualPrompts(list(args.point), list(args.box), [read_mask(s) for s in args.scribble])
     predictor = open_predictor(args)
     size = predictor.config.vision.image_size
-    window = None if args.no_zoom else zoom_window(raster.data.shape[0], raster.data.shape[1], prompts, size)
+    window = None if args.no_zoom else predictor.zoom_window(raster.data.shape, prompts)
     if window is None:
         warn_if_scaled_down(raster.data.shape, size)
     else:

@@ -203,14 +203,20 @@ class Predictor:
         task = self.check_request(text, prompts, task)
         image = np.asarray(image)
         self._check_prompts(image, prompts)
-        window = zoom_window(image.shape[0], image.shape[1], prompts, self.config.vision.image_size) \
-            if zoom and image.ndim >= 2 else None
+        window = self.zoom_window(image.shape, prompts) if zoom else None
         if window is not None:
             preprocess_options = dict(preprocess_options, window=window)
         start = time.perf_counter()
         enc, vision_ms = self.encode_image(image, modality, cache=cache, **preprocess_options)
         timings = {"preprocess": (time.perf_counter() - start) * 1e3 - vision_ms, "vision_encoder": vision_ms}
         return self.predict_encoded(enc, text, prompts, task, generation, on_text, timings)
+
+    def zoom_window(self, shape: tuple[int, ...], prompts: VisualPrompts) -> tuple[int, int, int, int] | None:
+        """The window ``predict`` (and the server) answer ``prompts`` on an image of ``shape``
+        ``(H, W[, C])`` in: ``processing.zoom_window`` at this model's input side, or None."""
+        if len(shape) < 2:
+            return None
+        return zoom_window(shape[0], shape[1], prompts, self.config.vision.image_size)
 
     def _check_prompts(self, image: np.ndarray, prompts: VisualPrompts) -> None:
         """Refuse prompts outside ``image`` before any work (an unreadable image is refused by

@@ -368,8 +368,8 @@ ZOOM_FACTOR = 2  # zoom_window: images up to this many model sides answer whole;
 def zoom_window(h: int, w: int, prompts: "VisualPrompts", size: int,
                 factor: float = ZOOM_FACTOR) -> tuple[int, int, int, int] | None:
     """Where to look for a request with visual prompts on an ``(h, w)`` image: ``(x0, y0, x1,
-    y1)`` pixel edges of a window of ``factor * size`` pixels a side (or 1.25 times the prompts'
-    extent, if larger), on a grid of half the model side, the grid's window whose centre is
+    y1)`` pixel edges of a window of ``factor * size`` pixels a side (or, if larger, 1.25 times
+    the prompts' extent and that extent plus half the model side, so that it holds them), on a grid of half the model side, the grid's window whose centre is
     nearest the prompts' (so the prompts lie at least ``(factor - 0.5) * size / 2`` pixels inside
     a full window, and nearby clicks share a window and its cached encoding), shifted inside
     the image; or None (answer on the whole image) when there are no prompts or the image is
@@ -386,7 +386,9 @@ def zoom_window(h: int, w: int, prompts: "VisualPrompts", size: int,
     b = np.asarray(boxes, dtype=np.float64)
     ex0, ey0, ex1, ey1 = b[:, 0].min(), b[:, 1].min(), b[:, 2].max(), b[:, 3].max()
     step = max(1, size // 2)  # windows on a grid of half the model side: nearby clicks share one (and its encoding)
-    side = int(np.ceil(max(factor * size, 1.25 * max(ex1 - ex0, ey1 - ey0)) / step)) * step
+    extent = max(ex1 - ex0, ey1 - ey0)
+    # the grid moves the window up to step / 2 off the prompts' centre: extent + step still holds them
+    side = int(np.ceil(max(factor * size, 1.25 * extent, extent + step) / step)) * step
     if side >= max(h, w):
         return None
 

@@ -20,7 +20,7 @@ from earthgptx.errors import InputError
 from earthgptx.generation import GenerationConfig
 from earthgptx.image_cache import encoding_key, image_id
 from earthgptx.predictor import EncodedImage, PendingAnswer
-from earthgptx.processing import Letterbox, VisualPrompts, check_modality, zoom_window
+from earthgptx.processing import Letterbox, VisualPrompts, check_modality
 
 from .protocol import (MAX_IMAGE_PIXELS, MAX_TEXT_TOKENS, MODEL_TASKS, ErrorCode, Message, ProtocolError,
                        error_header, tensors)
@@ -200,14 +200,12 @@ class RequestHandler:
         for small images, or when neither is at hand (then the image is unknown anyway)."""
         if prompts is None or not len(prompts):
             return None
-        if image is not None and image.ndim >= 2:
-            h, w = image.shape[:2]
-        else:
-            whole = self.predictor.cached(self._scoped(req, key), modality, **options) if key else None
-            if whole is None:
-                return None
-            h, w = whole.letterbox.orig_h, whole.letterbox.orig_w
-        return zoom_window(h, w, prompts, self.predictor.config.vision.image_size)
+        if image is not None:
+            return self.predictor.zoom_window(image.shape, prompts)
+        whole = self.predictor.cached(self._scoped(req, key), modality, **options) if key else None
+        if whole is None:
+            return None
+        return self.predictor.zoom_window((whole.letterbox.orig_h, whole.letterbox.orig_w), prompts)
 
     @staticmethod
     def _scoped(req: Request, key: str) -> str:

@@ -227,8 +227,8 @@ def test_bench_writes_the_table_and_json(built, tmp_path):
     stages = {"vision_encoder", "prompt_encoder", "llm", "pixel_decoder", "end_to_end_grounding",
               "end_to_end_segmentation", "end_to_end_region", "prefix_cached_segmentation", "click_to_mask",
               "click_to_mask_new_window", "decode_per_token"}
-    served = {"zmq_overhead", "click_to_mask", "click_to_mask_new_window", "end_to_end_segmentation", "throughput_1_worker",
-              "throughput_1_worker_batch_4", "throughput_2_workers", "throughput_new_images_1_worker",
+    served = {"zmq_overhead", "click_to_mask", "click_to_mask_new_window", "end_to_end_segmentation",
+              "throughput_1_worker", "throughput_1_worker_batch_4", "throughput_2_workers", "throughput_new_images_1_worker",
               "throughput_new_images_staged", "throughput_4_clients"}
     for backend, expected in (("pytorch", stages), ("onnxruntime", stages | {"throughput_in_process"}),
                               ("zmq", served)):

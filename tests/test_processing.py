@@ -238,6 +238,13 @@ def test_zoom_window_holds_the_prompts_and_stays_in_the_image():
         assert (cx - x0 >= 192 or x0 == 0) and (x1 - cx >= 192 or x1 == 2000)
         assert (cy - y0 >= 192 or y0 == 0) and (y1 - cy >= 192 or y1 == 2000)
     assert zoom_window(800, 800, VisualPrompts([(340, 330)], [], []), size) == zoom_window(800, 800, click, size)
+    # a box is always inside its window, whatever its size and place (a 400 px box at 250 once was not)
+    assert zoom_window(2000, 2000, VisualPrompts([], [(250, 250, 650, 650)], []), size) == (128, 128, 768, 768)
+    for x, y, bw, bh in rng.uniform([0, 0, 1, 1], [1900, 1900, 1500, 1500], size=(500, 4)):
+        box = (x, y, min(x + bw, 2000.0), min(y + bh, 2000.0))
+        window = zoom_window(2000, 2000, VisualPrompts([], [box], []), size)
+        if window is not None:
+            assert window[0] <= box[0] and window[1] <= box[1] and box[2] <= window[2] and box[3] <= window[3], box
 
 
 def test_window_maps_prompts_masks_and_boxes_to_the_whole_image():

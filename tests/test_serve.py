@@ -311,7 +311,6 @@ def test_a_zoomed_click_by_id_needs_the_image_once_per_window(server, reference,
 
 def test_many_clients_each_answered_exactly_once(server, sar):
     replies, errors = [], []
-
     small = np.ascontiguousarray(sar[:256, :256])  # no zoom: every click by id on the uploaded encoding
 
     def one_client(k: int) -> None:
