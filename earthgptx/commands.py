@@ -170,8 +170,9 @@ def add_model_parsers(sub, add_source=add_model_source) -> None:
     add_source(p)
     add_prompt_arguments(p)
     p.add_argument("--no-zoom", action="store_true",
-                   help="with --point/--box/--scribble on an image over twice the model's input side, answer on "
-                        "the whole image squashed to the input side, not on the window around the prompts")
+                   help="with --point/--box/--scribble on an image larger than the modality's zoom window (in model "
+                        "input sides: 2 for SAR, 3 for optical, 0.75 for infrared), answer on the whole image squashed "
+                        "to the input side, not on the window around the prompts")
 
     p = sub.add_parser("info", help="parameter counts of a preset or checkpoint")
     src = p.add_mutually_exclusive_group(required=True)
@@ -388,7 +389,7 @@ def cmd_predict(args: argparse.Namespace, open_predictor) -> int:
     prompts = VisualPrompts(list(args.point), list(args.box), [read_mask(s) for s in args.scribble])
     predictor = open_predictor(args)
     size = predictor.config.vision.image_size
-    window = None if args.no_zoom else predictor.zoom_window(raster.data.shape, prompts)
+    window = None if args.no_zoom else predictor.zoom_window(raster.data.shape, prompts, args.modality)
     if window is None:
         warn_if_scaled_down(raster.data.shape, size)
     else:

@@ -25,7 +25,7 @@ from .errors import InputError
 from .generation import Generated, GenerationConfig, drive, generate_batch, generate_steps
 from .image_cache import DEFAULT_CACHE_BYTES, DEFAULT_PREFIX_CACHE_BYTES, ImageCache, encoding_key, image_id
 from .processing import (Letterbox, VisualPrompts, check_modality, component_boxes, decoder_points,
-                         parse_text_boxes, preprocess, prompt_encoder_feed, zoom_window)
+                         parse_text_boxes, preprocess, prompt_encoder_feed, zoom_factor, zoom_window)
 from .prompting import IMAGE_TOKEN, SEG_TOKEN, STOP_TOKENS, build_prompt, region_token, splice
 from .rle import mask_to_rle
 from .tasks import TASKS
@@ -195,15 +195,15 @@ class Predictor:
                 **preprocess_options) -> Prediction:
         """Answer ``text`` about ``image`` (see the module docstring for the tasks).
         ``cache=False`` for images seen once (see ``encode_image``). ``zoom``: a request with
-        visual prompts on an image larger than ``processing.ZOOM_FACTOR`` model sides is answered
-        on the window around its prompts (``processing.zoom_window``; masks, boxes and
+        visual prompts on an image larger than its modality's window (``zoom_window``) is
+        answered on that window around its prompts (masks, boxes and
         ``boxes_normalized`` still in the whole image's frames, boxes written in the text in the
         window's); ``False``: on the whole image."""
         prompts = prompts or VisualPrompts([], [], [])
         task = self.check_request(text, prompts, task)
         image = np.asarray(image)
         self._check_prompts(image, prompts)
-        window = self.zoom_window(image.shape, prompts) if zoom else None
+        window = self.zoom_window(image.shape, prompts, modality) if zoom else None
         if window is not None:
             preprocess_options = dict(preprocess_options, window=window)
         start = time.perf_counter()
@@ -211,12 +211,15 @@ class Predictor:
         timings = {"preprocess": (time.perf_counter() - start) * 1e3 - vision_ms, "vision_encoder": vision_ms}
         return self.predict_encoded(enc, text, prompts, task, generation, on_text, timings)
 
-    def zoom_window(self, shape: tuple[int, ...], prompts: VisualPrompts) -> tuple[int, int, int, int] | None:
-        """The window ``predict`` (and the server) answer ``prompts`` on an image of ``shape``
-        ``(H, W[, C])`` in: ``processing.zoom_window`` at this model's input side, or None."""
+    def zoom_window(self, shape: tuple[int, ...], prompts: VisualPrompts,
+                    modality: str) -> tuple[int, int, int, int] | None:
+        """The window ``predict`` (and the server) answer ``prompts`` on a ``modality`` image of
+        ``shape`` ``(H, W[, C])`` in: ``processing.zoom_window`` at this model's input side and
+        the modality's ``zoom_factor`` (model sides: 2 for SAR, 3 for optical, 0.75 for
+        infrared), or None."""
         if len(shape) < 2:
             return None
-        return zoom_window(shape[0], shape[1], prompts, self.config.vision.image_size)
+        return zoom_window(shape[0], shape[1], prompts, self.config.vision.image_size, zoom_factor(modality))
 
     def _check_prompts(self, image: np.ndarray, prompts: VisualPrompts) -> None:
         """Refuse prompts outside ``image`` before any work (an unreadable image is refused by

@@ -362,33 +362,46 @@ def mask_box(mask: np.ndarray) -> tuple[float, float, float, float]:
     return float(cols[0]), float(rows[0]), float(cols[-1] + 1), float(rows[-1] + 1)
 
 
-ZOOM_FACTOR = 2  # zoom_window: images up to this many model sides answer whole; larger ones zoom
+# zoom_window's window side per modality, in model sides. SAR ships were learnt at about the
+# scale of an 800 px chip squashed to the model side (a few pixels): 2 model sides around a
+# click keep them there. Optical objects (roads) run long: 3 model sides (images up to 768 px
+# at 256 stay whole). Infrared small targets are masked best a little larger than their own
+# pixels: 0.75 model sides (192 px at 256). Chosen on the training split
+# (benchmarks/click_windows.py), not on validation.
+ZOOM_FACTORS = {"optical": 3.0, "sar": 2.0, "infrared": 0.75}
+
+
+def zoom_factor(modality: str) -> float:
+    """``zoom_window``'s ``factor`` for ``modality`` (``ZOOM_FACTORS``)."""
+    return ZOOM_FACTORS[check_modality(modality)]
 
 
 def zoom_window(h: int, w: int, prompts: "VisualPrompts", size: int,
-                factor: float = ZOOM_FACTOR) -> tuple[int, int, int, int] | None:
+                factor: float = 2.0) -> tuple[int, int, int, int] | None:
     """Where to look for a request with visual prompts on an ``(h, w)`` image: ``(x0, y0, x1,
     y1)`` pixel edges of a window of ``factor * size`` pixels a side (or, if larger, 1.25 times
-    the prompts' extent and that extent plus half the model side, so that it holds them), on a grid of half the model side, the grid's window whose centre is
-    nearest the prompts' (so the prompts lie at least ``(factor - 0.5) * size / 2`` pixels inside
-    a full window, and nearby clicks share a window and its cached encoding), shifted inside
-    the image; or None (answer on the whole image) when there are no prompts or the image is
-    no larger than the window.
+    the prompts' extent and that extent plus a quarter of the window, so that it holds them), on
+    a grid of a quarter of ``factor * size``, the grid's window whose centre is nearest the
+    prompts' (so the prompts lie at least 3/8 of a full window inside it, and nearby clicks
+    share a window and its cached encoding), shifted inside the image; or None (answer on the
+    whole image) when there are no prompts or the image is no larger than the window.
+    ``factor``: ``zoom_factor(modality)`` (``Predictor.zoom_window``).
 
     Squashing an 800 px chip or a whole scene to the model's ``size`` leaves a ship a few
-    pixels; around a click the window keeps it at about ``size / (factor * size)`` of its
-    original scale, as ``egx predict``'s warning for large images advises (a crop of about
-    ``2 * size`` around what matters)."""
-    if not len(prompts) or max(h, w) <= factor * size:
+    pixels; around a click the window keeps it at about ``1 / factor`` of its original scale,
+    as ``egx predict``'s warning for large images advises (a crop of about ``2 * size`` around
+    what matters)."""
+    base = int(round(factor * size))
+    if not len(prompts) or max(h, w) <= base:
         return None
     boxes = [(x, y, x + 1.0, y + 1.0) for x, y in prompts.points] + list(prompts.boxes)
     boxes += [mask_box(m) for m in prompts.freeforms]
     b = np.asarray(boxes, dtype=np.float64)
     ex0, ey0, ex1, ey1 = b[:, 0].min(), b[:, 1].min(), b[:, 2].max(), b[:, 3].max()
-    step = max(1, size // 2)  # windows on a grid of half the model side: nearby clicks share one (and its encoding)
+    step = max(1, base // 4)  # windows on a grid of a quarter window: nearby clicks share one (and its encoding)
     extent = max(ex1 - ex0, ey1 - ey0)
     # the grid moves the window up to step / 2 off the prompts' centre: extent + step still holds them
-    side = int(np.ceil(max(factor * size, 1.25 * extent, extent + step) / step)) * step
+    side = int(np.ceil(max(base, 1.25 * extent, extent + step) / step)) * step
     if side >= max(h, w):
         return None
 

@@ -167,8 +167,8 @@ class RequestHandler:
     # -- stages ---------------------------------------------------------------------
     def _encoding(self, req: Request, prompts: VisualPrompts | None = None) -> tuple[EncodedImage, dict, str]:
         """(encoding, timings, the image's public id). Cached per client scope. With
-        ``prompts`` on an image over twice the model side, the encoding of the window around
-        them (``processing.zoom_window``), as ``Predictor.predict`` zooms: a window not encoded
+        ``prompts`` on an image larger than its modality's zoom window, the encoding of the
+        window around them (``Predictor.zoom_window``), as ``Predictor.predict`` zooms: a window not encoded
         yet needs the image's pixels, so an id-only request for one gets ``IMAGE_UNKNOWN`` and
         the client sends the image again."""
         key, modality, options = image_spec(req.header)
@@ -201,11 +201,11 @@ class RequestHandler:
         if prompts is None or not len(prompts):
             return None
         if image is not None:
-            return self.predictor.zoom_window(image.shape, prompts)
+            return self.predictor.zoom_window(image.shape, prompts, modality)
         whole = self.predictor.cached(self._scoped(req, key), modality, **options) if key else None
         if whole is None:
             return None
-        return self.predictor.zoom_window((whole.letterbox.orig_h, whole.letterbox.orig_w), prompts)
+        return self.predictor.zoom_window((whole.letterbox.orig_h, whole.letterbox.orig_w), prompts, modality)
 
     @staticmethod
     def _scoped(req: Request, key: str) -> str:

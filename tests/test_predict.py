@@ -143,6 +143,27 @@ def test_zoomed_answers_are_the_windows_answers_in_the_whole_frame(tiny_predicto
     assert again.timings_ms["vision_encoder"] == 0.0  # the same window: its encoding is cached
 
 
+def test_an_infrared_click_zooms_into_the_smaller_infrared_window(tiny_predictor):
+    """Infrared clicks are answered on 0.75 model sides around them (``zoom_factor``), a window
+    a SAR click on the same pixels would not use; ``predict`` refuses an unknown modality
+    before any work."""
+    size = tiny_predictor.config.vision.image_size
+    rng = np.random.default_rng(3)
+    frame = rng.integers(0, 255, size=(2 * size, 2 * size), dtype=np.uint8)
+    click = VisualPrompts([(3 * size // 2, size)], [], [])
+    x0, y0, x1, y1 = tiny_predictor.zoom_window(frame.shape, click, "infrared")
+    assert (x1 - x0, y1 - y0) == (3 * size // 4, 3 * size // 4)
+    assert tiny_predictor.zoom_window(frame.shape, click, "sar") is None  # no larger than 2 sides
+    got = tiny_predictor.predict(frame, "infrared", "", click, task="click", cache=False)
+    crop = np.ascontiguousarray(frame[y0:y1, x0:x1])
+    want = tiny_predictor.predict(crop, "infrared", "", VisualPrompts([(3 * size // 2 - x0, size - y0)], [], []),
+                                  task="click", cache=False)
+    np.testing.assert_array_equal(got.masks[0][y0:y1, x0:x1], want.masks[0])
+    assert not got.masks[0][:, :x0].any() and not got.masks[0][:, x1:].any()
+    with pytest.raises(InputError, match="unknown modality"):
+        tiny_predictor.predict(frame, "thermal", "", click, task="click")
+
+
 @pytest.mark.parametrize("text, task", [("Describe this image.", "caption"),
                                         ("Classify the scene.", "classify"),
                                         ("How many ships are there?", "vqa")])

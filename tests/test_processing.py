@@ -10,8 +10,8 @@ import pytest
 from earthgptx.data.readers import shared_samples, sirst_samples
 from earthgptx.errors import InputError
 from earthgptx.imageio import read_image
-from earthgptx.processing import (PIXEL_MEAN, PIXEL_STD, Letterbox, VisualPrompts, format_box, parse_text_boxes,
-                                  preprocess, zoom_window)
+from earthgptx.processing import (PIXEL_MEAN, PIXEL_STD, ZOOM_FACTORS, Letterbox, VisualPrompts, format_box,
+                                  parse_text_boxes, preprocess, zoom_factor, zoom_window)
 
 S = 448
 
@@ -245,6 +245,25 @@ def test_zoom_window_holds_the_prompts_and_stays_in_the_image():
         window = zoom_window(2000, 2000, VisualPrompts([], [box], []), size)
         if window is not None:
             assert window[0] <= box[0] and window[1] <= box[1] and box[2] <= window[2] and box[3] <= window[3], box
+
+
+def test_zoom_window_side_follows_the_modality():
+    """Infrared small targets zoom into 0.75 model sides (on a grid of a quarter of that), SAR
+    into 2, optical into 3; an unknown modality is refused with the modalities to use."""
+    size = 256
+    assert ZOOM_FACTORS == {"optical": 3.0, "sar": 2.0, "infrared": 0.75}
+    assert zoom_window(600, 600, VisualPrompts([(300, 300)], [], []), size, zoom_factor("optical")) is None
+    click = VisualPrompts([(200, 100)], [], [])
+    assert zoom_window(240, 320, click, size, zoom_factor("sar")) is None  # SIRST frame: whole for SAR
+    assert zoom_window(240, 320, click, size, zoom_factor("infrared")) == (96, 0, 288, 192)
+    assert zoom_window(190, 190, click, size, zoom_factor("infrared")) is None  # no larger than the window
+    rng = np.random.default_rng(1)
+    for x, y in rng.uniform(0, [640, 512], size=(200, 2)):
+        x0, y0, x1, y1 = zoom_window(512, 640, VisualPrompts([(x, y)], [], []), size, 0.75)
+        assert (x1 - x0, y1 - y0) == (192, 192) and (x0 % 48 == 0 or x1 == 640) and (y0 % 48 == 0 or y1 == 512)
+        assert (x + 0.5 - x0 >= 72 or x0 == 0) and (x1 - x - 0.5 >= 72 or x1 == 640)  # 3/8 of the window inside
+    with pytest.raises(InputError, match="optical, sar, infrared"):
+        zoom_factor("thermal")
 
 
 def test_window_maps_prompts_masks_and_boxes_to_the_whole_image():
