@@ -75,16 +75,17 @@ def points_in_window(n: int, size: int, shape: tuple[int, ...] = (800, 800),
     """``n`` random points that ``Predictor.predict`` zooms into the same window as ``ANCHOR``
     (``processing.zoom_window``; anywhere on the image when it is not zoomed): new prompts on an
     already-encoded window, as a user clicks around one place."""
-    from earthgptx.processing import VisualPrompts, zoom_window
+    from earthgptx.processing import VisualPrompts, zoom_factor, zoom_window
 
     h, w = shape[:2]
-    window = zoom_window(h, w, VisualPrompts([ANCHOR], [], []), size)
+    factor = zoom_factor("sar")  # the benchmark's requests are on a SAR chip
+    window = zoom_window(h, w, VisualPrompts([ANCHOR], [], []), size, factor)
     x0, y0, x1, y1 = window or (0, 0, w, h)
     rng = np.random.default_rng(seed)
     out: list[tuple[float, float]] = []
     while len(out) < n:
         p = (float(rng.integers(x0, x1)), float(rng.integers(y0, y1)))
-        if zoom_window(h, w, VisualPrompts([p], [], []), size) == window:
+        if zoom_window(h, w, VisualPrompts([p], [], []), size, factor) == window:
             out.append(p)
     return out
 
