@@ -58,7 +58,8 @@ def main(argv: list[str] | None = None) -> int:
     from earthgptx.processing import ZOOM_FACTORS
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--checkpoint", type=Path, default=None, help="an egx train model folder (default: the default model)")
+    p.add_argument("--checkpoint", type=Path, default=None,
+                   help="an egx train model folder (default: the default model)")
     p.add_argument("--data", type=Path, default=Path(__file__).resolve().parents[2] / "shared" / "data")
     p.add_argument("--limit", type=int, default=30, help="training images per dataset")
     p.add_argument("--dataset", action="append", choices=OBJECT_DATASETS, help="default: all object datasets")

@@ -168,9 +168,9 @@ class RequestHandler:
     def _encoding(self, req: Request, prompts: VisualPrompts | None = None) -> tuple[EncodedImage, dict, str]:
         """(encoding, timings, the image's public id). Cached per client scope. With
         ``prompts`` on an image larger than its modality's zoom window, the encoding of the
-        window around them (``Predictor.zoom_window``), as ``Predictor.predict`` zooms: a window not encoded
-        yet needs the image's pixels, so an id-only request for one gets ``IMAGE_UNKNOWN`` and
-        the client sends the image again."""
+        window around them (``Predictor.zoom_window``), as ``Predictor.predict`` zooms: a window
+        not encoded yet needs the image's pixels, so an id-only request for one gets
+        ``IMAGE_UNKNOWN`` and the client sends the image again."""
         key, modality, options = image_spec(req.header)
         image = req.tensors.get("image")
         window = self._window(req, key, modality, options, image, prompts)
