@@ -4,8 +4,8 @@
 ``python benchmarks/click_windows.py --data ../shared/data --limit 30 --json click_windows.json``
 
 For every training image of the object datasets with masks (up to ``--limit`` per dataset, in
-``egx eval``'s fixed order), a point inside each of its largest ``CLICKS_PER_IMAGE`` objects
-(``egx eval``'s clicks) is answered with ``Predictor.predict(task="click")`` on the window
+``egx eval``'s fixed order), a point inside each of its largest objects (``egx eval``'s
+``clicks``) is answered with ``Predictor.predict(task="click")`` on the window
 ``processing.zoom_window`` gives at each ``--factors`` (in model sides; ``whole``: the whole
 image). Prints mean IoU per dataset and window, the best window marked, and writes JSON.
 """
@@ -26,9 +26,9 @@ OBJECT_DATASETS = ("sirst", "sirst-v2", "hrsid-mini", "road-mini")
 def click_ious(predictor, samples, factors: list[str]) -> dict[tuple[str, str], list[float]]:
     """``{(dataset, factor): [IoU per click]}``."""
     from earthgptx.evaluation import metrics as M
-    from earthgptx.evaluation.run import CLICKS_PER_IMAGE
+    from earthgptx.evaluation.run import clicks
     from earthgptx.imageio import read_image
-    from earthgptx.processing import VisualPrompts, inside_point, zoom_window
+    from earthgptx.processing import VisualPrompts, zoom_window
 
     size = predictor.config.vision.image_size
     out: dict[tuple[str, str], list[float]] = defaultdict(list)
@@ -36,8 +36,8 @@ def click_ious(predictor, samples, factors: list[str]) -> dict[tuple[str, str], 
     for i, s in enumerate(samples):
         image = np.asarray(read_image(s.image).data)
         h, w = image.shape[:2]
-        for k in np.argsort([-m.sum() for m in s.masks])[:CLICKS_PER_IMAGE]:
-            prompts = VisualPrompts([inside_point(s.masks[k])], [], [])
+        for k, point in clicks(s):
+            prompts = VisualPrompts([point], [], [])
             for f in factors:
                 window = None if f == "whole" else zoom_window(h, w, prompts, size, float(f))
                 options = {} if window is None else {"window": window}

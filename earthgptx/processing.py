@@ -377,7 +377,7 @@ def zoom_factor(modality: str) -> float:
 
 
 def zoom_window(h: int, w: int, prompts: "VisualPrompts", size: int,
-                factor: float = 2.0) -> tuple[int, int, int, int] | None:
+                factor: float) -> tuple[int, int, int, int] | None:
     """Where to look for a request with visual prompts on an ``(h, w)`` image: ``(x0, y0, x1,
     y1)`` pixel edges of a window of ``factor * size`` pixels a side (or, if larger, 1.25 times
     the prompts' extent and that extent plus a quarter of the window, so that it holds them), on

@@ -7,7 +7,7 @@ import torch
 from earthgptx.errors import InputError
 from earthgptx.generation import GenerationConfig
 from earthgptx.imageio import read_image
-from earthgptx.processing import Letterbox, VisualPrompts, polygon_mask, zoom_window
+from earthgptx.processing import Letterbox, VisualPrompts, polygon_mask, zoom_factor, zoom_window
 from earthgptx.prompting import build_prompt, splice
 
 SAR = "sar/hrsid/P0094_0_800_3000_3800.png"
@@ -124,7 +124,7 @@ def test_zoomed_answers_are_the_windows_answers_in_the_whole_frame(tiny_predicto
     nearby click reuses the window's encoding."""
     size = tiny_predictor.config.vision.image_size
     click = VisualPrompts([(346, 323)], [], [])
-    x0, y0, x1, y1 = zoom_window(800, 800, click, size)
+    x0, y0, x1, y1 = zoom_window(800, 800, click, size, zoom_factor("sar"))
     assert (x1 - x0, y1 - y0) == (2 * size, 2 * size)
     crop = np.ascontiguousarray(sar[y0:y1, x0:x1])
     inside = VisualPrompts([(346 - x0, 323 - y0)], [], [])

@@ -10,7 +10,7 @@ import pytest
 from earthgptx.data.readers import shared_samples, sirst_samples
 from earthgptx.errors import InputError
 from earthgptx.imageio import read_image
-from earthgptx.processing import (PIXEL_MEAN, PIXEL_STD, ZOOM_FACTORS, Letterbox, VisualPrompts, format_box,
+from earthgptx.processing import (PIXEL_MEAN, PIXEL_STD, Letterbox, VisualPrompts, format_box,
                                   parse_text_boxes, preprocess, zoom_factor, zoom_window)
 
 S = 448
@@ -215,34 +215,36 @@ def test_zoom_window_holds_the_prompts_and_stays_in_the_image():
     """``zoom_window``: none for small images or no prompts; else about 2 model sides around
     the prompts (more for a large box), shifted inside the image."""
     size = 256
+    SAR = zoom_factor("sar")  # 2 model sides
     click = VisualPrompts([(346, 323)], [], [])
-    assert zoom_window(512, 400, click, size) is None  # no larger than the window: whole image
-    assert zoom_window(800, 800, VisualPrompts([], [], []), size) is None
-    assert zoom_window(800, 800, click, size) == (128, 128, 640, 640)  # the grid's window nearest the click
-    assert zoom_window(800, 800, VisualPrompts([(5, 790)], [], []), size) == (0, 288, 512, 800)  # shifted in
+    assert zoom_window(512, 400, click, size, SAR) is None  # no larger than the window: whole image
+    assert zoom_window(800, 800, VisualPrompts([], [], []), size, SAR) is None
+    assert zoom_window(800, 800, click, size, SAR) == (128, 128, 640, 640)  # the grid's window nearest the click
+    assert zoom_window(800, 800, VisualPrompts([(5, 790)], [], []), size, SAR) == (0, 288, 512, 800)  # shifted in
     big = VisualPrompts([(100, 100)], [(50, 60, 750, 500)], [])
-    assert zoom_window(3000, 2000, big, size) == (0, 0, 896, 896)  # 1.25 x the extent, shifted in
+    assert zoom_window(3000, 2000, big, size, SAR) == (0, 0, 896, 896)  # 1.25 x the extent, shifted in
     scribble = np.zeros((1000, 3000), bool)
     scribble[400:420, 2900:2990] = True
-    x0, y0, x1, y1 = zoom_window(1000, 3000, VisualPrompts([], [], [scribble]), size)
+    x0, y0, x1, y1 = zoom_window(1000, 3000, VisualPrompts([], [], [scribble]), size, SAR)
     assert (x1 - x0, y1 - y0) == (512, 512) and x1 == 3000 and y0 <= 400 and 420 <= y1
-    tall = zoom_window(4000, 300, click, size)  # narrower than the window: every column
+    tall = zoom_window(4000, 300, click, size, SAR)  # narrower than the window: every column
     assert tall[0] == 0 and tall[2] == 300 and tall[3] - tall[1] == 512
     # on a grid of half the model side: a click's centre lies 192 px or more inside its window's edges
     # (unless the window meets the image's), and nearby clicks share a window
     rng = np.random.default_rng(0)
     for x, y in rng.uniform(0, 2000, size=(200, 2)):
-        x0, y0, x1, y1 = zoom_window(2000, 2000, VisualPrompts([(x, y)], [], []), size)
+        x0, y0, x1, y1 = zoom_window(2000, 2000, VisualPrompts([(x, y)], [], []), size, SAR)
         assert (x0 % 128 == 0 or x1 == 2000) and (y0 % 128 == 0 or y1 == 2000) and (x1 - x0, y1 - y0) == (512, 512)
         cx, cy = x + 0.5, y + 0.5  # the clicked pixel's centre
         assert (cx - x0 >= 192 or x0 == 0) and (x1 - cx >= 192 or x1 == 2000)
         assert (cy - y0 >= 192 or y0 == 0) and (y1 - cy >= 192 or y1 == 2000)
-    assert zoom_window(800, 800, VisualPrompts([(340, 330)], [], []), size) == zoom_window(800, 800, click, size)
+    near = VisualPrompts([(340, 330)], [], [])
+    assert zoom_window(800, 800, near, size, SAR) == zoom_window(800, 800, click, size, SAR)
     # a box is always inside its window, whatever its size and place (a 400 px box at 250 once was not)
-    assert zoom_window(2000, 2000, VisualPrompts([], [(250, 250, 650, 650)], []), size) == (128, 128, 768, 768)
+    assert zoom_window(2000, 2000, VisualPrompts([], [(250, 250, 650, 650)], []), size, SAR) == (128, 128, 768, 768)
     for x, y, bw, bh in rng.uniform([0, 0, 1, 1], [1900, 1900, 1500, 1500], size=(500, 4)):
         box = (x, y, min(x + bw, 2000.0), min(y + bh, 2000.0))
-        window = zoom_window(2000, 2000, VisualPrompts([], [box], []), size)
+        window = zoom_window(2000, 2000, VisualPrompts([], [box], []), size, SAR)
         if window is not None:
             assert window[0] <= box[0] and window[1] <= box[1] and box[2] <= window[2] and box[3] <= window[3], box
 
@@ -251,17 +253,19 @@ def test_zoom_window_side_follows_the_modality():
     """Infrared small targets zoom into 0.75 model sides (on a grid of a quarter of that), SAR
     into 2, optical into 3; an unknown modality is refused with the modalities to use."""
     size = 256
-    assert ZOOM_FACTORS == {"optical": 3.0, "sar": 2.0, "infrared": 0.75}
     assert zoom_window(600, 600, VisualPrompts([(300, 300)], [], []), size, zoom_factor("optical")) is None
     click = VisualPrompts([(200, 100)], [], [])
     assert zoom_window(240, 320, click, size, zoom_factor("sar")) is None  # SIRST frame: whole for SAR
     assert zoom_window(240, 320, click, size, zoom_factor("infrared")) == (96, 0, 288, 192)
-    assert zoom_window(190, 190, click, size, zoom_factor("infrared")) is None  # no larger than the window
+    small = VisualPrompts([(100, 100)], [], [])
+    assert zoom_window(190, 190, small, size, zoom_factor("infrared")) is None  # no larger than the window
     rng = np.random.default_rng(1)
     for x, y in rng.uniform(0, [640, 512], size=(200, 2)):
-        x0, y0, x1, y1 = zoom_window(512, 640, VisualPrompts([(x, y)], [], []), size, 0.75)
+        x0, y0, x1, y1 = zoom_window(512, 640, VisualPrompts([(x, y)], [], []), size, zoom_factor("infrared"))
         assert (x1 - x0, y1 - y0) == (192, 192) and (x0 % 48 == 0 or x1 == 640) and (y0 % 48 == 0 or y1 == 512)
-        assert (x + 0.5 - x0 >= 72 or x0 == 0) and (x1 - x - 0.5 >= 72 or x1 == 640)  # 3/8 of the window inside
+        # the click's centre lies 3/8 of the window inside it (unless the window meets the image's edge)
+        assert (x + 0.5 - x0 >= 72 or x0 == 0) and (x1 - x - 0.5 >= 72 or x1 == 640)
+        assert (y + 0.5 - y0 >= 72 or y0 == 0) and (y1 - y - 0.5 >= 72 or y1 == 512)
     with pytest.raises(InputError, match="optical, sar, infrared"):
         zoom_factor("thermal")
 

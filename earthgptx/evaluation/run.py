@@ -166,13 +166,18 @@ def _segment_tasks(predictor, image, s: Sample, key: str, opts: EvalOptions, gen
         acc.add("grounding", s, tp=M.match_boxes(boxes, s.boxes), npred=len(boxes), ngt=len(s.boxes))
         base.add("grounding", s, tp=0, npred=0, ngt=len(s.boxes))
     if "click" in opts.tasks and s.instances:
-        order = np.argsort([-m.sum() for m in s.masks])[:CLICKS_PER_IMAGE]
-        for k in order:
-            point = inside_point(s.masks[k])
+        for k, point in clicks(s):
             r = predictor.predict(image, s.modality, "", VisualPrompts([point], [], []), task="click", zoom=opts.zoom)
             inter, union, iou = M.mask_iou(r.masks[0], s.masks[k])
             acc.add("click", s, inter=inter, union=union, iou=iou)
             base.add("click", s, inter=0, union=int(s.masks[k].sum()), iou=0.0)
+
+
+def clicks(s: Sample) -> list[tuple[int, tuple[float, float]]]:
+    """The clicks ``egx eval`` scores on ``s``: ``(object index, point)`` for its largest
+    ``CLICKS_PER_IMAGE`` objects, the point inside each (``processing.inside_point``)."""
+    order = np.argsort([-m.sum() for m in s.masks])[:CLICKS_PER_IMAGE]
+    return [(int(k), inside_point(s.masks[k])) for k in order]
 
 
 def format_table(report: dict) -> str:
